@@ -1,0 +1,38 @@
+"""Emit: one torch.fx.GraphModule per stage, its inputs and outputs the boundary tensors of its cuts.
+
+Each stage module is built over the traced module as root, so it holds the very same parameter and
+buffer tensors as the user's model, under their original module paths.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .partition import Partition
+
+
+def emit_stages(part: Partition) -> list[fx.GraphModule]:
+    """Stage i takes the boundary tensors of cut i-1 (stage 0: the program inputs) and returns those of
+    cut i as a tuple; the last stage returns exactly what the model returns."""
+    root = part.graph_module
+    by_name = {n.name: n for n in root.graph.nodes}
+    stages = []
+    for s, names in enumerate(part.stage_nodes):
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        if s > 0:
+            for b in part.cuts[s - 1].boundary:
+                ph = graph.placeholder(b.name)
+                ph.meta = dict(by_name[b.name].meta)
+                env[by_name[b.name]] = ph
+        for name in names:
+            node = by_name[name]
+            copied = graph.node_copy(node, lambda n: env[n])
+            env[node] = copied
+        if s < part.num_stages - 1:
+            out = tuple(env[by_name[b.name]] for b in part.cuts[s].boundary)
+            graph.output(out)
+        stage_name = f"Stage{s}"
+        gm = fx.GraphModule(root, graph, class_name=stage_name)
+        stages.append(gm)
+    return stages

@@ -1,0 +1,285 @@
+"""Partition: resolve cut points in the traced graph and give every node a stage.
+
+A cut after node n splits the graph in program order: everything computed up to and including n is
+before it, everything after is behind it. The boundary tensors of a cut are all values defined before
+it and used behind it, so a residual stream that skips over several cuts is a boundary tensor of each.
+Stages form a chain (stage i feeds stage i+1), values that skip a stage are relayed through it.
+
+Everything here is linear in the size of the graph (plus a log factor in the number of cuts).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import PartitionError, did_you_mean
+from .spec import Spec
+
+COMPUTE_OPS = ("call_module", "call_function", "call_method")
+
+
+@dataclass(frozen=True)
+class BoundaryTensor:
+    """A value that crosses a cut: the fx node that computes it, its shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    producer: int  # stage that computes it; -1 for a program input
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    """A resolved cut: where it is in the graph and which tensors cross it."""
+
+    index: int  # order in the program: cut i sits between stage i and stage i+1
+    spec_index: int  # position in the spec's `cuts:` list
+    name: str
+    node: str  # the fx node the cut comes after
+    boundary: tuple[BoundaryTensor, ...]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Where every node of the traced graph goes."""
+
+    graph_module: fx.GraphModule
+    nx_graph: nx.DiGraph  # the fx graph: node names, edges from producer to user
+    stage_of: Mapping[str, int]  # node name -> stage; get_attr nodes -> every stage using them is in `shared`
+    stage_nodes: tuple[tuple[str, ...], ...]  # node names of each stage, in program order
+    shared_attrs: Mapping[str, tuple[int, ...]]  # get_attr node -> stages that read it (copied into each)
+    cuts: tuple[CutPoint, ...]
+    stage_graph: nx.DiGraph  # stage i -> stage i+1, edge attribute `tensors`
+    input_names: tuple[str, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_nodes)
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    """The fx graph as a DiGraph over node names, edges from each node to its users."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node.name, op=node.op)
+        for user in node.users:
+            g.add_edge(node.name, user.name)
+    return g
+
+
+def partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
+    """Resolve `spec.cuts` in `gm` and split its nodes into stages."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    last_in_module = _last_node_of_modules(nodes, pos)
+    modules = dict(model.named_modules())
+
+    # 1. resolve every cut to a node position
+    resolved: list[tuple[int, int]] = []  # (position, spec index)
+    by_name = {n.name: n for n in nodes}
+    for i, cut in enumerate(spec.cuts):
+        resolved.append((_resolve(cut.after, i, spec, by_name, last_in_module, modules, pos), i))
+    resolved.sort()
+    for (p0, i0), (p1, i1) in zip(resolved, resolved[1:]):
+        if p0 == p1:
+            a, b = spec.cuts[i0], spec.cuts[i1]
+            raise PartitionError(
+                f"{spec.where('cuts', i1, 'after')}: cut `{b.after}` is at the same point as cut `{a.after}` "
+                f"({spec.where('cuts', i0, 'after')}): both come after node `{nodes[p0].name}`. Remove one of them."
+            )
+    cut_pos = [p for p, _ in resolved]
+
+    # 2. stage of every node: how many cuts come before it in program order
+    stage_of: dict[str, int] = {}
+    shared: dict[str, tuple[int, ...]] = {}
+    output_node = nodes[-1]
+    for node in nodes:
+        if node.op == "get_attr":
+            continue
+        stage_of[node.name] = bisect.bisect_left(cut_pos, pos[node]) if node is not output_node else len(cut_pos)
+    for node in nodes:
+        if node.op == "get_attr":
+            users = sorted({stage_of[u.name] for u in node.users if u.op != "get_attr"})
+            shared[node.name] = tuple(users) or (bisect.bisect_left(cut_pos, pos[node]),)
+            stage_of[node.name] = shared[node.name][0]
+    num_stages = len(cut_pos) + 1
+    stage_nodes: list[list[str]] = [[] for _ in range(num_stages)]
+    for node in nodes:
+        if node.op == "get_attr":
+            for s in shared[node.name]:
+                stage_nodes[s].append(node.name)
+        else:
+            stage_nodes[stage_of[node.name]].append(node.name)
+
+    # 3. every stage must compute something, or its cut does not separate the graph
+    for s in range(num_stages):
+        if not any(by_name[n].op in COMPUTE_OPS for n in stage_nodes[s]):
+            _raise_empty_stage(s, resolved, spec, nodes)
+
+    # 4. boundary tensors: values defined at or before a cut and used after it
+    crossing: list[list[fx.Node]] = [[] for _ in cut_pos]
+    for node in nodes:
+        if node.op in ("get_attr", "output") or not node.users:
+            continue
+        last_use = max(pos[u] for u in node.users)
+        first = bisect.bisect_left(cut_pos, pos[node])  # first cut at or after the definition
+        last = bisect.bisect_left(cut_pos, last_use)  # cuts strictly before the last use
+        for c in range(first, last):
+            crossing[c].append(node)
+    cuts = []
+    for c, (p, spec_index) in enumerate(resolved):
+        boundary = tuple(_boundary_tensor(v, c, spec, spec_index, stage_of, nodes) for v in crossing[c])
+        cuts.append(
+            CutPoint(
+                index=c, spec_index=spec_index, name=spec.cuts[spec_index].label, node=nodes[p].name, boundary=boundary
+            )
+        )
+
+    # 5. a parameter or buffer may belong to one stage only
+    _check_tied(nodes, stage_of, shared, gm, spec, resolved)
+
+    stage_graph = nx.DiGraph()
+    stage_graph.add_nodes_from(range(num_stages))
+    for cut in cuts:
+        stage_graph.add_edge(cut.index, cut.index + 1, tensors=cut.boundary, cut=cut.name)
+    return Partition(
+        graph_module=gm,
+        nx_graph=to_networkx(gm.graph),
+        stage_of=stage_of,
+        stage_nodes=tuple(tuple(s) for s in stage_nodes),
+        shared_attrs=shared,
+        cuts=tuple(cuts),
+        stage_graph=stage_graph,
+        input_names=tuple(n.name for n in nodes if n.op == "placeholder"),
+    )
+
+
+def _module_paths(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
+    if node.op == "call_module" and node.target not in paths:
+        paths.append(node.target)
+    return paths
+
+
+def _last_node_of_modules(nodes: list[fx.Node], pos: dict) -> dict[str, int]:
+    """Module path -> position of the last node computed inside it (leaf or not)."""
+    last: dict[str, int] = {}
+    for node in nodes:
+        if node.op not in COMPUTE_OPS:
+            continue
+        for path in _module_paths(node):
+            last[path] = pos[node]
+    return last
+
+
+def _resolve(after, i, spec, by_name, last_in_module, modules, pos) -> int:
+    where = spec.where("cuts", i, "after")
+    node = by_name.get(after)
+    if node is None and after in last_in_module:
+        return last_in_module[after]
+    if node is None:
+        if after in modules:
+            raise PartitionError(
+                f"{where}: module `{after}` computes nothing in the traced graph (is it used in forward()?), "
+                "so there is no point to cut after. Name a module that forward() calls."
+            )
+        candidates = [m for m in modules if m] + [n for n, v in by_name.items() if v.op in COMPUTE_OPS]
+        raise PartitionError(
+            f"{where}: cut after `{after}`: no module path or fx node of that name{did_you_mean(after, candidates)}. "
+            "Run `dnicompile MODEL.py --spec SPEC --nodes` to list the names you can cut after."
+        )
+    if node.op not in COMPUTE_OPS:
+        kinds = {"placeholder": "a program input", "output": "the program output", "get_attr": "a parameter read"}
+        raise PartitionError(
+            f"{where}: cut after `{after}`: that node is {kinds[node.op]}, not a computation; "
+            "cut after a module or an operation instead."
+        )
+    return pos[node]
+
+
+def _raise_empty_stage(s, resolved, spec, nodes) -> None:
+    if s == len(resolved):
+        p, i = resolved[-1]
+        raise PartitionError(
+            f"{spec.where('cuts', i, 'after')}: cut after `{spec.cuts[i].after}` does not separate the graph: "
+            f"nothing is computed after node `{nodes[p].name}`, so the last stage would be empty. "
+            "Move the cut earlier or remove it."
+        )
+    p, i = resolved[s]
+    if s == 0:
+        raise PartitionError(
+            f"{spec.where('cuts', i, 'after')}: cut after `{spec.cuts[i].after}` does not separate the graph: "
+            "nothing is computed before it, so the first stage would be empty. Move the cut later or remove it."
+        )
+    _, prev = resolved[s - 1]
+    raise PartitionError(
+        f"{spec.where('cuts', i, 'after')}: cut after `{spec.cuts[i].after}` does not separate the graph from the cut "
+        f"after `{spec.cuts[prev].after}`: nothing is computed between them (stage {s} would be empty). "
+        "Remove one of the two cuts."
+    )
+
+
+def _boundary_tensor(v: fx.Node, c: int, spec: Spec, spec_index: int, stage_of, nodes) -> BoundaryTensor:
+    meta = v.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        kind = getattr(v.meta.get("type"), "__name__", "non-tensor")
+        user = next((u for u in v.users if stage_of.get(u.name, -1) > c), None)
+        stack = _module_paths(v)
+        inside = f" in module `{stack[-1]}`" if stack else ""
+        raise PartitionError(
+            f"{spec.where('cuts', spec_index, 'after')}: a {kind} value crosses the cut after "
+            f"`{spec.cuts[spec_index].after}`: node `{v.name}` ({v.format_node()}){inside} is used by "
+            f"`{user.name if user else '?'}` behind the cut. Only tensors can cross a cut: move the cut so that "
+            f"`{v.name}` and its users are on the same side"
+            + (", or cut after the element you need (`getitem` node) instead of the tuple." if kind == "tuple" else ".")
+        )
+    producer = -1 if v.op == "placeholder" else stage_of[v.name]
+    return BoundaryTensor(name=v.name, shape=tuple(meta.shape), dtype=meta.dtype, producer=producer)
+
+
+def _check_tied(nodes, stage_of, shared, gm: fx.GraphModule, spec: Spec, resolved) -> None:
+    owner: dict[int, tuple[str, int]] = {}
+    for node in nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            tensors = [(f"{node.target}.{k}", t) for k, t in mod.named_parameters(remove_duplicate=False)]
+            tensors += [(f"{node.target}.{k}", t) for k, t in mod.named_buffers(remove_duplicate=False)]
+            stages = (stage_of[node.name],)
+        elif node.op == "get_attr":
+            t = _get_attr(gm, node.target)
+            if not isinstance(t, torch.Tensor) or not isinstance(t, nn.Parameter) and not _is_buffer(gm, node.target):
+                continue
+            tensors, stages = [(node.target, t)], shared[node.name]
+        else:
+            continue
+        for s in stages:
+            for name, t in tensors:
+                first = owner.setdefault(id(t), (name, s))
+                if first[1] != s:
+                    a, b = sorted([first, (name, s)], key=lambda x: x[1])
+                    raise PartitionError(
+                        f"{spec.where('cuts')}: tied weights: `{a[0]}` (stage {a[1]}) and `{b[0]}` (stage {b[1]}) are "
+                        "the same tensor, used on both sides of a cut. A tensor can belong to one stage only: move "
+                        "the cuts so that every user of it is in one stage, or untie the weights."
+                    )
+
+
+def _get_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_buffer(gm: nn.Module, target: str) -> bool:
+    parent, _, leaf = target.rpartition(".")
+    mod = gm.get_submodule(parent) if parent else gm
+    return leaf in dict(mod.named_buffers(recurse=False))

@@ -1,0 +1,224 @@
+"""DecoupledProgram: the stages, the cuts with their synthesizers, per-stage optimizers and clocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .emit import emit_stages
+from .partition import BoundaryTensor, Partition, partition
+from .spec import ClockConfig, OptimizerConfig, Spec, SyntheticGradientConfig, SyntheticInputConfig, load_spec
+from .trace import trace
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape and dtype of a stage input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        return f"{self.name}: {dt}[{', '.join(map(str, self.shape))}]"
+
+
+class Stage:
+    """The nodes between two consecutive cuts, as a GraphModule sharing the model's parameters."""
+
+    def __init__(self, index: int, graph_module: fx.GraphModule, inputs, outputs, optimizer, clock):
+        self.index = index
+        self.name = f"stage{index}"
+        self.graph_module = graph_module
+        self.inputs: tuple[TensorInfo, ...] = inputs
+        self.outputs: tuple[TensorInfo, ...] = outputs
+        self.optimizer_config: OptimizerConfig = optimizer
+        self.clock_config: ClockConfig = clock
+
+    def __call__(self, *args: Any) -> Any:
+        return self.graph_module(*args)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.graph_module.parameters())
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.graph_module.named_parameters())
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def num_nodes(self) -> int:
+        return sum(1 for n in self.graph_module.graph.nodes if n.op not in ("placeholder", "output"))
+
+    @property
+    def code(self) -> str:
+        return self.graph_module.code
+
+    def __repr__(self) -> str:
+        return f"Stage({self.name}, nodes={self.num_nodes}, params={self.num_parameters()})"
+
+
+class Cut:
+    """A cut between stage `index` and `index + 1`: its boundary tensors and synthesizer configs."""
+
+    def __init__(self, point, spec_cut):
+        self.index: int = point.index
+        self.name: str = point.name
+        self.after: str = spec_cut.after
+        self.node: str = point.node
+        self.boundary: tuple[BoundaryTensor, ...] = point.boundary
+        self.synthetic_gradient: SyntheticGradientConfig | None = spec_cut.synthetic_gradient
+        self.synthetic_input: SyntheticInputConfig | None = spec_cut.synthetic_input
+
+    @property
+    def exact(self) -> bool:
+        """True when the true gradient crosses this cut (no synthetic gradient)."""
+        return self.synthetic_gradient is None
+
+    def __repr__(self) -> str:
+        kind = "exact" if self.exact else self.synthetic_gradient.model
+        return f"Cut({self.name!r}, after={self.node}, {kind}, boundary={[b.name for b in self.boundary]})"
+
+
+class DecoupledProgram:
+    """A model compiled into decoupled stages.
+
+    `program(*inputs)` runs the stages in order and returns what the model returns; autograd flows
+    through every cut. `program.train_step(x, y)` trains it decoupled (see dnicompile.runtime.local).
+    """
+
+    def __init__(self, model: nn.Module, spec: Spec, part: Partition, stages: list[Stage], cuts: list[Cut], frontend):
+        self.model = model
+        self.spec = spec
+        self.partition = part
+        self.stages = stages
+        self.cuts = cuts
+        self.frontend = frontend
+        self.input_names = part.input_names
+        self._runtime = None
+
+    # ---------------------------------------------------------------- running
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            args = self._bind(args, kwargs)
+        out = self.stages[0](*args)
+        for stage in self.stages[1:]:
+            out = stage(*out)
+        return out
+
+    forward = __call__
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple:
+        values = list(args)
+        for name in self.input_names[len(args) :]:
+            if name not in kwargs:
+                raise TypeError(f"missing input {name!r}; the program takes {list(self.input_names)}")
+            values.append(kwargs.pop(name))
+        if kwargs:
+            raise TypeError(f"unexpected inputs {sorted(kwargs)}; the program takes {list(self.input_names)}")
+        return tuple(values)
+
+    @property
+    def runtime(self):
+        """The local runtime (synthesizers, optimizers, clocks), built on first use."""
+        if self._runtime is None:
+            from .runtime.local import LocalRuntime
+
+            self._runtime = LocalRuntime(self)
+        return self._runtime
+
+    def train_step(self, *inputs: torch.Tensor, target: torch.Tensor | None = None):
+        """One decoupled training step over all stages; the last positional argument is the target."""
+        if target is None:
+            *inputs, target = inputs
+        return self.runtime.train_step(tuple(inputs), target)
+
+    # ---------------------------------------------------------------- modes, devices, state
+    def train(self, mode: bool = True) -> DecoupledProgram:
+        self.model.train(mode)
+        for s in self.stages:
+            s.graph_module.train(mode)
+        if self._runtime is not None:
+            self._runtime.train(mode)
+        return self
+
+    def eval(self) -> DecoupledProgram:
+        return self.train(False)
+
+    def to(self, device: str | torch.device) -> DecoupledProgram:
+        self.model.to(device)
+        if self._runtime is not None:
+            self._runtime.to(device)
+        return self
+
+    def parameters(self) -> list[nn.Parameter]:
+        seen, out = set(), []
+        for s in self.stages:
+            for p in s.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's own state_dict: loadable into the original model class."""
+        return self.model.state_dict()
+
+    # ---------------------------------------------------------------- inspection
+    def summary(self) -> str:
+        from .render import summary_text
+
+        return summary_text(self)
+
+    def code(self) -> str:
+        from .render import stage_code
+
+        return "\n\n".join(stage_code(self, s) for s in self.stages)
+
+    def __repr__(self) -> str:
+        return f"DecoupledProgram({type(self.model).__name__}, stages={len(self.stages)}, cuts={len(self.cuts)})"
+
+
+def _infos(nodes: list[fx.Node]) -> tuple[TensorInfo, ...]:
+    out = []
+    for n in nodes:
+        meta = n.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            out.append(TensorInfo(n.name, tuple(meta.shape), meta.dtype))
+    return tuple(out)
+
+
+def _output_infos(gm: fx.GraphModule) -> tuple[TensorInfo, ...]:
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    values: list[fx.Node] = []
+    fx.node.map_arg(out_node.args[0], values.append)
+    return _infos(values)
+
+
+def compile_decoupled(
+    model: nn.Module, spec: str | Path | dict | Spec, example_inputs: Any = None
+) -> DecoupledProgram:
+    """Trace `model`, cut it where `spec` says, and return the decoupled program.
+
+    `spec` is a path to a YAML file, a YAML string, a dict, or a Spec. `example_inputs` (a tensor, a
+    tuple, or a dict by forward() argument name) replaces the spec's `inputs:`.
+    """
+    spec = load_spec(spec)
+    traced = trace(model, spec, example_inputs)
+    part = partition(traced.graph_module, spec, model)
+    stage_modules = emit_stages(part)
+    stages = []
+    for i, gm in enumerate(stage_modules):
+        inputs = _infos([n for n in gm.graph.nodes if n.op == "placeholder"])
+        outputs = _output_infos(gm)
+        opt, clock = spec.stage_config(i, f"stage{i}")
+        stages.append(Stage(i, gm, inputs, outputs, opt, clock))
+    cuts = [Cut(p, spec.cuts[p.spec_index]) for p in part.cuts]
+    return DecoupledProgram(model, spec, part, stages, cuts, traced.frontend)

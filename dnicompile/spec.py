@@ -1,0 +1,371 @@
+"""The cut spec: pydantic models of the YAML file, and loading with file:line:column errors."""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from .errors import SpecError, did_you_mean
+
+DType = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors, so a typo never silently becomes a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TensorSpec(_Strict):
+    """An example input: its shape (batch first) and dtype; integer inputs draw from [low, high)."""
+
+    shape: list[int] = Field(description="Shape of the example tensor, batch dimension first.")
+    dtype: DType = Field("float32", description="Element type.")
+    low: int = Field(0, description="Smallest value drawn for integer dtypes.")
+    high: int = Field(2, description="One past the largest value drawn for integer dtypes (e.g. the vocabulary size).")
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(d <= 0 for d in v):
+            raise ValueError(f"every dimension must be a positive integer, got {v}")
+        return v
+
+
+class TraceConfig(_Strict):
+    """How the model is turned into a graph."""
+
+    frontend: Literal["fx"] = Field("fx", description="Tracing front end.")
+    leaf_modules: list[str] = Field(
+        default_factory=list,
+        description="Module paths or class names to keep as single nodes instead of tracing through them.",
+    )
+    concrete_args: dict[str, Any] = Field(
+        default_factory=dict, description="Arguments of forward() fixed to a constant while tracing (e.g. flags)."
+    )
+
+
+class SchedulerConfig(BaseModel):
+    """A torch.optim.lr_scheduler class by name; other keys are its arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="Class name in torch.optim.lr_scheduler, e.g. StepLR or CosineAnnealingLR.")
+
+
+class OptimizerConfig(BaseModel):
+    """A torch.optim class by name; other keys (momentum, weight_decay, ...) are its arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field("Adam", description="Class name in torch.optim, e.g. Adam, SGD, AdamW.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+    scheduler: SchedulerConfig | None = Field(None, description="Optional learning-rate scheduler, stepped on ticks.")
+
+    def arguments(self) -> dict[str, Any]:
+        """Keyword arguments for the optimizer class (everything but name and scheduler)."""
+        return {"lr": self.lr, **(self.model_extra or {})}
+
+
+class ClockConfig(_Strict):
+    """When a stage updates: every k-th step, or with probability p per step, from `offset` on."""
+
+    every: int = Field(1, ge=1, description="Update on every k-th step.")
+    probability: float | None = Field(None, gt=0, le=1, description="Update with this probability per step.")
+    offset: int = Field(0, ge=0, description="First step on which the clock may tick.")
+    seed: int | None = Field(None, description="Seed of a probability clock (default: derived from the stage index).")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> ClockConfig:
+        if self.probability is not None and self.every != 1:
+            raise ValueError("give either `every` or `probability`, not both")
+        return self
+
+
+class SyntheticGradientConfig(_Strict):
+    """A model M(h, c) that predicts dL/dh at a cut."""
+
+    model: str = Field(
+        "linear", description="linear, mlp, conv, or a class of your own as 'package.module:ClassName'."
+    )
+    hidden: int = Field(1024, ge=1, description="Hidden width (mlp) or channels (conv; default: the tensor's).")
+    layers: int = Field(2, ge=0, description="Number of hidden layers (mlp, conv).")
+    kernel_size: int = Field(5, ge=1, description="Convolution kernel size (conv), 'same' padding.")
+    condition_on_labels: bool = Field(False, description="Feed the one-hot labels too (cDNI).")
+    scale: float = Field(1.0, description="Multiplies the synthetic gradient before it is used.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="Adam", lr=1e-4), description="The synthesizer's own optimizer."
+    )
+
+
+class SyntheticInputConfig(_Strict):
+    """A model I(x) that predicts the boundary tensors of a cut from the program's input."""
+
+    model: str = Field("mlp", description="linear, mlp, or 'package.module:ClassName'.")
+    hidden: int = Field(1024, ge=1, description="Hidden width (mlp).")
+    layers: int = Field(1, ge=0, description="Number of hidden layers (mlp).")
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="Adam", lr=1e-4), description="The synthesizer's own optimizer."
+    )
+
+
+class CutSpec(_Strict):
+    """A cut after a module path (`layers.1`) or fx node name (`add_3`)."""
+
+    after: str = Field(description="Module path or fx node name; the cut comes after the last node computed in it.")
+    name: str | None = Field(None, description="Name shown in tables (default: the `after` value).")
+    synthetic_gradient: SyntheticGradientConfig | None = Field(
+        None, description="The synthetic-gradient model; null (or absent) makes an exact cut."
+    )
+    synthetic_input: SyntheticInputConfig | None = Field(
+        None, description="Optional synthetic-input model: lets the next stage start before this one is done."
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or self.after
+
+
+class StageConfig(_Strict):
+    """Per-stage optimizer and clock; unset fields fall back to `default`."""
+
+    optimizer: OptimizerConfig | None = None
+    clock: ClockConfig | None = None
+
+
+class DataConfig(_Strict):
+    """The training data set."""
+
+    name: Literal["fashion-mnist"] = Field("fashion-mnist", description="Data set name.")
+    path: str | None = Field(None, description="Directory of the data files (overridden by --data).")
+
+
+class TrainConfig(_Strict):
+    """Defaults for `--train`; command-line flags override them."""
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_every: int = Field(200, ge=1, description="Evaluate on the test set every N steps.")
+    seed: int = 0
+
+
+class Spec(_Strict):
+    """A cuts.yaml file."""
+
+    model: str | None = Field(
+        None, description="Factory function or nn.Module attribute in model.py (default: `model`, then `build_model`)."
+    )
+    model_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
+    inputs: dict[str, TensorSpec] | None = Field(
+        None, description="Example inputs by forward() argument name, for tracing and shape propagation."
+    )
+    trace: TraceConfig = Field(default_factory=TraceConfig)
+    cuts: list[CutSpec] = Field(min_length=1, description="Cut points, in any order.")
+    stages: dict[Union[int, str], StageConfig] = Field(  # noqa: UP007 - pydantic needs the int branch first
+        default_factory=dict, description="`default`, plus overrides by stage index or name."
+    )
+    loss: str = Field("cross_entropy", description="cross_entropy, nll, mse, or 'package.module:function'.")
+    data: DataConfig | None = Field(None, description="Training data set.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    _origin: str = PrivateAttr("<spec>")
+    _marks: dict[tuple, tuple[int, int]] = PrivateAttr(default_factory=dict)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    def where(self, *loc: Any) -> str:
+        """`file:line:col` of the key at `loc` (e.g. where('cuts', 0, 'after')), as precisely as known."""
+        loc = tuple(loc)
+        while loc and loc not in self._marks:
+            loc = loc[:-1]
+        if loc in self._marks:
+            line, col = self._marks[loc]
+            return f"{self._origin}:{line}:{col}"
+        return self._origin
+
+    def stage_config(self, index: int, name: str) -> tuple[OptimizerConfig, ClockConfig]:
+        """Optimizer and clock of one stage: its own entry (by index or name) over `default`."""
+        default = self.stages.get("default", StageConfig())
+        own = self.stages.get(index) or self.stages.get(str(index)) or self.stages.get(name) or StageConfig()
+        opt = own.optimizer or default.optimizer or OptimizerConfig()
+        clock = own.clock or default.clock or ClockConfig()
+        return opt, clock
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_spec(source: str | Path | dict | Spec) -> Spec:
+    """Read a spec from a YAML path, a YAML string, a dict or a Spec; raise SpecError with file:line:col."""
+    if isinstance(source, Spec):
+        return source
+    if isinstance(source, dict):
+        return _validate(source, origin="<dict>", marks={})
+    if isinstance(source, Path) or (isinstance(source, str) and _looks_like_path(source)):
+        path = Path(source)
+        if not path.is_file():
+            hint = " (it is a directory)" if path.is_dir() else ""
+            raise SpecError(f"spec file {str(path)!r} not found{hint}; pass the path of a YAML file with --spec.")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError(f"cannot read spec file {str(path)!r}: {e}") from e
+        return _parse(text, origin=str(path))
+    if isinstance(source, str):
+        return _parse(source, origin="<yaml>")
+    raise SpecError(f"a spec is a path, a YAML string, a dict or a Spec, not {type(source).__name__}")
+
+
+def _looks_like_path(s: str) -> bool:
+    return "\n" not in s and ":" not in s.split("/")[-1] and (s.endswith((".yaml", ".yml")) or Path(s).exists())
+
+
+def _parse(text: str, origin: str) -> Spec:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"{where}: YAML syntax error: {problem}. Check indentation and `key: value` pairs.") from e
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise SpecError(f"{origin}:1:1: the spec must be a mapping with at least a `cuts:` list, but the file is {kind}.")
+    marks: dict[tuple, tuple[int, int]] = {}
+    _collect_marks(root, (), marks)
+    return _validate(data, origin=origin, marks=marks)
+
+
+def _collect_marks(node: yaml.Node, loc: tuple, marks: dict) -> None:
+    """Record line:col of every key (mapping) and item (sequence) under its pydantic-style location."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = _key_value(key_node)
+            marks[loc + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            _collect_marks(value_node, loc + (key,), marks)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            marks[loc + (i,)] = (item.start_mark.line + 1, item.start_mark.column + 1)
+            _collect_marks(item, loc + (i,), marks)
+
+
+def _key_value(key_node: yaml.Node) -> Any:
+    value = key_node.value
+    if key_node.tag.endswith(":int"):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _validate(data: dict, origin: str, marks: dict) -> Spec:
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_validation(e, origin, marks)) from None
+    spec._origin = origin
+    spec._marks = marks
+    return spec
+
+
+def _format_validation(err: ValidationError, origin: str, marks: dict) -> str:
+    lines = []
+    for item in err.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
+        where = _where(loc, origin, marks)
+        dotted = _dotted(loc) or "(top level)"
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            hint = did_you_mean(str(loc[-1]), allowed)
+            lines.append(
+                f"{where}: unknown key `{dotted}`{hint}. Allowed here: {', '.join(allowed)}."
+            )
+        elif kind == "missing":
+            lines.append(f"{where}: missing required key `{dotted}`: {_describe(loc)}")
+        else:
+            got = item.get("input")
+            shown = json.dumps(got, default=str)[:60] if not isinstance(got, dict) else "a mapping"
+            lines.append(f"{where}: `{dotted}`: {item['msg']} (got {shown}). {_describe(loc)}".rstrip())
+    # pydantic reports every branch of a union; keep each message once
+    lines = list(dict.fromkeys(lines))
+    return "invalid spec:\n  " + "\n  ".join(lines)
+
+
+_UNION_TAGS = {"int", "str", "float", "bool", "none", "list", "dict"}
+
+
+def _where(loc: tuple, origin: str, marks: dict) -> str:
+    while loc and loc not in marks:
+        loc = loc[:-1]
+    if loc in marks:
+        line, col = marks[loc]
+        return f"{origin}:{line}:{col}"
+    return f"{origin}:1:1" if marks else origin
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that validates the mapping at `loc`, found by walking field annotations."""
+    current: Any = Spec
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if not isinstance(part, str) or part not in current.model_fields:
+                return None
+            current = current.model_fields[part].annotation
+        else:
+            origin = typing.get_origin(current)
+            args = typing.get_args(current)
+            if origin in (list, tuple) and args:
+                current = args[0]
+            elif origin is dict and len(args) == 2:
+                current = args[1]
+            else:
+                return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(tp: Any) -> Any:
+    """Optional[X] / Union[X, None] -> X (the first model in a union)."""
+    if typing.get_origin(tp) in (Union, getattr(__import__("types"), "UnionType", Union)):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if models else (members[0] if len(members) == 1 else tp)
+    return tp
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model = _model_at(loc)
+    return list(model.model_fields) if model else []
+
+
+def _describe(loc: tuple) -> str:
+    parent = _model_at(loc[:-1]) if loc else None
+    if parent and isinstance(loc[-1], str) and loc[-1] in parent.model_fields:
+        desc = parent.model_fields[loc[-1]].description
+        return f"Expected: {desc}" if desc else ""
+    return ""
+
+
+def json_schema() -> dict:
+    """The spec's JSON Schema, for editors that complete and check YAML."""
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "dnicompile cut spec"
+    return schema
