@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--emit", metavar="DIR", help="write stage_<i>.py, stages.dot, stages.svg and stages.html")
     train = p.add_argument_group("train")
     train.add_argument("--train", action="store_true", help="train the program on the spec's data set")
-    train.add_argument("--data", metavar="DIR", help="data directory (default: the spec's data.path, then system paths)")
+    train.add_argument(
+        "--data", metavar="DIR", help="data directory (default: the spec's data.path, then system paths)"
+    )
     train.add_argument("--steps", type=_positive_int, help="training steps (default: the spec's train.steps)")
     train.add_argument("--batch-size", type=_positive_int, help="batch size (default: the spec's train.batch_size)")
     train.add_argument("--eval-every", type=_positive_int, help="evaluate on the test set every N steps")

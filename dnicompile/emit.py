@@ -27,7 +27,7 @@ def emit_stages(part: Partition) -> list[fx.GraphModule]:
                 env[by_name[b.name]] = ph
         for name in names:
             node = by_name[name]
-            copied = graph.node_copy(node, lambda n: env[n])
+            copied = graph.node_copy(node, env.__getitem__)
             env[node] = copied
         if s < part.num_stages - 1:
             out = tuple(env[by_name[b.name]] for b in part.cuts[s].boundary)

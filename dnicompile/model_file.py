@@ -40,7 +40,9 @@ def load_module(path: str | Path) -> ModuleType:
     path = Path(path)
     if not path.is_file():
         hint = " (it is a directory)" if path.is_dir() else ""
-        raise ModelError(f"model file {str(path)!r} not found{hint}; pass the path of a Python file defining your model.")
+        raise ModelError(
+            f"model file {str(path)!r} not found{hint}; pass the path of a Python file defining your model."
+        )
     if path.suffix != ".py":
         raise ModelError(f"model file {str(path)!r} is not a .py file; pass the Python file that defines your model.")
     name = f"_dnicompile_user_{path.stem}_{uuid.uuid4().hex[:8]}"
@@ -56,9 +58,7 @@ def load_module(path: str | Path) -> ModuleType:
         raise ModelError(f"{e.filename}:{e.lineno}:{e.offset or 0}: syntax error in model file: {e.msg}") from None
     except Exception as e:  # the user's module body raised
         where = user_frame(e.__traceback__, {str(path.resolve())}) or str(path)
-        raise ModelError(
-            f"importing model file {str(path)!r} failed at {where}: {type(e).__name__}: {e}"
-        ) from None
+        raise ModelError(f"importing model file {str(path)!r} failed at {where}: {type(e).__name__}: {e}") from None
     return module
 
 
@@ -94,7 +94,5 @@ def build_model(path: str | Path, name: str | None = None, kwargs: dict | None =
         where = user_frame(e.__traceback__) or path
         raise ModelError(f"{path}: `{name}()` raised at {where}: {type(e).__name__}: {e}") from None
     if not isinstance(built, nn.Module):
-        raise ModelError(
-            f"{path}: `{name}()` returned a {type(built).__name__}; it must return a torch.nn.Module."
-        )
+        raise ModelError(f"{path}: `{name}()` returned a {type(built).__name__}; it must return a torch.nn.Module.")
     return built

@@ -202,9 +202,7 @@ def _output_infos(gm: fx.GraphModule) -> tuple[TensorInfo, ...]:
     return _infos(values)
 
 
-def compile_decoupled(
-    model: nn.Module, spec: str | Path | dict | Spec, example_inputs: Any = None
-) -> DecoupledProgram:
+def compile_decoupled(model: nn.Module, spec: str | Path | dict | Spec, example_inputs: Any = None) -> DecoupledProgram:
     """Trace `model`, cut it where `spec` says, and return the decoupled program.
 
     `spec` is a path to a YAML file, a YAML string, a dict, or a Spec. `example_inputs` (a tensor, a

@@ -47,7 +47,9 @@ def describe_optimizer(stage: Stage) -> str:
 
 def describe_clock(stage: Stage) -> str:
     c = stage.clock_config
-    text = f"p={c.probability:g}" if c.probability is not None else ("every step" if c.every == 1 else f"every {c.every}")
+    text = (
+        f"p={c.probability:g}" if c.probability is not None else ("every step" if c.every == 1 else f"every {c.every}")
+    )
     return text + (f" from {c.offset}" if c.offset else "")
 
 
@@ -188,7 +190,11 @@ def write_emit(program: DecoupledProgram, out_dir: str | Path) -> list[Path]:
         "stages.svg": svg,
         "stages.html": (
             f"<!doctype html><html><head><meta charset='utf-8'><title>{type(program.model).__name__} stages</title>"
-            "</head><body><h1>Stages</h1>" + svg + "<pre>" + html.escape(summary_text(program)) + "</pre></body></html>\n"
+            "</head><body><h1>Stages</h1>"
+            + svg
+            + "<pre>"
+            + html.escape(summary_text(program))
+            + "</pre></body></html>\n"
         ),
     }
     for name, text in files.items():

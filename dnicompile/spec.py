@@ -88,9 +88,7 @@ class ClockConfig(_Strict):
 class SyntheticGradientConfig(_Strict):
     """A model M(h, c) that predicts dL/dh at a cut."""
 
-    model: str = Field(
-        "linear", description="linear, mlp, conv, or a class of your own as 'package.module:ClassName'."
-    )
+    model: str = Field("linear", description="linear, mlp, conv, or a class of your own as 'package.module:ClassName'.")
     hidden: int = Field(1024, ge=1, description="Hidden width (mlp) or channels (conv; default: the tensor's).")
     layers: int = Field(2, ge=0, description="Number of hidden layers (mlp, conv).")
     kernel_size: int = Field(5, ge=1, description="Convolution kernel size (conv), 'same' padding.")
@@ -237,7 +235,9 @@ def _parse(text: str, origin: str) -> Spec:
         raise SpecError(f"{where}: YAML syntax error: {problem}. Check indentation and `key: value` pairs.") from e
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
-        raise SpecError(f"{origin}:1:1: the spec must be a mapping with at least a `cuts:` list, but the file is {kind}.")
+        raise SpecError(
+            f"{origin}:1:1: the spec must be a mapping with at least a `cuts:` list, but the file is {kind}."
+        )
     marks: dict[tuple, tuple[int, int]] = {}
     _collect_marks(root, (), marks)
     return _validate(data, origin=origin, marks=marks)
@@ -286,9 +286,7 @@ def _format_validation(err: ValidationError, origin: str, marks: dict) -> str:
         if kind == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
             hint = did_you_mean(str(loc[-1]), allowed)
-            lines.append(
-                f"{where}: unknown key `{dotted}`{hint}. Allowed here: {', '.join(allowed)}."
-            )
+            lines.append(f"{where}: unknown key `{dotted}`{hint}. Allowed here: {', '.join(allowed)}.")
         elif kind == "missing":
             lines.append(f"{where}: missing required key `{dotted}`: {_describe(loc)}")
         else:

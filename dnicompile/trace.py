@@ -180,7 +180,9 @@ def propagate_shapes(gm: fx.GraphModule, examples: tuple[torch.Tensor, ...], spe
         if node is not None:
             stack = node.meta.get("nn_module_stack") or {}
             path = next(reversed(stack.values()))[0] if stack else ""
-            where = f" at node `{node.name}` ({node.op} {_target_name(node)}{', module `' + path + '`' if path else ''})"
+            where = (
+                f" at node `{node.name}` ({node.op} {_target_name(node)}{', module `' + path + '`' if path else ''})"
+            )
         shapes = ", ".join(f"{tuple(t.shape)}" for t in examples if isinstance(t, torch.Tensor))
         raise ModelError(
             f"running the model on the example inputs (shapes {shapes}) failed{where}: "
