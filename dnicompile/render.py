@@ -26,7 +26,7 @@ def describe_synthesizer(cut: Cut) -> str:
         sg = cut.synthetic_gradient
         text = sg.model
         if sg.model == "mlp":
-            text += f" {sg.layers}x{sg.hidden}"
+            text += f" {sg.layers}x{sg.hidden or 1024}"
         elif sg.model == "conv":
             text += f" {sg.layers}x{sg.kernel_size}x{sg.kernel_size}"
         if sg.condition_on_labels:

@@ -89,7 +89,9 @@ class SyntheticGradientConfig(_Strict):
     """A model M(h, c) that predicts dL/dh at a cut."""
 
     model: str = Field("linear", description="linear, mlp, conv, or a class of your own as 'package.module:ClassName'.")
-    hidden: int = Field(1024, ge=1, description="Hidden width (mlp) or channels (conv; default: the tensor's).")
+    hidden: int | None = Field(
+        None, ge=1, description="Hidden width (mlp, default 1024) or channels (conv, default: the tensor's)."
+    )
     layers: int = Field(2, ge=0, description="Number of hidden layers (mlp, conv).")
     kernel_size: int = Field(5, ge=1, description="Convolution kernel size (conv), 'same' padding.")
     condition_on_labels: bool = Field(False, description="Feed the one-hot labels too (cDNI).")
