@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--metrics", metavar="FILE.jsonl", help="write one JSON object per line of metrics")
     train.add_argument("--out", metavar="DIR", help="write learning curves (PNG), metrics and final weights here")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    train.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks of internal errors")
     return p
 
