@@ -1,0 +1,277 @@
+"""The local runtime against references: plain PyTorch steps, hand-computed gradients, the paper's behaviour."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dnicompile import compile_decoupled
+from dnicompile.clock import Clock
+from dnicompile.errors import SpecError
+from dnicompile.spec import ClockConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, depth=3, width=16, d_in=12, classes=5):
+        super().__init__()
+        dims = [d_in] + [width] * depth
+        self.layers = nn.Sequential(
+            *[nn.Sequential(nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU()) for a, b in zip(dims, dims[1:])]
+        )
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.layers(x))
+
+
+def _spec(depth, sg=None, optimizer=None, clock=None, batch=8, d_in=12, **stages):
+    default = {"optimizer": optimizer or {"name": "SGD", "lr": 0.1}}
+    if clock:
+        default["clock"] = clock
+    return {
+        "inputs": {"x": {"shape": [batch, d_in]}},
+        "cuts": [{"after": f"layers.{i}", "synthetic_gradient": sg} for i in range(depth)],
+        "stages": {"default": default, **stages},
+    }
+
+
+def _batch(n=8, d_in=12, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("optimizer", [{"name": "SGD", "lr": 0.1}, {"name": "Adam", "lr": 0.01}])
+def test_exact_cuts_train_like_plain_pytorch(optimizer):
+    """Several train_steps with exact cuts equal the same steps of plain training, batch norm included."""
+    torch.manual_seed(0)
+    model = MLP()
+    reference = copy.deepcopy(model)
+    program = compile_decoupled(model, _spec(3, optimizer=optimizer))
+    cls = getattr(torch.optim, optimizer["name"])
+    opt = cls(reference.parameters(), lr=optimizer["lr"])
+    for step in range(3):
+        x, y = _batch(seed=step)
+        result = program.train_step(x, y)
+        opt.zero_grad()
+        loss = F.cross_entropy(reference(x), y)
+        loss.backward()
+        opt.step()
+        assert result.loss == pytest.approx(loss.item(), rel=1e-6)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:  # parameters and batch-norm running statistics
+        torch.testing.assert_close(ours[key], theirs[key], msg=key)
+
+
+def test_zero_synthesizer_freezes_earlier_stages_at_step_0():
+    """Zero-initialised synthesizers send no gradient: under SGD the stages before the cut do not move."""
+    torch.manual_seed(0)
+    model = MLP()
+    sg = {"model": "mlp", "hidden": 32, "layers": 1, "condition_on_labels": True}
+    program = compile_decoupled(model, _spec(3, sg=sg))
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    x, y = _batch()
+    result = program.train_step(x, y)
+    for name, p in model.named_parameters():
+        if name.startswith("head"):
+            assert not torch.equal(before[name], p), f"{name} should have moved (true gradient)"
+        else:
+            assert torch.equal(before[name], p), f"{name} moved at step 0"
+    assert all(c == 0.0 for c in result.cosine.values())
+    # the synthesizers did learn from the true gradient, so the next step moves the earlier stages
+    program.train_step(x, y)
+    assert not torch.equal(before["layers.2.0.weight"], model.layers[2][0].weight)
+
+
+class Regression(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_synthesizer_converges_to_true_gradient_on_linear_regression():
+    """With the model frozen (clocks that never tick), a linear cDNI synthesizer fits dL/dh exactly."""
+    torch.manual_seed(0)
+    model = Regression()
+    spec = {
+        "inputs": {"x": {"shape": [32, 6]}},
+        "cuts": [
+            {
+                "after": "body",
+                "synthetic_gradient": {
+                    "model": "linear",
+                    "condition_on_labels": True,
+                    "optimizer": {"name": "Adam", "lr": 3e-3},
+                },
+            }
+        ],
+        "stages": {"default": {"clock": {"offset": 10**9}}},
+        "loss": "mse",
+    }
+    program = compile_decoupled(model, spec)
+    w_true = torch.randn(6, 1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(1500):
+        x = torch.randn(32, 6, generator=g)
+        result = program.train_step(x, x @ w_true)
+    # hand-computed reference: L = mean((head(h) - y)^2)  =>  dL/dh = 2 (head(h) - y) w_head / B
+    x = torch.randn(32, 6, generator=g)
+    y = x @ w_true
+    h = model.body(x)
+    true = 2 * (model.head(h) - y) @ model.head.weight / 32
+    synth = program.runtime.synth[0].grad[program.cuts[0].boundary[0].name]
+    synth.eval()
+    with torch.no_grad():
+        predicted = synth(h, y) / 32
+    cos = F.cosine_similarity(predicted.flatten(), true.detach().flatten(), dim=0)
+    assert cos > 0.99, f"cosine {cos:.4f}"
+    assert result.cosine["body"] > 0.99
+
+
+def test_clock_every_k_with_offset():
+    clock = Clock(ClockConfig(every=3, offset=2))
+    assert [step for step in range(12) if clock.tick(step)] == [2, 5, 8, 11]
+
+
+def test_clock_probability_is_seeded_and_has_the_declared_rate():
+    a = Clock(ClockConfig(probability=0.2, seed=5))
+    b = Clock(ClockConfig(probability=0.2, seed=5))
+    ticks_a = [a.tick(s) for s in range(20000)]
+    assert ticks_a == [b.tick(s) for s in range(20000)]
+    rate = sum(ticks_a) / len(ticks_a)
+    sigma = math.sqrt(0.2 * 0.8 / len(ticks_a))
+    assert abs(rate - 0.2) < 4 * sigma
+    other = Clock(ClockConfig(probability=0.2, seed=6))
+    assert ticks_a != [other.tick(s) for s in range(20000)]
+
+
+def test_stages_update_only_on_their_clock_ticks():
+    """Stage 1 on `every: 3` changes its parameters on steps 0, 3, 6 only; stage 0 (every step) always."""
+    torch.manual_seed(0)
+    model = MLP(depth=1)
+    sg = {"model": "linear", "condition_on_labels": True, "optimizer": {"name": "Adam", "lr": 1e-2}}
+    spec = _spec(1, sg=sg, **{"1": {"clock": {"every": 3}}})
+    program = compile_decoupled(model, spec)
+    changed = []
+    for step in range(7):
+        before = model.head.weight.clone()
+        result = program.train_step(*_batch(seed=step))
+        assert result.ticked == [True, step % 3 == 0]
+        changed.append(not torch.equal(before, model.head.weight))
+    assert changed == [s % 3 == 0 for s in range(7)]
+
+
+def test_probability_clock_in_program_is_reproducible():
+    def run():
+        torch.manual_seed(0)
+        program = compile_decoupled(MLP(), _spec(3, sg={"model": "linear"}, clock={"probability": 0.3, "seed": 3}))
+        return [program.train_step(*_batch(seed=s)).ticked for s in range(10)]
+
+    first = run()
+    assert first == run()
+    assert any(not all(t) for t in first) and any(any(t) for t in first)
+
+
+def test_scheduler_and_optimizer_arguments():
+    program = compile_decoupled(
+        MLP(),
+        _spec(
+            3,
+            optimizer={
+                "name": "SGD",
+                "lr": 0.1,
+                "momentum": 0.9,
+                "scheduler": {"name": "StepLR", "step_size": 1, "gamma": 0.5},
+            },
+        ),
+    )
+    program.train_step(*_batch())
+    program.train_step(*_batch())
+    opt = program.runtime.optimizers[0]
+    assert opt.param_groups[0]["momentum"] == 0.9
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize(
+    "optimizer, message",
+    [
+        ({"name": "Adamm"}, "did you mean 'Adam'"),
+        ({"name": "SGD", "momentun": 0.9}, "did you mean 'momentum'"),
+        ({"name": "SGD", "scheduler": {"name": "StepLr", "step_size": 1}}, "did you mean 'StepLR'"),
+    ],
+)
+def test_bad_optimizer_names_are_spec_errors(optimizer, message):
+    program = compile_decoupled(MLP(), _spec(3, optimizer=optimizer))
+    with pytest.raises(SpecError, match=message):
+        program.train_step(*_batch())
+
+
+def test_conv_synthesizer_with_labels_and_token_synthesizer():
+    """conv synthesizers broadcast labels as channels; token synthesizers act per position."""
+
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+            self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+    sg = {"model": "conv", "layers": 1, "kernel_size": 5, "condition_on_labels": True}
+    spec = {"inputs": {"x": {"shape": [4, 1, 8, 8]}}, "cuts": [{"after": "c1", "synthetic_gradient": sg}]}
+    program = compile_decoupled(Conv(), spec)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    for _ in range(3):
+        result = program.train_step(x, y)
+    assert set(result.synth_loss) == {"c1"}
+    synth = program.runtime.synth[0].grad["c1"]
+    assert synth.net[0].in_channels == 4 + 3 and synth.net[-1].out_channels == 4
+
+
+def test_synthetic_input_learns_the_boundary_tensor():
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    cuts = [
+        {
+            "after": "layers.0",
+            "synthetic_gradient": {"model": "linear", "condition_on_labels": True},
+            "synthetic_input": {"model": "mlp", "hidden": 64, "layers": 1, "optimizer": {"name": "Adam", "lr": 1e-2}},
+        },
+        {"after": "layers.1"},
+    ]
+    spec = {"inputs": {"x": {"shape": [8, 12]}}, "cuts": cuts}
+    program = compile_decoupled(model, spec)
+    x, y = _batch()
+    first = program.train_step(x, y).input_loss["layers.0"]
+    for _ in range(100):
+        last = program.train_step(x, y).input_loss["layers.0"]
+    assert last < 0.2 * first
+
+
+def test_synthetic_input_on_exact_cut_is_an_error():
+    spec = {"inputs": {"x": {"shape": [8, 12]}}, "cuts": [{"after": "layers.0", "synthetic_input": {}}]}
+    program = compile_decoupled(MLP(), spec)
+    with pytest.raises(SpecError, match="synthetic_input but no synthetic_gradient"):
+        program.train_step(*_batch())
+
+
+def test_eval_mode_inference_matches_model_without_synthesizers():
+    torch.manual_seed(0)
+    model = MLP()
+    program = compile_decoupled(model, _spec(3, sg={"model": "linear"}))
+    for s in range(3):
+        program.train_step(*_batch(seed=s))
+    program.eval()
+    x, _ = _batch(seed=9)
+    torch.testing.assert_close(program(x), model.eval()(x))
