@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(json_schema(), indent=2))
         return 0
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad flag (2): argparse has printed the message
+        return int(e.code or 0)
     try:
         return _run(args)
     except DNIError as e:

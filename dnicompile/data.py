@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import struct
 from dataclasses import dataclass
@@ -78,7 +79,12 @@ def find_fashion_mnist(explicit: str | None) -> Path:
 
 
 def load_fashion_mnist(directory: str | None) -> Dataset:
-    d = find_fashion_mnist(directory)
+    return _load_fashion_mnist(find_fashion_mnist(directory).resolve())
+
+
+@functools.lru_cache(maxsize=2)
+def _load_fashion_mnist(d: Path) -> Dataset:
+    """Decoding the gzipped files takes seconds: keep the last data set in memory (tensors are not mutated)."""
     arrays = {k: read_idx(_find(d, stem)) for k, stem in FASHION_MNIST_FILES.items()}
     for split in ("train", "test"):
         n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
