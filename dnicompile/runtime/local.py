@@ -37,6 +37,31 @@ class StepResult:
     ticked: list[bool] = field(default_factory=list)  # stage index -> did it update
 
 
+@dataclass
+class PendingCut:
+    """A synthetic cut crossed in this step, waiting for the gradient from behind it."""
+
+    cut: object
+    preds: dict  # tensor name -> M(h, c), with graph, (B, ...)
+    used: tuple  # what the next stage ran on (leaves whose .grad is delta)
+    received: tuple  # the real boundary tensors, detached
+    synthetic: dict | None  # tensor name -> I(x), with graph, where the cut has synthetic inputs
+
+
+@dataclass
+class StepContext:
+    """What one step carries through the stages."""
+
+    step: int
+    inputs: tuple
+    target: torch.Tensor
+    context: torch.Tensor | None  # one-hot labels for cDNI
+    batch: int
+    ticks: list[bool]
+    result: StepResult
+    pending: list[PendingCut] = field(default_factory=list)
+
+
 def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
@@ -100,13 +125,6 @@ class LocalRuntime:
             i = build_optimizer(cs.input.parameters(), cut.synthetic_input.optimizer, where)[0] if cs.input else None
             self.synth_optimizers.append((g, i))
         self.step = 0
-        # stage groups joined by exact cuts; a group ends at a synthetic cut or at the loss
-        self.groups: list[list[int]] = [[0]]
-        for cut in program.cuts:
-            if cut.exact:
-                self.groups[-1].append(cut.index + 1)
-            else:
-                self.groups.append([cut.index + 1])
 
     # ---------------------------------------------------------------- modes and devices
     def modules(self) -> list[nn.Module]:
@@ -122,102 +140,130 @@ class LocalRuntime:
 
     # ---------------------------------------------------------------- the step
     def train_step(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> StepResult:
-        program = self.program
-        step = self.step
-        ticks = [clock.tick(step) for clock in self.clocks]
-        batch = target.shape[0]
-        context = one_hot_context(target, self.num_classes) if self.num_classes else None
+        ctx = self.begin_step(inputs, target)
+        outputs, open_group = self.run_stages(0, len(self.program.stages) - 1, tuple(inputs), ctx)
+        self.apply_loss(outputs, ctx, open_group)
+        self.learn_synthesizers(ctx)
+        self.step += 1
+        return ctx.result
+
+    def begin_step(self, inputs: tuple, target: torch.Tensor) -> StepContext:
+        """Tick the clocks, clear gradients, and prepare the labels' one-hot context."""
+        ticks = [clock.tick(self.step) for clock in self.clocks]
         for opt in self.optimizers:
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
+        context = one_hot_context(target, self.num_classes) if self.num_classes else None
         result = StepResult(loss=float("nan"), output=torch.empty(0), ticked=ticks)
-        pending = []  # (cut, synthesizers, predictions per tensor, received leaves)
-        values: tuple = tuple(inputs)
-        group = 0
-        for stage in program.stages:
-            outputs = stage(*values)
-            i = stage.index
-            if i == len(program.cuts):  # the last stage: the true loss
-                loss = self.loss_fn(outputs, target)
-                loss.backward()
-                result.loss = float(loss.detach())
-                result.output = outputs.detach() if isinstance(outputs, torch.Tensor) else outputs
-                self._step_group(group, ticks)
-                break
-            cut = program.cuts[i]
+        return StepContext(self.step, tuple(inputs), target, context, target.shape[0], ticks, result)
+
+    def run_stages(self, first: int, last: int, values: tuple, ctx: StepContext) -> tuple[tuple, list[int]]:
+        """Run stages first..last on `values`, crossing the synthetic cuts between them (steps 1-3 of the
+        training step). Returns the last stage's outputs and the stages whose backward is still to come
+        (those joined to it by exact cuts)."""
+        open_group: list[int] = []
+        for i in range(first, last + 1):
+            outputs = self.program.stages[i](*values)
+            open_group.append(i)
+            if i == last:
+                return outputs, open_group
+            cut = self.program.cuts[i]
             if cut.exact:
                 values = outputs
                 continue
-            cs = self.synth[i]
-            preds = {}
-            roots, grads = [], []
-            for b, h in zip(cut.boundary, outputs):
-                if b.name not in cs.grad:
-                    continue
-                pred = cs.grad[b.name](h.detach(), context)  # per-sample gradient, (B, ...)
-                preds[b.name] = pred
-                if h.requires_grad:
-                    roots.append(h)
-                    scale = cut.synthetic_gradient.scale / batch
-                    grads.append(pred.detach() * scale)
-            if roots:
-                torch.autograd.backward(roots, grads)
-            self._step_group(group, ticks)
-            group += 1
-            received = tuple(h.detach().requires_grad_(True) if _is_float(h.dtype) else h.detach() for h in outputs)
-            forward_values, synthetic = received, None
-            if cs.input:
-                synthetic = {name: model(inputs[0]) for name, model in cs.input.items()}  # I(x), (B, ...)
-                forward_values = tuple(
-                    synthetic[b.name].detach().requires_grad_(True) if b.name in synthetic else h
-                    for b, h in zip(cut.boundary, received)
-                )
-            pending.append((cut, cs, preds, forward_values, received, synthetic))
-            values = forward_values
-        self._learn_synthesizers(pending, batch, result)
-        self.step += 1
-        return result
+            preds = self.apply_synthetic_gradient(cut, outputs, ctx, open_group)
+            open_group = []
+            values = self.receive(cut, outputs, preds, ctx)
+        raise AssertionError("unreachable")
 
-    def _step_group(self, group: int, ticks: list[bool]) -> None:
-        for s in self.groups[group]:
+    def apply_loss(self, outputs, ctx: StepContext, open_group: list[int]) -> None:
+        """The last stage: the true loss, backward through the open group, and its update."""
+        loss = self.loss_fn(outputs, ctx.target)
+        loss.backward()
+        ctx.result.loss = float(loss.detach())
+        ctx.result.output = outputs.detach() if isinstance(outputs, torch.Tensor) else outputs
+        self.step_stages(open_group, ctx.ticks)
+
+    def apply_synthetic_gradient(self, cut, outputs: tuple, ctx: StepContext, open_group: list[int]) -> dict:
+        """Backward from the cut's boundary tensors with M(h, c) / batch, then update the open group."""
+        cs = self.synth[cut.index]
+        preds, roots, grads = {}, [], []
+        scale = cut.synthetic_gradient.scale / ctx.batch
+        for b, h in zip(cut.boundary, outputs):
+            if b.name not in cs.grad:
+                continue
+            pred = cs.grad[b.name](h.detach(), ctx.context)  # per-sample gradient, (B, ...)
+            preds[b.name] = pred
+            if h.requires_grad:
+                roots.append(h)
+                grads.append(pred.detach() * scale)
+        if roots:
+            torch.autograd.backward(roots, grads)
+        self.step_stages(open_group, ctx.ticks)
+        return preds
+
+    def receive(self, cut, outputs: tuple, preds: dict, ctx: StepContext) -> tuple:
+        """What the stage behind a synthetic cut runs on: the detached boundary tensors (leaves whose
+        .grad becomes delta), or the synthetic inputs I(x) where the cut has them."""
+        cs = self.synth[cut.index]
+        received = tuple(h.detach().requires_grad_(True) if _is_float(h.dtype) else h.detach() for h in outputs)
+        used, synthetic = received, None
+        if cs.input:
+            synthetic = {name: model(ctx.inputs[0]) for name, model in cs.input.items()}  # I(x), (B, ...)
+            used = tuple(
+                synthetic[b.name].detach().requires_grad_(True) if b.name in synthetic else h
+                for b, h in zip(cut.boundary, received)
+            )
+        ctx.pending.append(PendingCut(cut, preds, used, received, synthetic))
+        return used
+
+    def step_stages(self, stages: list[int], ticks: list[bool]) -> None:
+        for s in stages:
             opt = self.optimizers[s]
             if opt is not None and ticks[s]:
                 opt.step()
                 if self.schedulers[s] is not None:
                     self.schedulers[s].step()
 
-    def _learn_synthesizers(self, pending, batch: int, result: StepResult) -> None:
-        for cut, _, preds, used, real, synthetic in pending:
-            g_opt, i_opt = self.synth_optimizers[cut.index]
-            losses, dots, pred_sq, true_sq = [], 0.0, 0.0, 0.0
-            for b, leaf in zip(cut.boundary, used):
-                if b.name not in preds:
-                    continue
-                delta = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                target = delta.detach() * batch
-                pred = preds[b.name]
-                losses.append(F.mse_loss(pred, target))
-                p, t = pred.detach().flatten().double(), target.flatten().double()
-                dots += float(p @ t)
-                pred_sq += float(p @ p)
-                true_sq += float(t @ t)
-            if losses:
-                loss = torch.stack(losses).sum()
-                g_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                g_opt.step()
-                result.synth_loss[cut.name] = float(loss.detach())
-                denom = (pred_sq * true_sq) ** 0.5
-                result.cosine[cut.name] = dots / denom if denom > 0 else 0.0
-            if synthetic is not None and i_opt is not None:
-                in_losses = [
-                    F.mse_loss(synthetic[b.name], h.detach()) for b, h in zip(cut.boundary, real) if b.name in synthetic
-                ]
-                in_loss = torch.stack(in_losses).sum()
-                i_opt.zero_grad(set_to_none=True)
-                in_loss.backward()
-                i_opt.step()
-                result.input_loss[cut.name] = float(in_loss.detach())
+    def learn_synthesizers(self, ctx: StepContext) -> None:
+        """Step 4: each synthesizer learns from the gradient the stage behind its cut produced."""
+        for p in ctx.pending:
+            deltas = {b.name: leaf.grad for b, leaf in zip(p.cut.boundary, p.used) if b.name in p.preds}
+            self.update_synthetic_gradient(p.cut, p.preds, deltas, ctx.batch, ctx.result)
+            if p.synthetic is not None:
+                self.update_synthetic_input(p.cut, p.synthetic, p.received, ctx.result)
+
+    def update_synthetic_gradient(self, cut, preds: dict, deltas: dict, batch: int, result: StepResult) -> None:
+        """One step of ||M(h, c) - batch * delta||^2 for every tensor of the cut; records loss and cosine."""
+        g_opt = self.synth_optimizers[cut.index][0]
+        losses, dots, pred_sq, true_sq = [], 0.0, 0.0, 0.0
+        for name, pred in preds.items():
+            delta = deltas.get(name)
+            target = torch.zeros_like(pred) if delta is None else delta.detach() * batch
+            losses.append(F.mse_loss(pred, target))
+            p, t = pred.detach().flatten().double(), target.flatten().double()
+            dots += float(p @ t)
+            pred_sq += float(p @ p)
+            true_sq += float(t @ t)
+        if not losses:
+            return
+        loss = torch.stack(losses).sum()
+        g_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        g_opt.step()
+        result.synth_loss[cut.name] = float(loss.detach())
+        denom = (pred_sq * true_sq) ** 0.5
+        result.cosine[cut.name] = dots / denom if denom > 0 else 0.0
+
+    def update_synthetic_input(self, cut, synthetic: dict, real: tuple, result: StepResult) -> None:
+        """One step of ||I(x) - h||^2 once the real boundary tensors are known."""
+        i_opt = self.synth_optimizers[cut.index][1]
+        losses = [F.mse_loss(synthetic[b.name], h.detach()) for b, h in zip(cut.boundary, real) if b.name in synthetic]
+        loss = torch.stack(losses).sum()
+        i_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        i_opt.step()
+        result.input_loss[cut.name] = float(loss.detach())
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
