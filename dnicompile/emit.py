@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .partition import Partition
+from .trace import keep_non_persistent
 
 
 def emit_stages(part: Partition) -> list[fx.GraphModule]:
@@ -34,5 +35,6 @@ def emit_stages(part: Partition) -> list[fx.GraphModule]:
             graph.output(out)
         stage_name = f"Stage{s}"
         gm = fx.GraphModule(root, graph, class_name=stage_name)
+        keep_non_persistent(root, gm)
         stages.append(gm)
     return stages

@@ -147,7 +147,24 @@ def _symbolic_trace(model: nn.Module, spec: Spec) -> fx.GraphModule:
             + f": {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n{hint}"
         ) from None
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, name)
+    keep_non_persistent(model, gm)
+    return gm
+
+
+def keep_non_persistent(src: nn.Module, dst: fx.GraphModule) -> None:
+    """fx.GraphModule registers the buffers its get_attr nodes read as persistent: keep the ones that are
+    non-persistent in `src` (e.g. a causal mask) out of `dst.state_dict()`, as they are out of src's."""
+    for node in dst.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        parent, _, leaf = node.target.rpartition(".")
+        try:
+            src_owner, dst_owner = src.get_submodule(parent), dst.get_submodule(parent)
+        except AttributeError:
+            continue
+        if leaf in src_owner._non_persistent_buffers_set and leaf in dst_owner._buffers:
+            dst_owner._non_persistent_buffers_set.add(leaf)
 
 
 def _trace_hint(e: Exception, inside: str) -> str:
