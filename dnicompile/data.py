@@ -121,6 +121,15 @@ class Batches:
         self.pos = 0
         self.epoch = 0
 
+    def skip(self, steps: int) -> None:
+        """Advance past `steps` batches exactly as `next()` would, without gathering them (for --resume)."""
+        for _ in range(steps):
+            if self.pos + self.batch_size > len(self.order):
+                self.order = torch.randperm(len(self.x), generator=self.gen)
+                self.pos = 0
+                self.epoch += 1
+            self.pos += self.batch_size
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pos + self.batch_size > len(self.order):
             self.order = torch.randperm(len(self.x), generator=self.gen)

@@ -94,13 +94,16 @@ class DecoupledProgram:
     through every cut. `program.train_step(x, y)` trains it decoupled (see dnicompile.runtime.local).
     """
 
-    def __init__(self, model: nn.Module, spec: Spec, part: Partition, stages: list[Stage], cuts: list[Cut], frontend):
+    def __init__(self, model: nn.Module, spec: Spec, part: Partition, stages: list[Stage], cuts: list[Cut], traced):
         self.model = model
         self.spec = spec
         self.partition = part
         self.stages = stages
         self.cuts = cuts
-        self.frontend = frontend
+        self.frontend = traced.frontend
+        self.example_inputs = traced.example_inputs
+        # boundary tensors whose first dimension is this size are batch-major; others are batch-independent
+        self.example_batch = traced.example_inputs[0].shape[0] if traced.example_inputs else None
         self.input_names = part.input_names
         self._runtime = None
 
@@ -219,4 +222,4 @@ def compile_decoupled(model: nn.Module, spec: str | Path | dict | Spec, example_
         opt, clock = spec.stage_config(i, f"stage{i}")
         stages.append(Stage(i, gm, inputs, outputs, opt, clock))
     cuts = [Cut(p, spec.cuts[p.spec_index]) for p in part.cuts]
-    return DecoupledProgram(model, spec, part, stages, cuts, traced.frontend)
+    return DecoupledProgram(model, spec, part, stages, cuts, traced)

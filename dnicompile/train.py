@@ -76,10 +76,10 @@ def evaluate(program, x: torch.Tensor, y: torch.Tensor, device, batch_size: int 
 class MetricsWriter:
     """One JSON object per line, flushed as written, so an interrupted run keeps what it logged."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, append: bool = False):
         self.path = path
         self.rows: list[dict] = []
-        self._f = open(path, "w") if path else None  # noqa: SIM115 - held open for the whole run
+        self._f = open(path, "a" if append else "w") if path else None  # noqa: SIM115 - held open for the run
 
     def write(self, row: dict) -> None:
         self.rows.append(row)

@@ -1,0 +1,513 @@
+"""The distributed runtime: a contiguous group of stages per rank, over torch.distributed.
+
+Each rank builds the same program (same seed, same initial weights) and owns the stages that the
+placement gives it. Every rank draws the same batches from the same seed, so only boundary tensors and
+gradients travel:
+
+- forward: the boundary tensors of batch t go to the next rank with non-blocking sends;
+- across a synthetic cut, a rank steps with its synthetic gradient and goes on to batch t+1; the true
+  gradient of batch t comes back later (irecv) and trains the cut's synthesizer, paired with the h_t the
+  rank kept (a queue of at most `queue_depth` batches; its age is reported as `staleness`);
+- across an exact cut, a rank waits for the true gradient of batch t: ordinary pipeline parallelism.
+
+Every wait has a timeout (spec `distributed.timeout_s`), so a rank that dies or hangs makes the others
+fail within that time instead of hanging. Launch with `dnicompile ... --train --workers N` (processes
+on this host), or with `torchrun ... -m dnicompile ...` across hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DNIError, SpecError
+from .local import LocalRuntime, StepResult
+
+
+# --------------------------------------------------------------------------- placement
+def plan_placement(program, world: int, config) -> list[tuple[int, int]]:
+    """(first, last) stage of each rank: from the spec's list, or balanced by parameters or time."""
+    n = len(program.stages)
+    where = program.spec.where("distributed", "placement")
+    if world > n:
+        raise SpecError(f"{where}: {world} workers but the program has only {n} stages; add cuts or use --workers {n}.")
+    placement = config.placement
+    if isinstance(placement, list):
+        if len(placement) != world:
+            raise SpecError(f"{where}: placement lists {len(placement)} ranks but {world} workers were asked for.")
+        flat = [s for group in placement for s in group]
+        if flat != list(range(n)) or any(not g for g in placement):
+            raise SpecError(
+                f"{where}: placement {placement} must give each rank a non-empty run of consecutive stages, "
+                f"covering stages 0..{n - 1} once in order, e.g. {_even_split(n, world)}."
+            )
+        return [(g[0], g[-1]) for g in placement]
+    costs = _stage_costs(program, placement)
+    return _balanced(costs, world)
+
+
+def _even_split(n: int, world: int) -> list[list[int]]:
+    bounds = [round(i * n / world) for i in range(world + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(world)]
+
+
+def _stage_costs(program, how: str) -> list[float]:
+    if how == "params":
+        return [max(1, s.num_parameters()) for s in program.stages]
+    # measured forward + backward time on the example inputs
+    values = program.example_inputs
+    costs = []
+    for stage in program.stages:
+        ins = tuple(v.detach().requires_grad_(v.is_floating_point()) for v in values)
+        start = time.perf_counter()
+        for _ in range(3):
+            out = stage(*ins)
+            tensors = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+            if tensors:
+                torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+        costs.append(time.perf_counter() - start)
+        values = tuple(o.detach() for o in (out if isinstance(out, tuple) else (out,)))
+    for p in program.parameters():
+        p.grad = None
+    return costs
+
+
+def _balanced(costs: list[float], world: int) -> list[tuple[int, int]]:
+    """Split the chain of stage costs into `world` contiguous runs minimising the largest run (DP)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(world + 1)]
+    cut = [[0] * (n + 1) for _ in range(world + 1)]
+    best[0][0] = 0.0
+    for k in range(1, world + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                v = max(best[k - 1][i], prefix[j] - prefix[i])
+                if v < best[k][j]:
+                    best[k][j], cut[k][j] = v, i
+    ranges, j = [], n
+    for k in range(world, 0, -1):
+        i = cut[k][j]
+        ranges.append((i, j - 1))
+        j = i
+    return ranges[::-1]
+
+
+# --------------------------------------------------------------------------- one rank
+@dataclass
+class _Awaiting:
+    """A batch whose true gradient across the outgoing synthetic cut has not been used yet."""
+
+    step: int
+    h: dict  # tensor name -> h_t (detached)
+    context: torch.Tensor | None
+    works: list
+    deltas: dict  # tensor name -> buffer the irecv fills
+
+
+@dataclass
+class RankStats:
+    staleness: list[int] = field(default_factory=list)
+    result: StepResult | None = None
+
+
+class RankWorker:
+    """The stages [first, last] of a program on one rank."""
+
+    def __init__(self, program, rank: int, world: int, placement: list[tuple[int, int]], device, timeout_s: float):
+        self.program = program
+        self.rank, self.world = rank, world
+        self.first, self.last = placement[rank]
+        self.device = device
+        self.timeout = timedelta(seconds=timeout_s)
+        self.rt: LocalRuntime = program.runtime
+        self.depth = program.spec.distributed.queue_depth
+        self.awaiting: deque[_Awaiting] = deque()
+        self.sends: deque = deque()
+        self.stats = RankStats()
+        n = len(program.stages)
+        self.in_cut = program.cuts[self.first - 1] if self.first > 0 else None
+        self.out_cut = program.cuts[self.last] if self.last < n - 1 else None
+        self.is_driver = rank == world - 1
+
+    @property
+    def stage_names(self) -> str:
+        return ", ".join(s.name for s in self.program.stages[self.first : self.last + 1])
+
+    # ---------------------------------------------------------------- messages
+    def _shape(self, b, batch: int) -> tuple[int, ...]:
+        example_batch = self.program.example_batch
+        return (batch, *b.shape[1:]) if b.shape and b.shape[0] == example_batch else tuple(b.shape)
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            work.wait(self.timeout)
+        except Exception as e:
+            raise RuntimeError(
+                f"rank {self.rank} ({self.stage_names}) timed out or failed waiting for {what} "
+                f"after {self.timeout.total_seconds():.0f}s: {e}"
+            ) from None
+
+    def send(self, tensors, dst: int) -> None:
+        for t in tensors:
+            t = t.detach().contiguous()
+            self.sends.append((dist.isend(t, dst), t))
+        while len(self.sends) > 4 * max(1, len(tensors)) * self.depth:
+            work, _ = self.sends.popleft()
+            self._wait(work, f"a send to rank {dst}")
+
+    def recv(self, cut, batch: int, src: int, what: str) -> tuple[torch.Tensor, ...]:
+        out = []
+        for b in cut.boundary:
+            buf = torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
+            self._wait(dist.irecv(buf, src), f"{what} of `{b.name}` from rank {src}")
+            out.append(buf)
+        return tuple(out)
+
+    def float_boundary(self, cut):
+        return [b for b in cut.boundary if b.dtype.is_floating_point]
+
+    # ---------------------------------------------------------------- a training step
+    def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        rt = self.rt
+        rt.step = step
+        ctx = rt.begin_step((x,), y)
+        if self.in_cut is None:
+            values = (x,)
+        else:
+            received = self.recv(self.in_cut, x.shape[0], self.rank - 1, f"activations of batch {step}")
+            values = tuple(v.requires_grad_(True) if v.is_floating_point() else v for v in received)
+        outputs, open_group = rt.run_stages(self.first, self.last, values, ctx)
+        if self.out_cut is None:
+            rt.apply_loss(outputs, ctx, open_group)
+        else:
+            self.send(outputs, self.rank + 1)
+            if self.out_cut.exact:
+                floats = [(b, h) for b, h in zip(self.out_cut.boundary, outputs) if h.requires_grad]
+                grads = self.recv_grads(self.out_cut, x.shape[0], f"the true gradient of batch {step}")
+                if floats:
+                    torch.autograd.backward([h for _, h in floats], [grads[b.name] for b, _ in floats])
+                rt.step_stages(open_group, ctx.ticks)
+            else:
+                preds = rt.apply_synthetic_gradient(self.out_cut, outputs, ctx, open_group)
+                self.await_delta(step, outputs, preds, ctx.context, x.shape[0])
+        if self.in_cut is not None:  # the gradient this rank sends back: delta for the cut before it
+            grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in values if v.is_floating_point()]
+            self.send(grads, self.rank - 1)
+        rt.learn_synthesizers(ctx)  # cuts inside this rank
+        self.use_deltas(block=False, result=ctx.result)
+        self.stats.result = ctx.result
+        return ctx.result
+
+    def recv_grads(self, cut, batch: int, what: str) -> dict:
+        grads = {}
+        for b in self.float_boundary(cut):
+            buf = torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
+            self._wait(dist.irecv(buf, self.rank + 1), f"{what} (`{b.name}`) from rank {self.rank + 1}")
+            grads[b.name] = buf
+        return grads
+
+    def await_delta(self, step: int, outputs, preds: dict, context, batch: int) -> None:
+        deltas, works = {}, []
+        for b in self.float_boundary(self.out_cut):
+            buf = torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
+            works.append(dist.irecv(buf, self.rank + 1))
+            deltas[b.name] = buf
+        h = {b.name: t.detach() for b, t in zip(self.out_cut.boundary, outputs) if b.name in preds}
+        self.awaiting.append(_Awaiting(step, h, context, works, deltas))
+
+    def use_deltas(self, block: bool, result: StepResult) -> None:
+        """Train the outgoing cut's synthesizer on every true gradient that has arrived; wait for the
+        oldest ones when the queue is longer than its depth (or for all of them when `block`)."""
+        while self.awaiting:
+            head = self.awaiting[0]
+            must_wait = block or len(self.awaiting) > self.depth
+            if not must_wait and not all(w.is_completed() for w in head.works):
+                return
+            for w in head.works:
+                self._wait(w, f"the true gradient of batch {head.step} from rank {self.rank + 1}")
+            self.awaiting.popleft()
+            self.stats.staleness.append(self.rt.step - head.step)
+            cs = self.rt.synth[self.out_cut.index]
+            preds = {name: cs.grad[name](h, head.context) for name, h in head.h.items()}
+            self.rt.update_synthetic_gradient(
+                self.out_cut, preds, head.deltas, next(iter(head.h.values())).shape[0], result
+            )
+
+    def drain(self) -> None:
+        """Use every outstanding true gradient and finish every send (before evaluation and checkpoints)."""
+        self.use_deltas(block=True, result=self.stats.result or StepResult(0.0, torch.empty(0)))
+        while self.sends:
+            work, _ = self.sends.popleft()
+            self._wait(work, "a send")
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float] | None:
+        """Test accuracy and loss, computed by the pipeline; returned on the driver, None elsewhere."""
+        self.program.eval()
+        correct, loss_sum = 0, 0.0
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i : i + batch_size].to(self.device), y[i : i + batch_size].to(self.device)
+            values = (
+                (xb,) if self.in_cut is None else self.recv(self.in_cut, len(xb), self.rank - 1, "eval activations")
+            )
+            for s in range(self.first, self.last + 1):
+                values = self.program.stages[s](*values)
+            if self.out_cut is not None:
+                self.send(values, self.rank + 1)
+            else:
+                correct += int((values.argmax(-1) == yb).sum())
+                loss_sum += float(torch.nn.functional.cross_entropy(values, yb, reduction="sum"))
+        self.drain()
+        self.program.train()
+        return (correct / len(x), loss_sum / len(x)) if self.is_driver else None
+
+    # ---------------------------------------------------------------- state
+    def owned_state(self) -> dict:
+        """This rank's stages' parameters and buffers, by the model's own state_dict keys."""
+        state = {}
+        for s in range(self.first, self.last + 1):
+            for k, v in self.program.stages[s].graph_module.state_dict().items():
+                state[k] = v.detach().cpu()
+        return state
+
+    def runtime_state(self) -> dict:
+        """Optimizer, scheduler, clock and synthesizer state of this rank's stages and cuts."""
+        full = self.rt.state_dict()
+        mine = range(self.first, self.last + 1)
+        return {
+            "optimizers": {s: full["optimizers"][s] for s in mine},
+            "schedulers": {s: full["schedulers"][s] for s in mine},
+            "clocks": {s: full["clocks"][s] for s in mine},
+            "synthesizers": {c: full["synthesizers"][c] for c in mine if c < len(self.program.cuts)},
+            "synth_optimizers": {c: full["synth_optimizers"][c] for c in mine if c < len(self.program.cuts)},
+        }
+
+    def load_runtime_state(self, state: dict) -> None:
+        rt = self.rt
+        for s, v in state["optimizers"].items():
+            if rt.optimizers[s] is not None:
+                rt.optimizers[s].load_state_dict(v)
+        for s, v in state["schedulers"].items():
+            if rt.schedulers[s] is not None:
+                rt.schedulers[s].load_state_dict(v)
+        for s, v in state["clocks"].items():
+            rt.clocks[s].load_state_dict(v)
+        for c, v in state["synthesizers"].items():
+            if rt.synth[c] is not None:
+                rt.synth[c].load_state_dict(v)
+        for c, pair in state["synth_optimizers"].items():
+            for opt, v in zip(rt.synth_optimizers[c], pair):
+                if opt is not None:
+                    opt.load_state_dict(v)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def write_atomic_torch(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(worker: RankWorker, out_dir: Path, step: int) -> None:
+    """Every rank writes its shard into ckpt-<step>/ atomically; then the driver points LATEST at it.
+    A crash at any moment leaves LATEST naming a complete checkpoint (or none)."""
+    folder = out_dir / f"ckpt-{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    shard = {"step": step, "world": worker.world, "placement": (worker.first, worker.last)}
+    shard.update(model=worker.owned_state(), runtime=worker.runtime_state())
+    write_atomic_torch(shard, folder / f"rank{worker.rank}.pt")
+    dist.barrier()
+    if worker.is_driver:
+        latest = out_dir / "LATEST"
+        previous = latest.read_text().strip() if latest.exists() else None
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".LATEST.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(folder.name + "\n")
+        os.replace(tmp, latest)
+        if previous and previous != folder.name and (out_dir / previous).is_dir():
+            for f in (out_dir / previous).iterdir():
+                f.unlink()
+            (out_dir / previous).rmdir()
+    dist.barrier()
+
+
+def find_checkpoint(resume_dir: Path) -> Path:
+    latest = resume_dir / "LATEST"
+    if not latest.is_file():
+        raise DNIError(f"--resume {resume_dir}: no checkpoint there (no LATEST file); pass the --out of a run.")
+    folder = resume_dir / latest.read_text().strip()
+    if not folder.is_dir():
+        raise DNIError(f"--resume {resume_dir}: LATEST names {folder.name}, which is missing.")
+    return folder
+
+
+def load_checkpoint(worker: RankWorker, folder: Path) -> int:
+    path = folder / f"rank{worker.rank}.pt"
+    if not path.is_file():
+        raise DNIError(f"--resume: {path} is missing; was the run made with {worker.world} workers?")
+    shard = torch.load(path, map_location=worker.device, weights_only=False)
+    if shard["world"] != worker.world or tuple(shard["placement"]) != (worker.first, worker.last):
+        raise DNIError(
+            f"--resume: the checkpoint was written by {shard['world']} workers with rank {worker.rank} on stages "
+            f"{shard['placement']}; resume with the same --workers and placement."
+        )
+    worker.program.model.load_state_dict(shard["model"], strict=False)
+    worker.load_runtime_state(shard["runtime"])
+    return int(shard["step"])
+
+
+# --------------------------------------------------------------------------- launching
+@dataclass
+class RunConfig:
+    """Everything a worker process needs to rebuild the program and train its part."""
+
+    model_path: str
+    spec_path: str
+    steps: int
+    batch_size: int
+    eval_every: int
+    seed: int
+    data_dir: str | None
+    device: str
+    threads: int
+    out_dir: str | None = None
+    metrics_path: str | None = None
+    resume: str | None = None
+    error_dir: str = ""
+    master_port: int = 0
+    progress: bool = True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_entry(rank: int, world: int, cfg: RunConfig) -> None:
+    """Process entry point (torch.multiprocessing): rank `rank` of `world`."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(cfg.master_port)
+    run_rank(rank, world, cfg)
+
+
+def run_rank(rank: int, world: int, cfg: RunConfig) -> None:
+    """Build the program, join the process group, train this rank's stages; report errors to a file."""
+    stage_desc = "?"
+    try:
+        torch.set_num_threads(cfg.threads)
+        from ..model_file import build_model
+        from ..program import compile_decoupled
+        from ..spec import load_spec
+
+        spec = load_spec(Path(cfg.spec_path))
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model_path, spec.model, spec.model_args)
+        program = compile_decoupled(model, spec)
+        device = _rank_device(cfg.device, rank)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=spec.distributed.timeout_s)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        placement = plan_placement(program, world, spec.distributed)
+        first, last = placement[rank]
+        stage_desc = ", ".join(f"stage{s}" for s in range(first, last + 1))
+        from .distributed_train import train_rank
+
+        train_rank(program, rank, world, placement, device, cfg)
+    except BaseException as e:
+        if cfg.error_dir:
+            kind = "bad-input" if isinstance(e, DNIError) else "error"
+            message = str(e) if isinstance(e, DNIError) else f"{type(e).__name__}: {e}"
+            detail = "" if isinstance(e, DNIError) else traceback.format_exc()
+            path = Path(cfg.error_dir) / f"rank{rank}.json"
+            path.write_text(
+                json.dumps({"rank": rank, "stages": stage_desc, "kind": kind, "message": message, "detail": detail})
+            )
+        raise
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def _rank_device(name: str, rank: int) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        index = device.index if device.index is not None else rank % count
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return device
+
+
+def launch(cfg: RunConfig, workers: int) -> int:
+    """Start `workers` processes on this host and wait; returns the exit code. If any rank fails,
+    the others are stopped and the first error is printed, naming the rank and its stages."""
+    import sys
+
+    import torch.multiprocessing as mp
+
+    cfg.master_port = cfg.master_port or free_port()
+    with tempfile.TemporaryDirectory(prefix="dnicompile-errors-") as error_dir:
+        cfg.error_dir = error_dir
+        context = mp.start_processes(
+            _worker_entry, args=(workers, cfg), nprocs=workers, join=False, start_method="spawn"
+        )
+        failed = False
+        try:
+            while not context.join(timeout=1):
+                pass
+        except mp.ProcessExitedException:
+            failed = True
+        except mp.ProcessRaisedException:
+            failed = True
+        except KeyboardInterrupt:
+            for p in context.processes:
+                if p.is_alive():
+                    p.terminate()
+            sys.stderr.write("dnicompile: interrupted; all workers stopped\n")
+            return 130
+        finally:
+            for p in context.processes:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+        if not failed:
+            return 0
+        reports = sorted(Path(error_dir).glob("rank*.json"))
+        errors = [json.loads(p.read_text()) for p in reports]
+        # the root cause is the first rank that failed for a reason other than waiting on another rank
+        errors.sort(
+            key=lambda e: ("timed out or failed waiting" in e["message"], "Connection" in e["message"], e["rank"])
+        )
+        if not errors:
+            sys.stderr.write("dnicompile: error: a worker died without a report (killed by the system?)\n")
+            return 1
+        e = errors[0]
+        sys.stderr.write(f"dnicompile: error: rank {e['rank']} ({e['stages']}) failed: {e['message']}\n")
+        if e["kind"] != "bad-input" and os.environ.get("DNICOMPILE_TRACEBACK"):
+            sys.stderr.write(e["detail"])
+        return 2 if e["kind"] == "bad-input" else 1

@@ -1,0 +1,118 @@
+"""The training loop of one rank of the distributed runtime: data, steps, evaluation, checkpoints, metrics.
+
+Every rank draws the same batches (same seed); the last rank (the driver, which computes the loss)
+drives the progress bar and writes the metrics file, the final weights and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from ..data import Batches, load_dataset
+from ..train import MetricsWriter, _shape_batch, plot_curves, write_atomic
+from .distributed import RankWorker, find_checkpoint, load_checkpoint, save_checkpoint
+
+
+def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
+    spec = program.spec
+    dcfg = spec.distributed
+    data = load_dataset(spec.data.name, cfg.data_dir or spec.data.path)
+    program.to(device)
+    program.train()
+    program.runtime.to(device)
+    worker = RankWorker(program, rank, world, placement, device, dcfg.timeout_s)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    start = 0
+    if cfg.resume:
+        start = load_checkpoint(worker, find_checkpoint(Path(cfg.resume)))
+    batches = Batches(data.train_x, data.train_y, cfg.batch_size, cfg.seed)
+    batches.skip(start)
+    console = Console(quiet=not (worker.is_driver and cfg.progress), highlight=False)
+    metrics = MetricsWriter(Path(cfg.metrics_path) if worker.is_driver and cfg.metrics_path else None, append=start > 0)
+    if start:
+        console.print(f"resumed from step {start}")
+    console.print(
+        f"rank {rank}/{world}: {worker.stage_names}"
+        if not worker.is_driver
+        else f"{world} workers; driver rank {rank} runs {worker.stage_names}"
+    )
+    summary = {"steps_done": start, "test_accuracy": None, "workers": world, "placement": placement}
+    window_start, window_samples, begin = time.perf_counter(), 0, time.perf_counter()
+    for step in range(start, cfg.steps):
+        x, y = batches.next()
+        x, y = _shape_batch(program, x).to(device), y.to(device)
+        result = worker.train_step(step, x, y)
+        window_samples += len(x)
+        done = step + 1
+        summary["steps_done"] = done
+        if done % dcfg.log_every == 0 or done == cfg.steps:
+            stats = {"cosine": result.cosine, "synth_loss": result.synth_loss, "staleness": worker.stats.staleness}
+            gathered = [None] * world
+            dist.all_gather_object(gathered, stats)
+            worker.stats.staleness = []
+            if worker.is_driver:
+                now = time.perf_counter()
+                stale = [s for g in gathered for s in g["staleness"]]
+                row = {
+                    "step": done,
+                    "loss": result.loss,
+                    "train_accuracy": float((result.output.argmax(-1) == y).float().mean()),
+                    "samples_per_s": window_samples / (now - window_start),
+                    "elapsed_s": now - begin,
+                    "cosine": {k: v for g in gathered for k, v in g["cosine"].items()},
+                    "synth_loss": {k: v for g in gathered for k, v in g["synth_loss"].items()},
+                    "staleness": sum(stale) / len(stale) if stale else 0.0,
+                }
+                metrics.write(row)
+                console.print(
+                    f"step {done:>6}: loss {row['loss']:.4f}, {row['samples_per_s']:.0f} samples/s, "
+                    f"staleness {row['staleness']:.2f}"
+                )
+                window_start, window_samples = now, 0
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            worker.drain()
+            evaluated = worker.evaluate(data.test_x, data.test_y)
+            if worker.is_driver:
+                acc, test_loss = evaluated
+                summary["test_accuracy"] = acc
+                metrics.write(
+                    {
+                        "step": done,
+                        "loss": result.loss,
+                        "test_accuracy": acc,
+                        "test_loss": test_loss,
+                        "elapsed_s": time.perf_counter() - begin,
+                    }
+                )
+                console.print(f"step {done:>6}: test accuracy {acc:.4f}")
+            window_start = time.perf_counter()
+        if out_dir is not None and dcfg.checkpoint_every and done % dcfg.checkpoint_every == 0:
+            worker.drain()
+            save_checkpoint(worker, out_dir, done)
+            window_start = time.perf_counter()
+    worker.drain()
+    summary["elapsed_s"] = time.perf_counter() - begin
+    states = [None] * world
+    dist.all_gather_object(states, worker.owned_state())
+    if worker.is_driver:
+        full = {}
+        for s in states:
+            full.update(s)
+        metrics.close()
+        if out_dir is not None:
+            write_atomic(out_dir / "model.pt", lambda p: torch.save(full, p))
+            write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+            plot_curves(metrics.rows, out_dir / "curves.png", f"{type(program.model).__name__}, {world} workers")
+        acc = summary["test_accuracy"]
+        console.print(
+            f"done: {summary['steps_done']} steps in {summary['elapsed_s']:.1f}s"
+            + (f", test accuracy {acc:.4f}" if acc is not None else "")
+        )
+    dist.barrier()
+    return summary
