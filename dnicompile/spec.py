@@ -10,7 +10,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import SpecError, did_you_mean
+from .errors import SpecError, close_matches, did_you_mean
 
 DType = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"]
 
@@ -124,6 +124,11 @@ class CutSpec(_Strict):
         None, description="Optional synthetic-input model: lets the next stage start before this one is done."
     )
 
+    @field_validator("after", "name", mode="before")
+    @classmethod
+    def _int_path(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # `after: 0` in an nn.Sequential
+
     @property
     def label(self) -> str:
         return self.name or self.after
@@ -152,6 +157,22 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
+class DistributedConfig(_Strict):
+    """How stages are spread over workers (`--workers N`, or torchrun)."""
+
+    placement: Literal["params", "time"] | list[list[int]] = Field(
+        "params",
+        description="Stages per rank, e.g. [[0, 1], [2, 3]], or balanced automatically by parameter count "
+        "(`params`) or by measured forward+backward time (`time`).",
+    )
+    queue_depth: int = Field(
+        4, ge=1, description="Batches a stage may run ahead of the true gradients its synthesizer learns from."
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Seconds any rank waits for another before giving up.")
+    checkpoint_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps (needs --out).")
+    log_every: int = Field(50, ge=1, description="Gather per-cut statistics from all ranks every N steps.")
+
+
 class Spec(_Strict):
     """A cuts.yaml file."""
 
@@ -170,6 +191,7 @@ class Spec(_Strict):
     loss: str = Field("cross_entropy", description="cross_entropy, nll, mse, or 'package.module:function'.")
     data: DataConfig | None = Field(None, description="Training data set.")
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=lambda: DistributedConfig())
 
     _origin: str = PrivateAttr("<spec>")
     _marks: dict[tuple, tuple[int, int]] = PrivateAttr(default_factory=dict)
@@ -188,6 +210,42 @@ class Spec(_Strict):
             line, col = self._marks[loc]
             return f"{self._origin}:{line}:{col}"
         return self._origin
+
+    def check_stage_keys(self, num_stages: int) -> None:
+        """Raise SpecError unless every key under `stages:` is `default`, a stage index < num_stages, or `stageN`.
+
+        Call it once the number of stages is known (after partitioning): an override for a stage that does not
+        exist would otherwise be ignored without a word.
+        """
+        last = num_stages - 1
+        indices = "0" if last == 0 else ("0 or 1" if last == 1 else f"0 to {last}")
+        names = "stage0" if last == 0 else ("stage0 or stage1" if last == 1 else f"stage0 to stage{last}")
+        stages = f"{num_stages} stage{'s' if num_stages != 1 else ''}"
+        if num_stages == len(self.cuts) + 1:
+            counted = f"the {len(self.cuts)} cut{'s make' if len(self.cuts) != 1 else ' makes'} {stages}"
+        else:
+            counted = f"the program has {stages}"
+        allowed = f"Use `default`, a stage index ({indices}) or a stage name ({names})."
+        problems = []
+        for key in self.stages:
+            where = self.where("stages", key)
+            text = str(key)
+            index = None
+            if isinstance(key, int) or text.lstrip("-").isdigit():
+                index = int(text)
+            elif text.startswith("stage") and text[5:].isdigit():
+                index = int(text[5:])
+            if text == "default" or (index is not None and 0 <= index <= last):
+                continue
+            if index is not None:
+                problems.append(f"{where}: `stages` has an entry `{text}` for stage {index}, but {counted}. {allowed}")
+            else:
+                valid = ["default"] + [f"stage{i}" for i in range(num_stages)]
+                problems.append(
+                    f"{where}: `stages` has an entry `{text}`, which is not a stage{did_you_mean(text, valid)}. {allowed}"
+                )
+        if problems:
+            raise SpecError(problems[0] if len(problems) == 1 else "invalid spec:\n  " + "\n  ".join(problems))
 
     def stage_config(self, index: int, name: str) -> tuple[OptimizerConfig, ClockConfig]:
         """Optimizer and clock of one stage: its own entry (by index or name) over `default`."""
@@ -209,8 +267,11 @@ def load_spec(source: str | Path | dict | Spec) -> Spec:
         return _validate(source, origin="<dict>", marks={})
     if isinstance(source, Path) or (isinstance(source, str) and _looks_like_path(source)):
         path = Path(source)
+        if path.is_dir():
+            raise SpecError(f"spec file {str(path)!r} is a directory; pass the path of a YAML file with --spec.")
         if not path.is_file():
-            hint = " (it is a directory)" if path.is_dir() else ""
+            close = close_matches(path.name, [q.name for q in _siblings(path, (".yaml", ".yml"))], n=1)
+            hint = f" (did you mean {str(path.parent / close[0])!r}?)" if close else ""
             raise SpecError(f"spec file {str(path)!r} not found{hint}; pass the path of a YAML file with --spec.")
         try:
             text = path.read_text()
@@ -222,6 +283,14 @@ def load_spec(source: str | Path | dict | Spec) -> Spec:
     raise SpecError(f"a spec is a path, a YAML string, a dict or a Spec, not {type(source).__name__}")
 
 
+def _siblings(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files next to `path` (in its folder, if that exists) with one of `suffixes`: candidates for a typo."""
+    try:
+        return sorted(q for q in path.parent.iterdir() if q.suffix in suffixes and q.is_file())[:200]
+    except OSError:
+        return []
+
+
 def _looks_like_path(s: str) -> bool:
     return "\n" not in s and ":" not in s.split("/")[-1] and (s.endswith((".yaml", ".yml")) or Path(s).exists())
 
@@ -231,31 +300,67 @@ def _parse(text: str, origin: str) -> Spec:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"{where}: YAML syntax error: {problem}. Check indentation and `key: value` pairs.") from e
+        raise SpecError(_yaml_message(e, origin)) from None
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
         raise SpecError(
             f"{origin}:1:1: the spec must be a mapping with at least a `cuts:` list, but the file is {kind}."
         )
     marks: dict[tuple, tuple[int, int]] = {}
-    _collect_marks(root, (), marks)
+    _collect_marks(root, (), marks, origin)
     return _validate(data, origin=origin, marks=marks)
 
 
-def _collect_marks(node: yaml.Node, loc: tuple, marks: dict) -> None:
-    """Record line:col of every key (mapping) and item (sequence) under its pydantic-style location."""
+def _yaml_message(e: yaml.YAMLError, origin: str) -> str:
+    """A YAML parser error as `file:line:col: what, where it started, how to fix it`."""
+
+    def at(mark: Any) -> str:
+        return f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark is not None else origin
+
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    started = f" ({context} that starts at {at(context_mark)})" if context and context_mark is not None else ""
+    if "'\\t'" in problem:  # PyYAML shows the tab as its repr
+        hint = "YAML indents with spaces only: replace the tab with spaces."
+    elif "expected <block end>" in problem or "expected <block mapping start>" in problem:
+        hint = "This line is indented differently from the lines around it: align keys of one mapping (or `-` items of one list) in the same column."
+    elif "mapping values are not allowed" in problem:
+        hint = "A second `:` on one line: put a nested key on its own, further indented line, or quote a value that contains `: `."
+    elif "flow sequence" in (context or "") or "flow mapping" in (context or ""):
+        hint = "A `[` list or `{` mapping is not closed, or its items are not separated by `,`."
+    elif "quoted scalar" in (context or ""):
+        hint = "A quoted string is not closed: add the closing quote."
+    else:
+        hint = "Check the indentation (spaces, not tabs) and the `key: value` pairs."
+    return f"{at(mark)}: YAML syntax error: {problem}{started}. {hint}"
+
+
+def _collect_marks(node: yaml.Node, loc: tuple, marks: dict, origin: str = "<spec>") -> None:
+    """Record line:col of every key (mapping) and item (sequence) under its pydantic-style location.
+
+    A key given twice in one mapping is an error: YAML would silently keep the last value.
+    """
     if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, yaml.Node] = {}
         for key_node, value_node in node.value:
             key = _key_value(key_node)
+            if not isinstance(key, (str, int)):  # e.g. a list as a key; pydantic reports it
+                continue
+            if key in seen:
+                first = seen[key].start_mark
+                raise SpecError(
+                    f"{origin}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}: key "
+                    f"`{_dotted(loc + (key,))}` appears twice (first at {origin}:{first.line + 1}:{first.column + 1}); "
+                    "YAML would silently keep only the last one. Merge the two entries into one."
+                )
+            seen[key] = key_node
             marks[loc + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            _collect_marks(value_node, loc + (key,), marks)
+            _collect_marks(value_node, loc + (key,), marks, origin)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             marks[loc + (i,)] = (item.start_mark.line + 1, item.start_mark.column + 1)
-            _collect_marks(item, loc + (i,), marks)
+            _collect_marks(item, loc + (i,), marks, origin)
 
 
 def _key_value(key_node: yaml.Node) -> Any:
@@ -291,6 +396,9 @@ def _format_validation(err: ValidationError, origin: str, marks: dict) -> str:
             lines.append(f"{where}: unknown key `{dotted}`{hint}. Allowed here: {', '.join(allowed)}.")
         elif kind == "missing":
             lines.append(f"{where}: missing required key `{dotted}`: {_describe(loc)}")
+        elif kind == "value_error":  # our own validators: the message says what was given
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: `{dotted}`: {msg}. {_describe(loc)}".rstrip())
         else:
             got = item.get("input")
             shown = json.dumps(got, default=str)[:60] if not isinstance(got, dict) else "a mapping"
