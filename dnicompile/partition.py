@@ -234,10 +234,13 @@ def _boundary_tensor(v: fx.Node, c: int, spec: Spec, spec_index: int, stage_of, 
         user = next((u for u in v.users if stage_of.get(u.name, -1) > c), None)
         stack = _module_paths(v)
         inside = f" in module `{stack[-1]}`" if stack else ""
+        made = v.meta.get("user_site") or v.format_node()
+        used = f" ({user.meta['user_site']})" if user is not None and user.meta.get("user_site") else ""
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
         raise PartitionError(
-            f"{spec.where('cuts', spec_index, 'after')}: a {kind} value crosses the cut after "
-            f"`{spec.cuts[spec_index].after}`: node `{v.name}` ({v.format_node()}){inside} is used by "
-            f"`{user.name if user else '?'}` behind the cut. Only tensors can cross a cut: move the cut so that "
+            f"{spec.where('cuts', spec_index, 'after')}: {article} {kind} value crosses the cut after "
+            f"`{spec.cuts[spec_index].after}`: node `{v.name}` ({made}){inside} is used by "
+            f"`{user.name if user else '?'}`{used} behind the cut. Only tensors can cross a cut: move the cut so that "
             f"`{v.name}` and its users are on the same side"
             + (", or cut after the element you need (`getitem` node) instead of the tuple." if kind == "tuple" else ".")
         )
@@ -265,10 +268,12 @@ def _check_tied(nodes, stage_of, shared, gm: fx.GraphModule, spec: Spec, resolve
                 first = owner.setdefault(id(t), (name, s))
                 if first[1] != s:
                     a, b = sorted([first, (name, s)], key=lambda x: x[1])
+                    cut = resolved[a[1]][1]  # the first cut between the two stages
                     raise PartitionError(
-                        f"{spec.where('cuts')}: tied weights: `{a[0]}` (stage {a[1]}) and `{b[0]}` (stage {b[1]}) are "
-                        "the same tensor, used on both sides of a cut. A tensor can belong to one stage only: move "
-                        "the cuts so that every user of it is in one stage, or untie the weights."
+                        f"{spec.where('cuts', cut, 'after')}: tied weights: `{a[0]}` (stage {a[1]}) and `{b[0]}` "
+                        f"(stage {b[1]}) are the same tensor, used on both sides of the cut after "
+                        f"`{spec.cuts[cut].after}`. A tensor can belong to one stage only: move the cuts so that "
+                        "every user of it is in one stage, or untie the weights."
                     )
 
 

@@ -7,7 +7,11 @@ modules a node was computed in.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import ModelError, SpecError, did_you_mean
-from .model_file import user_frame
+from .model_file import user_frame, user_site
 from .spec import Spec, TensorSpec
 
 
@@ -45,6 +49,11 @@ class _Tracer(fx.Tracer):
         if module_qualified_name in self.leaf_modules or type(m).__name__ in self.leaf_modules:
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta.setdefault("user_site", user_site(2))  # `file:line: code` in the user's model, for errors
+        return node
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))
@@ -133,6 +142,13 @@ def _symbolic_trace(model: nn.Module, spec: Spec) -> fx.GraphModule:
                 f"{spec.where('trace', 'leaf_modules', i)}: leaf module {leaf!r} is neither a module path nor a "
                 f"module class of the model{did_you_mean(leaf, list(modules) + sorted(classes))}."
             )
+    arg_names = forward_arg_names(model)
+    for key in spec.trace.concrete_args:
+        if key not in arg_names:
+            raise SpecError(
+                f"{spec.where('trace', 'concrete_args', key)}: concrete arg `{key}` is not an argument of "
+                f"{type(model).__name__}.forward{did_you_mean(key, arg_names)}; its arguments are {arg_names}."
+            )
     tracer = _Tracer(spec.trace.leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=spec.trace.concrete_args or None)
@@ -188,8 +204,15 @@ def propagate_shapes(gm: fx.GraphModule, examples: tuple[torch.Tensor, ...], spe
     """Run ShapeProp under fake tensors: shapes for every node, no compute, no buffer updates."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in examples]
+    # ShapeProp prints, and the fake tensor mode logs, a traceback before raising: hold stderr back and
+    # replay it only on success, so that a failure is reported once, as a ModelError
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    was_disabled, fake_log.disabled = fake_log.disabled, True
+    held = io.StringIO()
     try:
-        ShapeProp(gm, fake_mode=mode).propagate(*fake_inputs)
+        with contextlib.redirect_stderr(held):
+            ShapeProp(gm, fake_mode=mode).propagate(*fake_inputs)
+        sys.stderr.write(held.getvalue())
     except Exception as e:
         cause = e.__cause__ or e
         node = _failing_node(gm, str(e))
@@ -200,12 +223,17 @@ def propagate_shapes(gm: fx.GraphModule, examples: tuple[torch.Tensor, ...], spe
             where = (
                 f" at node `{node.name}` ({node.op} {_target_name(node)}{', module `' + path + '`' if path else ''})"
             )
+            if node.meta.get("user_site"):
+                where += f", called at {node.meta['user_site']}"
         shapes = ", ".join(f"{tuple(t.shape)}" for t in examples if isinstance(t, torch.Tensor))
+        inputs_at = f" ({spec.where('inputs', next(iter(spec.inputs)))})" if spec is not None and spec.inputs else ""
         raise ModelError(
             f"running the model on the example inputs (shapes {shapes}) failed{where}: "
             f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
-            "Hint: check the shapes and dtypes under `inputs:` in the spec against what forward() expects."
+            f"Hint: check the shapes and dtypes under `inputs:`{inputs_at} in the spec against what forward() expects."
         ) from None
+    finally:
+        fake_log.disabled = was_disabled
 
 
 def _failing_node(gm: fx.GraphModule, message: str) -> fx.Node | None:
