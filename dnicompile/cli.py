@@ -96,13 +96,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from .model_file import build_model
     from .program import compile_decoupled
     from .render import stage_code, summary_table, write_emit
     from .spec import load_spec
 
     spec = load_spec(Path(args.spec))
-    model = build_model(args.model, spec.model, spec.model_args)
+    if args.train:  # the same initial weights in this process and in every distributed worker
+        torch.manual_seed(spec.train.seed if args.seed is None else args.seed)
+    model = build_model(args.model, spec.model, spec.model_args, where=spec.where)
     program = compile_decoupled(model, spec)
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if args.nodes:

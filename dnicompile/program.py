@@ -214,6 +214,7 @@ def compile_decoupled(model: nn.Module, spec: str | Path | dict | Spec, example_
     spec = load_spec(spec)
     traced = trace(model, spec, example_inputs)
     part = partition(traced.graph_module, spec, model)
+    spec.check_stage_keys(part.num_stages)
     stage_modules = emit_stages(part)
     stages = []
     for i, gm in enumerate(stage_modules):

@@ -461,14 +461,12 @@ ROWS = [
         MLP,
         SPEC + "stages:\n  7: {optimizer: {name: SGD, lr: 0.1}}\n",
         ["spec.yaml:7:3", "stage 7", "2 stages"],
-        marks=(pytest.mark.xfail(reason="Spec.check_stage_keys is not called by compile_decoupled yet", strict=False),),
     ),
     Row(
         "stage-override-unknown-name",
         MLP,
         SPEC + "stages:\n  stage9: {optimizer: {name: SGD, lr: 0.1}}\n",
         ["spec.yaml:7:3", "`stage9`", "2 stages", "stage0 or stage1"],
-        marks=(pytest.mark.xfail(reason="Spec.check_stage_keys is not called by compile_decoupled yet", strict=False),),
     ),
 ]
 

@@ -27,6 +27,7 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
     program.train()
     program.runtime.to(device)
     worker = RankWorker(program, rank, world, placement, device, dcfg.timeout_s)
+    torch.manual_seed(cfg.seed)  # as the local runtime's fit() does
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     start = 0
     if cfg.resume:

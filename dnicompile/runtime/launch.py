@@ -8,7 +8,7 @@ from pathlib import Path
 from ..data import find_fashion_mnist
 from ..errors import DNIError
 from ..train import OUT_FILES, resolve_device
-from .distributed import RunConfig, launch, plan_placement, run_rank
+from .distributed import RunConfig, find_checkpoint, launch, plan_placement, run_rank
 
 
 def train_distributed_from_cli(program, args, console) -> int:
@@ -31,6 +31,8 @@ def train_distributed_from_cli(program, args, console) -> int:
                 "--resume to continue it, or --overwrite to replace it."
             )
         out_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        find_checkpoint(Path(args.resume))  # fail here, before starting workers
     if spec.distributed.checkpoint_every and out_dir is None:
         raise DNIError("distributed.checkpoint_every is set in the spec but no --out DIR was given to write to.")
     cfg = RunConfig(

@@ -1,0 +1,184 @@
+"""The distributed runtime (2 gloo workers on this host) against the local runtime and on failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dnicompile.cli import main
+from dnicompile.runtime.distributed import _balanced
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DNICOMPILE_FASHION_MNIST", ROOT.parent / "shared" / "data" / "fashion-mnist"))
+pytestmark = pytest.mark.skipif(
+    not (DATA / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST not found at {DATA}; set DNICOMPILE_FASHION_MNIST to its folder",
+)
+
+
+def _cli(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run the real console entry point, so worker processes and exit codes are what a user sees."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "dnicompile", *argv, "--data", str(DATA)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def _small_spec(tmp_path: Path, base: str, extra: str = "") -> Path:
+    text = (ROOT / base).read_text().replace("shape: [128, 784]", "shape: [64, 784]") + extra
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+SGD = "{optimizer: {name: SGD, lr: 0.05, momentum: 0.9}}"
+
+
+def test_exact_cuts_on_two_workers_equal_the_local_runtime(tmp_path):
+    """Only exact cuts: pipeline-parallel training ends with the local runtime's parameters.
+
+    SGD, because Adam turns the float noise of different thread counts on near-zero gradients (the
+    biases before batch norm) into full-size steps, which would hide real differences."""
+    spec = _small_spec(tmp_path, "specs/mlp_backprop.yaml")
+    spec.write_text(spec.read_text().replace("{optimizer: {name: Adam, lr: 1.0e-3}}", SGD))
+    common = ["examples/mlp.py", "--spec", str(spec), "--train", "--steps", "12", "--batch-size", "64", "--seed", "3"]
+    local = _cli(*common, "--out", str(tmp_path / "local"))
+    assert local.returncode == 0, local.stderr
+    two = _cli(*common, "--workers", "2", "--out", str(tmp_path / "dist"))
+    assert two.returncode == 0, two.stderr
+    a, b = _state(tmp_path / "local/model.pt"), _state(tmp_path / "dist/model.pt")
+    assert a.keys() == b.keys()
+    for key in a:  # weights, biases and batch-norm statistics
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_cdni_on_two_workers_learns(tmp_path):
+    spec = _small_spec(tmp_path, "specs/mlp_cdni.yaml")
+    out = tmp_path / "run"
+    r = _cli(
+        "examples/mlp.py",
+        "--spec",
+        str(spec),
+        "--train",
+        "--steps",
+        "200",
+        "--batch-size",
+        "64",
+        "--eval-every",
+        "200",
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.6  # chance is 0.1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [row for row in rows if "samples_per_s" in row]
+    assert all(row["samples_per_s"] > 0 for row in train_rows)
+    # the synthesizer across the rank boundary learned from gradients that arrived later
+    assert any(row["staleness"] > 0 for row in train_rows)
+    assert set(train_rows[-1]["cosine"]) == {"layers.0", "layers.1", "layers.2", "layers.3"}
+
+
+FAILING_MODEL = '''
+import torch.nn as nn
+
+
+class Fragile(nn.Module):
+    """Raises on its 6th call (the first call is shape propagation while compiling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 5:
+            raise RuntimeError("injected failure in Fragile.forward")
+        return self.fc(x)
+
+
+def build_model():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), Fragile(), nn.Linear(32, 10))
+'''
+
+
+def test_a_failing_worker_stops_the_whole_run_with_its_error(tmp_path):
+    (tmp_path / "fragile.py").write_text(FAILING_MODEL)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "inputs: {input: {shape: [32, 1, 28, 28]}}\n"
+        "trace: {leaf_modules: [Fragile]}\n"
+        "cuts:\n  - after: '2'\n    synthetic_gradient: {model: linear}\n"
+        "data: fashion-mnist\n"
+        "distributed: {timeout_s: 20}\n"
+    )
+    start = time.monotonic()
+    r = _cli(
+        str(tmp_path / "fragile.py"),
+        "--spec",
+        str(spec),
+        "--train",
+        "--steps",
+        "50",
+        "--batch-size",
+        "32",
+        "--workers",
+        "2",
+        timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    assert r.returncode == 1
+    assert "rank 1 (stage1) failed" in r.stderr and "injected failure in Fragile.forward" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert elapsed < 60
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    spec = _small_spec(tmp_path, "specs/mlp_backprop.yaml", "distributed: {checkpoint_every: 5}\n")
+    spec.write_text(spec.read_text().replace("{optimizer: {name: Adam, lr: 1.0e-3}}", SGD))
+    common = ["examples/mlp.py", "--spec", str(spec), "--train", "--batch-size", "64", "--workers", "2"]
+    first = _cli(*common, "--steps", "7", "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "a/LATEST").read_text().strip() == "ckpt-00000005"
+    # continue to step 10 from the checkpoint at step 5, and compare with a run that never stopped
+    resumed = _cli(*common, "--steps", "10", "--out", str(tmp_path / "a"), "--resume", str(tmp_path / "a"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 5" in resumed.stdout
+    straight = _cli(*common, "--steps", "10", "--out", str(tmp_path / "b"))
+    assert straight.returncode == 0, straight.stderr
+    a, b = _state(tmp_path / "a/model.pt"), _state(tmp_path / "b/model.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    spec = _small_spec(tmp_path, "specs/mlp_backprop.yaml")
+    argv = ["examples/mlp.py", "--spec", str(spec), "--train", "--workers", "2", "--resume", str(tmp_path)]
+    r = _cli(*argv)
+    assert r.returncode == 2 and "no checkpoint there" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_more_workers_than_stages_is_a_clear_error(capsys):
+    argv = [str(ROOT / "examples/mlp.py"), "--spec", str(ROOT / "specs/mlp_cdni.yaml"), "--train"]
+    assert main([*argv, "--workers", "9", "--data", str(DATA)]) == 2
+    assert "only 5 stages" in capsys.readouterr().err
+
+
+def test_balanced_placement_minimises_the_largest_group():
+    assert _balanced([1, 1, 1, 1], 2) == [(0, 1), (2, 3)]
+    assert _balanced([10, 1, 1, 1, 1], 2) == [(0, 0), (1, 4)]
+    assert _balanced([1, 2, 3, 4, 5], 3) == [(0, 2), (3, 3), (4, 4)]
