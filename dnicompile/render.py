@@ -121,7 +121,7 @@ def stages_svg(program: DecoupledProgram) -> str:
     box_w, box_h, gap, left = 360, 64, 120, 40
     label_x = left + box_w + 30
     n = len(program.stages)
-    height = 40 + n * box_h + (n - 1) * gap + 60
+    height = 70 + n * box_h + (n - 1) * gap + 60
     width = label_x + 520
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -129,7 +129,9 @@ def stages_svg(program: DecoupledProgram) -> str:
         '<defs><marker id="arrow" markerWidth="10" markerHeight="10" refX="9" refY="3" orient="auto">'
         '<path d="M0,0 L0,6 L9,3 z" fill="#333"/></marker></defs>',
     ]
-    y = 30
+    first = ", ".join(f"{t.name} {_fmt_shape(t.shape)}" for t in program.stages[0].inputs)
+    parts.append(f'<text x="{left}" y="20" fill="#555">input: {html.escape(first)}</text>')
+    y = 40
     for stage in program.stages:
         esc = html.escape
         parts.append(
@@ -160,6 +162,8 @@ def stages_svg(program: DecoupledProgram) -> str:
             if len(cut.boundary) > 5:
                 parts.append(f'<text x="{label_x}" y="{ty + 16 * 6}">... {len(cut.boundary) - 5} more</text>')
         y += box_h + gap
+    last = ", ".join(f"{t.name} {_fmt_shape(t.shape)}" for t in program.stages[-1].outputs)
+    parts.append(f'<text x="{left}" y="{y - gap + 20}" fill="#555">output: {html.escape(last)}</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
