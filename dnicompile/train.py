@@ -258,7 +258,6 @@ def train_from_cli(program, args, console: Console) -> int:
     opts.metrics_path = metrics_path
     opts.out_dir = out_dir
     data = load_dataset(spec.data.name, args.data or spec.data.path)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     console.print(
         f"training {type(program.model).__name__}: {len(program.stages)} stages, {opts.steps} steps of "
         f"{opts.batch_size} on {data.source} ({len(data.train_x)} train / {len(data.test_x)} test), "
