@@ -275,3 +275,16 @@ def test_eval_mode_inference_matches_model_without_synthesizers():
     program.eval()
     x, _ = _batch(seed=9)
     torch.testing.assert_close(program(x), model.eval()(x))
+
+
+def test_synthesizer_has_its_own_scheduler():
+    sg = {
+        "model": "linear",
+        "optimizer": {"name": "Adam", "lr": 1e-2, "scheduler": {"name": "StepLR", "step_size": 2, "gamma": 0.1}},
+    }
+    program = compile_decoupled(MLP(), _spec(3, sg=sg))
+    for s in range(4):
+        program.train_step(*_batch(seed=s))
+    g_opt, _ = program.runtime.synth_optimizers[0]
+    assert g_opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert program.runtime.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1)  # stages keep theirs

@@ -116,14 +116,18 @@ class LocalRuntime:
             self.schedulers.append(sched)
             self.clocks.append(Clock(stage.clock_config, stage.index))
         self.synth_optimizers = []
+        self.synth_schedulers: dict[int, tuple] = {}  # cut index -> (gradient, input) lr schedulers or None
         for cs, cut in zip(self.synth, program.cuts):
             if cs is None:
                 self.synth_optimizers.append((None, None))
                 continue
             where = spec.where("cuts", program.partition.cuts[cut.index].spec_index)
-            g = build_optimizer(cs.grad.parameters(), cut.synthetic_gradient.optimizer, where)[0]
-            i = build_optimizer(cs.input.parameters(), cut.synthetic_input.optimizer, where)[0] if cs.input else None
+            g, g_sched = build_optimizer(cs.grad.parameters(), cut.synthetic_gradient.optimizer, where)
+            i, i_sched = (
+                build_optimizer(cs.input.parameters(), cut.synthetic_input.optimizer, where) if cs.input else (None, None)
+            )
             self.synth_optimizers.append((g, i))
+            self.synth_schedulers[cut.index] = (g_sched, i_sched)
         self.step = 0
 
     # ---------------------------------------------------------------- modes and devices
@@ -251,6 +255,8 @@ class LocalRuntime:
         g_opt.zero_grad(set_to_none=True)
         loss.backward()
         g_opt.step()
+        if self.synth_schedulers[cut.index][0] is not None:
+            self.synth_schedulers[cut.index][0].step()
         result.synth_loss[cut.name] = float(loss.detach())
         denom = (pred_sq * true_sq) ** 0.5
         result.cosine[cut.name] = dots / denom if denom > 0 else 0.0
@@ -263,6 +269,8 @@ class LocalRuntime:
         i_opt.zero_grad(set_to_none=True)
         loss.backward()
         i_opt.step()
+        if self.synth_schedulers[cut.index][1] is not None:
+            self.synth_schedulers[cut.index][1].step()
         result.input_loss[cut.name] = float(loss.detach())
 
     # ---------------------------------------------------------------- checkpoints
