@@ -118,3 +118,43 @@ def test_cdni_trains_on_cuda(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@needs_data
+def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dnicompile",
+        str(ROOT / "examples/mlp.py"),
+        "--spec",
+        str(ROOT / "specs/mlp_cdni.yaml"),
+        "--train",
+        "--data",
+        str(DATA),
+        "--steps",
+        "100000",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted at step" in stdout and "Traceback" not in stderr
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line is whole JSON
+    assert len(rows) >= 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] and 0 < summary["steps_done"] < 100000
+    model = load_module(ROOT / "examples/mlp.py").build_model()
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    assert not list(out.glob(".*.tmp"))  # no half-written files left behind
