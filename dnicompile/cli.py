@@ -107,6 +107,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.train:  # the same initial weights in this process and in every distributed worker
         torch.manual_seed(spec.train.seed if args.seed is None else args.seed)
     model = build_model(args.model, spec.model, spec.model_args, where=spec.where)
+    if spec.recurrent is not None or spec.bptt is not None:  # cut in time, not in the graph
+        from .recurrent_train import run_recurrent_cli
+
+        return run_recurrent_cli(model, spec, args)
     program = compile_decoupled(model, spec)
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if args.nodes:

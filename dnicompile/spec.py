@@ -8,7 +8,17 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from .errors import SpecError, close_matches, did_you_mean
 
@@ -144,8 +154,28 @@ class StageConfig(_Strict):
 class DataConfig(_Strict):
     """The training data set."""
 
-    name: Literal["fashion-mnist"] = Field("fashion-mnist", description="Data set name.")
-    path: str | None = Field(None, description="Directory of the data files (overridden by --data).")
+    name: Literal["fashion-mnist", "copy", "repeat_copy", "text"] = Field(
+        "fashion-mnist",
+        description="Data set name: fashion-mnist, or for recurrent programs copy, repeat_copy (generated) or text.",
+    )
+    path: str | None = Field(
+        None, description="Directory of the data files, or the text file for `text` (overridden by --data)."
+    )
+    # copy / repeat_copy (Graves et al. 2014) with the curriculum of Jaderberg et al. 2017
+    bits: int = Field(8, ge=1, description="copy, repeat_copy: bits per vector of the sequence to copy.")
+    start_length: int = Field(1, ge=1, description="copy, repeat_copy: sequence length the curriculum starts at.")
+    max_length: int = Field(256, ge=1, description="copy, repeat_copy: the curriculum stops growing here.")
+    threshold: float = Field(
+        0.15, gt=0, description="copy, repeat_copy: grow the length when the error (bits per output step) is below it."
+    )
+    window: int = Field(10, ge=1, description="copy, repeat_copy: batches the error is averaged over.")
+    max_repeats: int = Field(3, ge=1, description="repeat_copy: repeats are drawn from 1..max_repeats.")
+    # text (character-level language model)
+    seq_len: int = Field(64, ge=1, description="text: characters per stream in one training step.")
+    split: float = Field(0.9, gt=0, lt=1, description="text: fraction of the file to train on; the rest is held out.")
+    eval_chars: int | None = Field(
+        None, ge=1, description="text: held-out characters scored at each evaluation (default: all of them)."
+    )
 
 
 class TrainConfig(_Strict):
@@ -173,6 +203,54 @@ class DistributedConfig(_Strict):
     log_every: int = Field(50, ge=1, description="Gather per-cut statistics from all ranks every N steps.")
 
 
+class UpperConfig(_Strict):
+    """A second, slower recurrent stage: it receives the lower core's state on its clock's ticks and predicts
+    the next `horizon` targets; the lower gets a synthetic gradient for the state it sends (hierarchical DNI)."""
+
+    core: str = Field(description="Module path of the upper recurrent core (a cell, or nn.RNN/GRU/LSTM).")
+    input: str | None = Field(None, description="Module path applied to the lower's state before the upper core.")
+    output: str = Field(description="Module path of the upper readout: (B, H) -> (B, horizon * classes).")
+    horizon: int | None = Field(
+        None, ge=1, description="Targets ahead the upper predicts on each tick (default: its clock's `every`)."
+    )
+    truncation: int = Field(1, ge=1, description="Ticks per truncated-BPTT segment of the upper core.")
+    synthetic_gradient: SyntheticGradientConfig | None = Field(
+        None, description="Synthetic gradient for the state the lower sends up; null: the true gradient (locked)."
+    )
+    loss_weight: float = Field(1.0, ge=0, description="Weight of the upper's loss.")
+
+
+class RecurrentConfig(_Strict):
+    """The recurrent core to unroll in time, and the modules applied to each step before and after it."""
+
+    core: str = Field(
+        description="Module path of the core: nn.RNNCell, nn.GRUCell, nn.LSTMCell, nn.RNN, nn.GRU, nn.LSTM, or a "
+        "cell of your own (forward(x, state) -> state)."
+    )
+    input: str | None = Field(
+        None, description="Module path applied to the input sequence before the core (e.g. an nn.Embedding)."
+    )
+    output: str = Field(description="Module path applied to the core's output sequence (e.g. an nn.Linear readout).")
+    upper: UpperConfig | None = Field(None, description="A slower second recurrent stage (hierarchical timescales).")
+
+
+class BPTTConfig(_Strict):
+    """Truncated backprop through time; a synthesizer at each truncation boundary predicts the future gradient."""
+
+    truncation: int = Field(ge=1, description="Time steps per segment (T).")
+    synthetic_gradient: SyntheticGradientConfig | None = Field(
+        None, description="Synthetic gradient of the core's state at segment ends; null: plain truncated BPTT."
+    )
+    aux: bool = Field(False, description="Auxiliary task: the core also predicts the synthetic gradient T steps ahead.")
+    aux_weight: float = Field(0.1, ge=0, description="Weight of the auxiliary loss.")
+
+    @model_validator(mode="after")
+    def _aux_needs_synthesizer(self) -> BPTTConfig:
+        if self.aux and self.synthetic_gradient is None:
+            raise ValueError("`aux: true` predicts future synthetic gradients, so it needs a `synthetic_gradient`")
+        return self
+
+
 class Spec(_Strict):
     """A cuts.yaml file."""
 
@@ -184,7 +262,12 @@ class Spec(_Strict):
         None, description="Example inputs by forward() argument name, for tracing and shape propagation."
     )
     trace: TraceConfig = Field(default_factory=TraceConfig)
-    cuts: list[CutSpec] = Field(min_length=1, description="Cut points, in any order.")
+    recurrent: RecurrentConfig | None = Field(
+        None, description="A recurrent program: the core unrolled in time and trained with truncated BPTT (`bptt`)."
+    )
+    cuts: list[CutSpec] = Field(
+        None, validate_default=True, description="Cut points, in any order (none for a `recurrent` program)."
+    )
     stages: dict[Union[int, str], StageConfig] = Field(  # noqa: UP007 - pydantic needs the int branch first
         default_factory=dict, description="`default`, plus overrides by stage index or name."
     )
@@ -192,6 +275,7 @@ class Spec(_Strict):
     data: DataConfig | None = Field(None, description="Training data set.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=lambda: DistributedConfig())
+    bptt: BPTTConfig | None = Field(None, description="Truncated BPTT of the `recurrent` core (synthetic gradients).")
 
     _origin: str = PrivateAttr("<spec>")
     _marks: dict[tuple, tuple[int, int]] = PrivateAttr(default_factory=dict)
@@ -200,6 +284,22 @@ class Spec(_Strict):
     @classmethod
     def _data_shorthand(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("cuts", mode="before")
+    @classmethod
+    def _cuts_unless_recurrent(cls, v: Any, info: ValidationInfo) -> Any:
+        recurrent = info.data.get("recurrent") is not None
+        if v is None:
+            if recurrent:
+                return []
+            raise PydanticCustomError("missing", "Field required")
+        if isinstance(v, list) and not v and not recurrent:
+            raise ValueError("List should have at least 1 item after validation, not 0")
+        if isinstance(v, list) and v and recurrent:
+            raise ValueError(
+                "a `recurrent` program is cut in time by `bptt`, not in its graph: remove `cuts` (or `recurrent`)"
+            )
+        return v
 
     def where(self, *loc: Any) -> str:
         """`file:line:col` of the key at `loc` (e.g. where('cuts', 0, 'after')), as precisely as known."""

@@ -1,0 +1,395 @@
+"""Truncated BPTT with synthetic gradients at the truncation boundaries (Jaderberg et al. 2017, section 3.2).
+
+A chunk of a sequence (B, L, ...) is processed in segments of T steps. For the segment from state s_k to
+state s_{k+1}:
+
+  1. forward: the core unrolls T steps from s_k (a detached leaf), the output module scores every step;
+     the segment's loss is sum_t mean_b loss_{b,t} / T (every segment divides by T, so the segments' losses
+     add up to the sequence's loss over T);
+  2. backward from the loss plus, at s_{k+1}, the synthetic gradient g = scale * M(s_{k+1}) / B (M predicts
+     per-sample gradients; all state tensors, h and c for an LSTM, are concatenated into one vector);
+     with no synthesizer this is plain truncated BPTT;
+  3. the core's optimizer steps (if its clock ticks);
+  4. delta_k = d(loss_k + <g, s_{k+1}>) / d s_k, the gradient that reached the segment's first state from
+     inside the segment plus the next boundary's synthetic gradient, is the target of the prediction made
+     at s_k: M learns from ||M(s_k) - B * delta_k||^2 (bootstrapped, as in TD learning);
+  5. aux (the paper's auxiliary task): from the core's output after the segment's first step, a head
+     predicts the synthetic gradient the segment's end will receive; its loss (weighted `aux_weight`) is
+     backpropagated into the core, after delta_k was read, so the synthesizer's target is the task's alone.
+
+A chunk that ends its sequence (`end=True`, e.g. an episode of the copy task) gets no synthetic gradient
+at its last state: nothing comes after it. A chunk with `end=False` keeps its state and its last boundary's
+prediction for the next call (a stream, e.g. a text), whose first segment supplies that prediction's target.
+
+With an upper core (hierarchical timescales), the upper's clock is asked at every time step; on a tick it
+reads the lower core's output at that step and predicts the next `horizon` targets. Through a synthetic
+interface, the lower backpropagates M_I(h_t) / B into h_t at once, and M_I learns from the gradient the
+upper computes later for the h_t it received; through an exact interface (no synthesizer) the upper's loss
+joins the lower segment's backward. The upper updates at the end of its own segments of `truncation` ticks,
+so its parameters change only on its ticks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..clock import Clock
+from ..errors import DNIError
+from ..optim import build_optimizer
+from ..recurrent import flat_state, get_step_loss
+from ..synthesizers import build_synthetic_gradient
+
+
+@dataclass
+class RecurrentStepResult:
+    """What one chunk measured: averages over its segments."""
+
+    loss: float  # mean per-step loss (sum over the chunk's steps and mean over the batch, / steps)
+    step_losses: torch.Tensor = field(repr=False)  # (B, L) per-step losses, detached
+    output: torch.Tensor = field(repr=False)  # (B, L, ...) outputs, detached
+    segments: int = 0
+    synth_loss: dict[str, float] = field(default_factory=dict)
+    cosine: dict[str, float] = field(default_factory=dict)  # cos(M(s_k), B * delta_k), over the chunk
+    aux_loss: float | None = None
+    upper_loss: float | None = None  # mean per-target loss of the upper's predictions
+    upper_ticks: list[int] = field(default_factory=list)  # time steps (stream time) the upper ticked on
+    updates: list[tuple[int, int]] = field(default_factory=list)  # (stage, time step) of each optimizer step
+
+
+class _Stats:
+    """Sums for a chunk's synthesizer loss and cosine."""
+
+    def __init__(self):
+        self.loss, self.n, self.dot, self.pp, self.tt = 0.0, 0, 0.0, 0.0, 0.0
+
+    def add(self, loss: float, pred: torch.Tensor, target: torch.Tensor) -> None:
+        p, t = pred.detach().flatten().double(), target.detach().flatten().double()
+        self.loss += loss
+        self.n += 1
+        self.dot += float(p @ t)
+        self.pp += float(p @ p)
+        self.tt += float(t @ t)
+
+    def cosine(self) -> float:
+        d = (self.pp * self.tt) ** 0.5
+        return self.dot / d if d > 0 else 0.0
+
+
+class BPTTRuntime:
+    """Trains a RecurrentProgram: optimizers, clocks, the boundary synthesizer, the aux head, the upper core."""
+
+    def __init__(self, program):
+        self.program = program
+        spec = program.spec
+        cfg = spec.bptt
+        self.T = cfg.truncation
+        self.loss_fn = get_step_loss(spec.loss, spec.where("loss"))
+        self.optimizers, self.schedulers, self.clocks = [], [], []
+        for i, (opt_cfg, clock_cfg) in enumerate(program.stage_configs):
+            opt, sched = build_optimizer(program.stage_parameters(i), opt_cfg, spec.where("stages"))
+            self.optimizers.append(opt)
+            self.schedulers.append(sched)
+            self.clocks.append(Clock(clock_cfg, i))
+        where = spec.where("bptt", "synthetic_gradient")
+        d = sum(program.core.state_sizes())
+        self.sg = cfg.synthetic_gradient
+        self.synth = self.aux = self.synth_opt = self.aux_opt = None
+        if self.sg is not None:
+            self.synth = build_synthetic_gradient(self.sg, (d,), 0, where)
+            self.synth_opt = build_optimizer(self.synth.parameters(), self.sg.optimizer, where)[0]
+            if cfg.aux:
+                self.aux = _aux_head(self.sg, self._output_size(), d, spec.where("bptt", "aux"))
+                self.aux_opt = build_optimizer(self.aux.parameters(), self.sg.optimizer, spec.where("bptt", "aux"))[0]
+        self.aux_weight = cfg.aux_weight
+        self.upper = program.upper
+        self.iface = self.iface_opt = None
+        if self.upper is not None and self.upper.config.synthetic_gradient is not None:
+            isg = self.upper.config.synthetic_gradient
+            w = spec.where("recurrent", "upper", "synthetic_gradient")
+            self.iface = build_synthetic_gradient(isg, (self._output_size(),), 0, w)
+            self.iface_opt = build_optimizer(self.iface.parameters(), isg.optimizer, w)[0]
+        param = next(iter(program.core.module.parameters()), None)
+        if param is not None:  # the synthesizers live where the core does, in its precision
+            for m in self.modules():
+                m.to(device=param.device, dtype=param.dtype)
+        self.state = None  # the lower core's state between chunks of a stream
+        self.pending = None  # (flat s_k, detached): the input of the prediction whose target comes next
+        self.upper_state = None
+        self.upper_segment: list = []  # this upper segment's ticks: (loss, message leaf, time)
+        self.upper_start = None  # the upper's state at its segment start (leaf)
+        self.time = 0  # stream time: steps since the stream started
+        self.step = 0  # chunks trained
+        self.segments = 0  # segments trained: the lower clock's steps
+        self._upper_sum, self._upper_n = 0.0, 0
+
+    def _output_size(self) -> int:
+        core = self.program.core
+        with torch.no_grad():
+            return int(core.step_output(core.init_state(2)).shape[1])
+
+    # ---------------------------------------------------------------- modes and devices
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.synth, self.aux, self.iface) if m is not None]
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules():
+            m.train(mode)
+
+    def to(self, device) -> None:
+        for m in self.modules():
+            m.to(device)
+
+    def reset(self) -> None:
+        """Forget the stream: the next chunk starts from a zero state."""
+        self.state = self.pending = self.upper_state = self.upper_start = None
+        self.upper_segment = []
+
+    # ---------------------------------------------------------------- the step
+    def train_step(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        start: bool = True,
+        end: bool = True,
+    ) -> RecurrentStepResult:
+        """Train on a (B, L, ...) chunk with (B, L, ...) targets (more columns where an upper core looks
+        ahead) and optional (B, L) per-step weights. `start` begins a new sequence from a zero state; `end`
+        closes it (no synthetic gradient after its last state)."""
+        program = self.program
+        core = program.core
+        b, length = x.shape[0], x.shape[1]
+        need = length + (self.upper.horizon - 1 if self.upper is not None else 0)
+        if target.shape[:1] != x.shape[:1] or target.shape[1] < length:
+            raise DNIError(
+                f"targets {tuple(target.shape)} do not fit inputs {tuple(x.shape)}: a recurrent program needs one "
+                f"target per time step, (B, L, ...) batch first"
+                + (f", and {need - length} more for the upper core's look-ahead" if need > length else "")
+                + "."
+            )
+        if start or self.state is None:
+            self.reset()
+            self.time = 0
+            self.state = core.init_state(b, device=x.device)
+        state = self.state
+        stats, istats = _Stats(), _Stats()
+        losses, outputs = [], []
+        aux_sum, aux_n = 0.0, 0
+        result = RecurrentStepResult(loss=float("nan"), step_losses=torch.empty(0), output=torch.empty(0))
+        for a in range(0, length, self.T):
+            e = min(a + self.T, length)
+            last = e == length
+            s0 = tuple(s.detach().requires_grad_(True) for s in state)
+            u = program.input(x[:, a:e]) if program.input is not None else x[:, a:e]
+            out, s1 = core.run(u, s0)
+            y = program.output(out)
+            per_step = self.loss_fn(y, target[:, a:e])
+            if mask is not None:
+                per_step = per_step * mask[:, a:e].to(per_step.dtype)
+            loss = per_step.sum(1).mean() / self.T
+            roots, grads = [loss], [torch.ones_like(loss)]
+            # the upper core: ticks within this segment
+            ticks = self._upper_forward(out, target, a, b, roots, grads, result, istats)
+            boundary = None
+            if self.synth is not None and not (last and end):
+                boundary = flat_state(s1)
+                with torch.no_grad():
+                    g = self.synth(boundary.detach())
+                roots.append(boundary)
+                grads.append(g * (self.sg.scale / b))
+            for o in self.optimizers:
+                if o is not None:
+                    o.zero_grad(set_to_none=True)
+            torch.autograd.backward(roots, grads, retain_graph=self.aux is not None and boundary is not None)
+            delta = flat_state(tuple(s.grad if s.grad is not None else torch.zeros_like(s) for s in s0))
+            if self.aux is not None and boundary is not None:
+                a_pred = self.aux(out[:, 0])
+                a_loss = F.mse_loss(a_pred, g.detach())
+                (self.aux_weight * a_loss).backward()
+                self.aux_opt.step()
+                self.aux_opt.zero_grad(set_to_none=True)
+                aux_sum += float(a_loss.detach())
+                aux_n += 1
+            if self.clocks[0].tick(self.segments):
+                self._step_stage(0, result, self.time + e - a - 1)
+            self.segments += 1
+            # the prediction made at s_k learns from delta_k
+            if self.pending is not None and self.synth is not None:
+                self._learn(self.synth, self.synth_opt, self.pending, delta, b, stats)
+            self.pending = boundary.detach() if boundary is not None else None
+            # the upper core's own segments end on its ticks
+            self._upper_backward(ticks, b, istats, result)
+            losses.append(per_step.detach())
+            outputs.append(y.detach())
+            state = tuple(s.detach() for s in s1)
+            self.time += e - a
+            result.segments += 1
+        self.state = None if end else state
+        if end:
+            self.pending = None
+            self._flush_upper(b, istats, result)
+        result.step_losses = torch.cat(losses, 1)
+        counted = float(mask.sum()) if mask is not None else float(b * length)
+        result.loss = float(result.step_losses.sum()) / max(counted, 1.0)
+        result.output = torch.cat(outputs, 1)
+        if stats.n:
+            result.synth_loss["bptt"] = stats.loss / stats.n
+            result.cosine["bptt"] = stats.cosine()
+        if istats.n:
+            result.synth_loss["upper"] = istats.loss / istats.n
+            result.cosine["upper"] = istats.cosine()
+        if aux_n:
+            result.aux_loss = aux_sum / aux_n
+        if self._upper_n:
+            result.upper_loss = self._upper_sum / self._upper_n
+        self._upper_sum, self._upper_n = 0.0, 0
+        self.step += 1
+        return result
+
+    def _step_stage(self, stage: int, result: RecurrentStepResult, time: int) -> None:
+        opt = self.optimizers[stage]
+        if opt is None:
+            return
+        opt.step()
+        if self.schedulers[stage] is not None:
+            self.schedulers[stage].step()
+        result.updates.append((stage, time))
+
+    def _learn(self, model, opt, inputs: torch.Tensor, delta: torch.Tensor, batch: int, stats: _Stats) -> None:
+        """One step of ||M(s) - batch * delta||^2."""
+        pred = model(inputs)
+        target = delta.detach() * batch
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stats.add(float(loss.detach()), pred, target)
+
+    # ---------------------------------------------------------------- the upper core
+    def _upper_forward(self, out, target, a: int, b: int, roots: list, grads: list, result, istats) -> list:
+        """Run the upper core on its ticks in this lower segment; returns [(time, message leaf)] of the ticks."""
+        upper = self.upper
+        if upper is None:
+            return []
+        if self.upper_state is None:
+            self.upper_state = upper.core.init_state(b, device=out.device)
+        if self.upper_start is None:
+            self.upper_start = tuple(s.detach().requires_grad_(True) for s in self.upper_state)
+            self.upper_state = self.upper_start
+        ticks = []
+        exact = self.iface is None
+        for j in range(out.shape[1]):
+            t = self.time + j
+            if not self.clocks[1].tick(t):
+                continue
+            result.upper_ticks.append(t)
+            h = out[:, j]
+            if exact:
+                message = h
+            else:
+                message = h.detach().requires_grad_(True)
+                with torch.no_grad():
+                    g = self.iface(h.detach())
+                roots.append(h)
+                grads.append(g * (upper.config.synthetic_gradient.scale / b))
+            pred, self.upper_state = upper.step(message, self.upper_state)
+            k = a + j  # targets t .. t + horizon - 1 of this chunk, as far as it has them
+            tgt = target[:, k : k + upper.horizon]
+            n = tgt.shape[1]
+            if n == 0:
+                per = pred.sum() * 0.0
+            else:
+                per = self.loss_fn(pred[:, :n], tgt).sum(1).mean() / upper.horizon
+                self._upper_sum += float(per.detach()) * upper.horizon / n
+                self._upper_n += 1
+            weighted = upper.config.loss_weight * per
+            if exact:
+                roots.append(weighted)
+                grads.append(torch.ones_like(weighted))
+            self.upper_segment.append((weighted, message, t))
+            ticks.append(t)
+            if not exact and len(self.upper_segment) >= upper.config.truncation:
+                # a synthetic interface decouples the upper: its segment ends on this tick
+                self._end_upper_segment(t, b, istats, result, backward=True)
+        return ticks
+
+    def _upper_backward(self, ticks: list, b: int, istats: _Stats, result) -> None:
+        """After the lower segment: end the upper's segment when it holds `truncation` ticks."""
+        if self.upper is None or not ticks or self.iface is not None:
+            return
+        # exact interface: the upper's loss went back with the lower segment; its segment ends with the lower's
+        self._end_upper_segment(ticks[-1], b, istats, result, backward=False)
+
+    def _flush_upper(self, b: int, istats: _Stats, result) -> None:
+        if self.upper is not None and self.upper_segment:
+            self._end_upper_segment(self.upper_segment[-1][2], b, istats, result, backward=self.iface is not None)
+        self.upper_state = self.upper_start = None
+        self.upper_segment = []
+
+    def _end_upper_segment(self, time: int, b: int, istats: _Stats, result, backward: bool) -> None:
+        if backward:
+            self.optimizers[1].zero_grad(set_to_none=True)
+            total = torch.stack([loss for loss, _, _ in self.upper_segment]).sum()
+            total.backward()
+            for _, message, _ in self.upper_segment:
+                delta = message.grad if message.grad is not None else torch.zeros_like(message)
+                self._learn(self.iface, self.iface_opt, message.detach(), delta, b, istats)
+        # the upper's clock ticked on every step of its segment: it updates at the segment's last tick
+        self._step_stage(1, result, time)
+        self.upper_segment = []
+        self.upper_state = tuple(s.detach().requires_grad_(True) for s in self.upper_state)
+        self.upper_start = self.upper_state
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "time": self.time,
+            "optimizers": [o.state_dict() if o is not None else None for o in self.optimizers],
+            "schedulers": [s.state_dict() if s is not None else None for s in self.schedulers],
+            "clocks": [c.state_dict() for c in self.clocks],
+            "synthesizers": {
+                n: m.state_dict() for n, m in (("bptt", self.synth), ("aux", self.aux), ("upper", self.iface)) if m
+            },
+            "synth_optimizers": {
+                n: o.state_dict()
+                for n, o in (("bptt", self.synth_opt), ("aux", self.aux_opt), ("upper", self.iface_opt))
+                if o is not None
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.time = state["step"], state["time"]
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            if o is not None:
+                o.load_state_dict(s)
+        for o, s in zip(self.schedulers, state["schedulers"]):
+            if o is not None:
+                o.load_state_dict(s)
+        for c, s in zip(self.clocks, state["clocks"]):
+            c.load_state_dict(s)
+        models = {"bptt": self.synth, "aux": self.aux, "upper": self.iface}
+        opts = {"bptt": self.synth_opt, "aux": self.aux_opt, "upper": self.iface_opt}
+        for n, s in state["synthesizers"].items():
+            models[n].load_state_dict(s)
+        for n, s in state["synth_optimizers"].items():
+            opts[n].load_state_dict(s)
+
+
+def _aux_head(cfg, d_in: int, d_out: int, where: str) -> nn.Module:
+    """The aux head: from the core's output after a segment's first step (H) to the boundary's gradient (D)."""
+    from ..errors import SpecError
+    from ..synthesizers import BUILTIN, Synthesizer
+
+    if cfg.model not in BUILTIN[:2]:
+        raise SpecError(
+            f"{where}: `aux: true` builds its head like the synthesizer, which must then be `linear` or `mlp` "
+            f"(got {cfg.model!r})."
+        )
+    head = Synthesizer(cfg.model, (d_in,), (d_out,), 0, cfg, flat=True)
+    head.zero_last_layer()
+    return head
