@@ -6,6 +6,7 @@ import importlib
 from collections.abc import Callable
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 from .errors import SpecError, did_you_mean
@@ -30,8 +31,12 @@ def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 LOSSES: dict[str, Callable] = {"cross_entropy": _cross_entropy, "nll": _nll, "mse": _mse}
 
 
-def get_loss(name: str, where: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss function for a spec's `loss:` value: a built-in name or 'package.module:function'."""
+def get_loss(name, where: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss function for a spec's `loss:` value: a built-in name, 'package.module:function', or
+    {from_output: i} (the model returns its loss: picked out of the output, the target is not used)."""
+    if not isinstance(name, str):
+        key = name.from_output
+        return lambda output, target: output[key]
     if name in LOSSES:
         return LOSSES[name]
     if ":" in name:
@@ -47,3 +52,40 @@ def get_loss(name: str, where: str) -> Callable[[torch.Tensor, torch.Tensor], to
         f"{where}: unknown loss {name!r}{did_you_mean(name, LOSSES)}; use {', '.join(LOSSES)} "
         "or your own function as 'package.module:function'."
     )
+
+
+def check_output_loss(program, where: str) -> int | None:
+    """For `loss: {from_output: i, labels: name}`: check that the model's output has a scalar at `i` and that
+    `name` is a program input; return that input's index (None without `labels`)."""
+    cfg = program.spec.loss
+    gm = program.stages[-1].graph_module
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    try:
+        value = out[cfg.from_output]
+    except (IndexError, KeyError, TypeError):
+        kind = f"a tuple of {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
+        if isinstance(out, dict):
+            kind = f"a dict with keys {sorted(out)}"
+        elif isinstance(out, fx.Node):
+            kind = "a single tensor"
+        raise SpecError(
+            f"{where}: `loss: {{from_output: {cfg.from_output!r}}}`, but the model returns {kind}, which has no "
+            "element there. Give the position of the loss in what forward() returns (e.g. 1 for `return logits, "
+            "loss`), or use a loss function by name (cross_entropy, ...)."
+        ) from None
+    meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
+    if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 0:
+        shape = f"shape {list(meta.shape)}" if meta is not None and hasattr(meta, "shape") else repr(value)
+        raise SpecError(
+            f"{where}: `loss: {{from_output: {cfg.from_output!r}}}` is not a scalar loss ({shape}). Point it at "
+            "the loss the model returns, and give the example inputs it needs (e.g. `targets`) under `inputs:`."
+        )
+    if cfg.labels is None:
+        return None
+    names = list(program.input_names)
+    if cfg.labels not in names:
+        raise SpecError(
+            f"{where}: `labels: {cfg.labels}` is not an input of the program{did_you_mean(cfg.labels, names)}; "
+            f"its inputs are {names}."
+        )
+    return names.index(cfg.labels)

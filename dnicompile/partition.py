@@ -47,6 +47,22 @@ class CutPoint:
 
 
 @dataclass(frozen=True)
+class TiedTensor:
+    """A parameter or buffer used by more than one stage (e.g. an embedding tied to the output head).
+
+    Every stage reads the same tensor. Its `owner`, the last stage that uses it, is the one whose optimizer
+    updates it: the gradients the other stages compute for it land in the same `.grad` first, so the owner's
+    update uses their sum, as backprop does.
+    """
+
+    names: tuple[str, ...]  # every name the tensor has in the model, e.g. ('lm_head.weight', 'wte.weight')
+    stages: tuple[int, ...]  # the stages that use it, in order
+    owner: int  # the stage that updates it
+    parameter: bool  # a parameter (trained) or a buffer
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Partition:
     """Where every node of the traced graph goes."""
 
@@ -58,6 +74,7 @@ class Partition:
     cuts: tuple[CutPoint, ...]
     stage_graph: nx.DiGraph  # stage i -> stage i+1, edge attribute `tensors`
     input_names: tuple[str, ...]
+    tied: tuple[TiedTensor, ...] = ()  # tensors used by more than one stage
 
     @property
     def num_stages(self) -> int:
@@ -142,8 +159,8 @@ def partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
             )
         )
 
-    # 5. a parameter or buffer may belong to one stage only
-    _check_tied(nodes, stage_of, shared, gm, spec, resolved)
+    # 5. parameters and buffers used by more than one stage: tied, owned (updated) by the last of them
+    tied = _tied_tensors(nodes, stage_of, shared, gm, model)
 
     stage_graph = nx.DiGraph()
     stage_graph.add_nodes_from(range(num_stages))
@@ -158,6 +175,7 @@ def partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
         cuts=tuple(cuts),
         stage_graph=stage_graph,
         input_names=tuple(n.name for n in nodes if n.op == "placeholder"),
+        tied=tied,
     )
 
 
@@ -248,33 +266,43 @@ def _boundary_tensor(v: fx.Node, c: int, spec: Spec, spec_index: int, stage_of, 
     return BoundaryTensor(name=v.name, shape=tuple(meta.shape), dtype=meta.dtype, producer=producer)
 
 
-def _check_tied(nodes, stage_of, shared, gm: fx.GraphModule, spec: Spec, resolved) -> None:
-    owner: dict[int, tuple[str, int]] = {}
+def _tied_tensors(nodes, stage_of, shared, gm: fx.GraphModule, model: nn.Module) -> tuple[TiedTensor, ...]:
+    """Parameters and buffers that more than one stage uses (GPT's embedding tied to its output head)."""
+    used: dict[int, tuple[torch.Tensor, set[int]]] = {}
     for node in nodes:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            tensors = [(f"{node.target}.{k}", t) for k, t in mod.named_parameters(remove_duplicate=False)]
-            tensors += [(f"{node.target}.{k}", t) for k, t in mod.named_buffers(remove_duplicate=False)]
+            tensors = [*mod.parameters(), *mod.buffers()]
             stages = (stage_of[node.name],)
         elif node.op == "get_attr":
             t = _get_attr(gm, node.target)
             if not isinstance(t, torch.Tensor) or not isinstance(t, nn.Parameter) and not _is_buffer(gm, node.target):
                 continue
-            tensors, stages = [(node.target, t)], shared[node.name]
+            tensors, stages = [t], shared[node.name]
         else:
             continue
-        for s in stages:
-            for name, t in tensors:
-                first = owner.setdefault(id(t), (name, s))
-                if first[1] != s:
-                    a, b = sorted([first, (name, s)], key=lambda x: x[1])
-                    cut = resolved[a[1]][1]  # the first cut between the two stages
-                    raise PartitionError(
-                        f"{spec.where('cuts', cut, 'after')}: tied weights: `{a[0]}` (stage {a[1]}) and `{b[0]}` "
-                        f"(stage {b[1]}) are the same tensor, used on both sides of the cut after "
-                        f"`{spec.cuts[cut].after}`. A tensor can belong to one stage only: move the cuts so that "
-                        "every user of it is in one stage, or untie the weights."
-                    )
+        for t in tensors:
+            used.setdefault(id(t), (t, set()))[1].update(stages)
+    multi = {k: v for k, v in used.items() if len(v[1]) > 1}
+    if not multi:
+        return ()
+    names: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if id(t) in multi:
+            names.setdefault(id(t), []).append(name)
+    tied = []
+    for key, (t, stages) in multi.items():
+        ordered = tuple(sorted(stages))
+        tied.append(
+            TiedTensor(
+                names=tuple(names.get(key, ["?"])),
+                stages=ordered,
+                owner=ordered[-1],
+                parameter=isinstance(t, nn.Parameter),
+                shape=tuple(t.shape),
+            )
+        )
+    return tuple(sorted(tied, key=lambda x: x.names))
 
 
 def _get_attr(gm: nn.Module, target: str):

@@ -40,15 +40,17 @@ class Stage:
         self.outputs: tuple[TensorInfo, ...] = outputs
         self.optimizer_config: OptimizerConfig = optimizer
         self.clock_config: ClockConfig = clock
+        self.borrowed: frozenset[int] = frozenset()  # ids of tied tensors another stage owns (Partition.tied)
 
     def __call__(self, *args: Any) -> Any:
         return self.graph_module(*args)
 
     def parameters(self) -> list[nn.Parameter]:
-        return list(self.graph_module.parameters())
+        """The parameters this stage updates: all it uses but the tied ones another stage owns."""
+        return [p for p in self.graph_module.parameters() if id(p) not in self.borrowed]
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return list(self.graph_module.named_parameters())
+        return [(n, p) for n, p in self.graph_module.named_parameters() if id(p) not in self.borrowed]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -101,6 +103,7 @@ class DecoupledProgram:
         self.stages = stages
         self.cuts = cuts
         self.frontend = traced.frontend
+        self.frontend_reason = traced.frontend_reason  # why that front end (shown in the stage table)
         self.example_inputs = traced.example_inputs
         # boundary tensors whose first dimension is this size are batch-major; others are batch-independent
         self.example_batch = traced.example_inputs[0].shape[0] if traced.example_inputs else None
@@ -138,8 +141,9 @@ class DecoupledProgram:
         return self._runtime
 
     def train_step(self, *inputs: torch.Tensor, target: torch.Tensor | None = None):
-        """One decoupled training step over all stages; the last positional argument is the target."""
-        if target is None:
+        """One decoupled training step over all stages; the last positional argument is the target, unless the
+        model computes its own loss (`loss: {from_output: i}`): then all are inputs (labels among them)."""
+        if target is None and isinstance(self.spec.loss, str):
             *inputs, target = inputs
         return self.runtime.train_step(tuple(inputs), target)
 
@@ -222,5 +226,15 @@ def compile_decoupled(model: nn.Module, spec: str | Path | dict | Spec, example_
         outputs = _output_infos(gm)
         opt, clock = spec.stage_config(i, f"stage{i}")
         stages.append(Stage(i, gm, inputs, outputs, opt, clock))
+    for tied in part.tied:  # one stage owns (updates) a tied tensor; the others only read it
+        tensor = model.get_parameter(tied.names[0]) if tied.parameter else model.get_buffer(tied.names[0])
+        for s in tied.stages:
+            if s != tied.owner:
+                stages[s].borrowed |= {id(tensor)}
     cuts = [Cut(p, spec.cuts[p.spec_index]) for p in part.cuts]
-    return DecoupledProgram(model, spec, part, stages, cuts, traced)
+    program = DecoupledProgram(model, spec, part, stages, cuts, traced)
+    if not isinstance(spec.loss, str):  # `loss: {from_output: i}`: the output must hold a scalar there
+        from .losses import check_output_loss
+
+        check_output_loss(program, spec.where("loss"))
+    return program

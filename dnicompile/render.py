@@ -56,7 +56,7 @@ def describe_clock(stage: Stage) -> str:
 def summary_table(program: DecoupledProgram) -> Table:
     table = Table(
         title=f"{type(program.model).__name__}: {len(program.stages)} stages, {len(program.cuts)} cuts "
-        f"(front end: {program.frontend})",
+        f"(front end: {program.frontend}{', ' + program.frontend_reason if program.frontend_reason else ''})",
         show_lines=True,
     )
     for col in ("stage", "nodes", "params", "inputs", "outputs", "outgoing cut", "optimizer", "clock"):
@@ -74,7 +74,24 @@ def summary_table(program: DecoupledProgram) -> Table:
             describe_optimizer(stage),
             describe_clock(stage),
         )
+    tied = getattr(program.partition, "tied", ())
+    if tied:
+        table.caption = "\n".join(describe_tied(t) for t in tied)
+        table.caption_justify = "left"
     return table
+
+
+def describe_tied(tied) -> str:
+    """One line on a tensor several stages use: its names, who uses it, who updates it."""
+    names = " = ".join(tied.names)
+    users = ", ".join(f"stage{s}" for s in tied.stages)
+    if not tied.parameter:
+        return f"shared buffer: {names} {_fmt_shape(tied.shape)}, used by {users}"
+    others = ", ".join(f"stage{s}" for s in tied.stages if s != tied.owner)
+    return (
+        f"tied: {names} {_fmt_shape(tied.shape)}, used by {users}; updated by stage{tied.owner}, "
+        f"with the gradient from {others} added first"
+    )
 
 
 def summary_text(program: DecoupledProgram, width: int = 140) -> str:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -50,7 +52,11 @@ class TensorSpec(_Strict):
 class TraceConfig(_Strict):
     """How the model is turned into a graph."""
 
-    frontend: Literal["fx"] = Field("fx", description="Tracing front end.")
+    frontend: Literal["fx", "export", "auto"] = Field(
+        "auto",
+        description="Tracing front end: fx (torch.fx symbolic trace), export (torch.export), or auto: fx, and "
+        "torch.export where fx fails.",
+    )
     leaf_modules: list[str] = Field(
         default_factory=list,
         description="Module paths or class names to keep as single nodes instead of tracing through them.",
@@ -251,6 +257,28 @@ class BPTTConfig(_Strict):
         return self
 
 
+class LossFromOutput(_Strict):
+    """The model computes its own loss (e.g. `return logits, loss`): where it is in the output, and which input
+    holds the labels."""
+
+    from_output: int | str = Field(
+        description="Index of the loss in the model's tuple output, or its key in a dict output (e.g. 1 for "
+        "`return logits, loss`)."
+    )
+    labels: str | None = Field(
+        None,
+        description="The forward() input that holds the labels (e.g. targets): the one-hot context of cDNI "
+        "synthesizers, and train_step's `target`.",
+    )
+
+
+# a name, or a mapping for a loss the model returns; tagged so that errors come from the one branch that applies
+LossSpec = Annotated[
+    Union[Annotated[str, Tag("str")], Annotated[LossFromOutput, Tag("dict")]],  # noqa: UP007
+    Discriminator(lambda v: "dict" if isinstance(v, (dict, LossFromOutput)) else "str"),
+]
+
+
 class Spec(_Strict):
     """A cuts.yaml file."""
 
@@ -271,7 +299,11 @@ class Spec(_Strict):
     stages: dict[Union[int, str], StageConfig] = Field(  # noqa: UP007 - pydantic needs the int branch first
         default_factory=dict, description="`default`, plus overrides by stage index or name."
     )
-    loss: str = Field("cross_entropy", description="cross_entropy, nll, mse, or 'package.module:function'.")
+    loss: LossSpec = Field(
+        "cross_entropy",
+        description="cross_entropy, nll, mse, 'package.module:function', or {from_output: i} when the model "
+        "returns its own loss.",
+    )
     data: DataConfig | None = Field(None, description="Training data set.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=lambda: DistributedConfig())
@@ -550,9 +582,11 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 
 def _unwrap(tp: Any) -> Any:
-    """Optional[X] / Union[X, None] -> X (the first model in a union)."""
+    """Optional[X] / Union[X, None] -> X (the first model in a union); Annotated[X, ...] -> X."""
+    if typing.get_origin(tp) is Annotated:
+        return _unwrap(typing.get_args(tp)[0])
     if typing.get_origin(tp) in (Union, getattr(__import__("types"), "UnionType", Union)):
-        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        members = [_unwrap(a) for a in typing.get_args(tp) if a is not type(None)]
         models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
         return models[0] if models else (members[0] if len(members) == 1 else tp)
     return tp

@@ -12,14 +12,16 @@ import inspect
 import io
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import ShapeProp
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import ModelError, SpecError, did_you_mean
 from .model_file import user_frame, user_site
@@ -33,7 +35,8 @@ class Traced:
     graph_module: fx.GraphModule
     input_names: tuple[str, ...]
     example_inputs: tuple[torch.Tensor, ...]
-    frontend: str
+    frontend: str  # "fx" or "export"
+    frontend_reason: str = ""  # why that front end, for the stage table
 
 
 class _Tracer(fx.Tracer):
@@ -126,11 +129,76 @@ def example_inputs_for(model: nn.Module, spec: Spec, example_inputs: Any) -> tup
 
 
 def trace(model: nn.Module, spec: Spec, example_inputs: Any = None) -> Traced:
-    """Symbolically trace `model` and propagate shapes through the graph."""
+    """Trace `model` with the spec's front end (fx, export, or auto: fx, else export) and propagate shapes."""
     names, examples = example_inputs_for(model, spec, example_inputs)
-    gm = _symbolic_trace(model, spec)
-    propagate_shapes(gm, examples, spec)
-    return Traced(graph_module=gm, input_names=tuple(names), example_inputs=examples, frontend="fx")
+    frontend = spec.trace.frontend
+    if frontend == "export":
+        gm = _export(model, names, examples, spec)
+        reason = "`trace: {frontend: export}` in the spec"
+    else:
+        try:
+            gm = _symbolic_trace(model, spec)
+            reason = "`trace: {frontend: fx}` in the spec" if frontend == "fx" else "torch.fx traced it"
+        except _FxTraceError as fx_error:
+            if frontend == "fx":
+                raise ModelError(str(fx_error)) from None
+            try:
+                gm = _export(model, names, examples, spec)
+            except _ExportError as export_error:
+                raise ModelError(_both_failed(model, spec, fx_error, export_error)) from None
+            reason = f"torch.fx failed{fx_error.short}"
+            frontend = "export"
+    if frontend == "auto":
+        frontend = "fx"
+    ran_real = propagate_shapes(gm, examples, spec)
+    if frontend == "export" and ran_real:  # cheap enough to run twice more: check eval mode on the examples
+        from .export import check_eval_mode
+
+        check_eval_mode(model, gm, examples, dict(spec.trace.concrete_args))
+    return Traced(gm, tuple(names), examples, frontend, reason)
+
+
+class _FxTraceError(Exception):
+    """torch.fx could not trace the model; `short` says where, in a few words, for the stage table."""
+
+    def __init__(self, message: str, short: str):
+        super().__init__(message)
+        self.short = short
+
+
+class _ExportError(Exception):
+    """torch.export could not export the model."""
+
+
+def _export(model: nn.Module, names: list[str], examples: tuple, spec: Spec) -> fx.GraphModule:
+    from .export import export_failure, export_model, to_graph_module
+
+    constants = dict(spec.trace.concrete_args)
+    try:
+        ep = export_model(model, names, examples, constants)
+    except Exception as e:
+        reason = export_failure(e)
+        if spec.trace.frontend == "export":
+            raise ModelError(
+                f"torch.export could not export {type(model).__name__}: {reason}\n"
+                "Hint: torch.export needs forward() to run on fake tensors of the example inputs' shapes: no "
+                "branch on tensor values (`if x.sum() > 0`), no .item() or .tolist(), no numpy. Rewrite that part with "
+                "torch operations (torch.where, torch.cond), or try `trace: {frontend: fx}`."
+            ) from None
+        raise _ExportError(reason) from None
+    return to_graph_module(model, ep)
+
+
+def _both_failed(model: nn.Module, spec: Spec, fx_error: _FxTraceError, export_error: _ExportError) -> str:
+    name = type(model).__name__
+    return (
+        f"neither front end could trace {name}.\n  torch.fx: {fx_error}\n".replace("\nHint:", "\n  Hint:")
+        + f"  torch.export: {export_error}\n"
+        "What to do: change the code at the lines above so that it does not depend on tensor values (use torch.where "
+        "or torch.cond instead of `if` on a tensor, no .item()); or keep the module that does it whole with "
+        "`trace: {leaf_modules: [...]}` and `trace: {frontend: fx}`; or fix the branch with "
+        "`trace: {concrete_args: {...}}`."
+    )
 
 
 def _symbolic_trace(model: nn.Module, spec: Spec) -> fx.GraphModule:
@@ -157,10 +225,12 @@ def _symbolic_trace(model: nn.Module, spec: Spec) -> fx.GraphModule:
         inside = next((p for p in reversed(tracer.failed_in or []) if p), "")
         module = f"module `{inside}` ({type(modules[inside]).__name__})" if inside else type(model).__name__
         hint = _trace_hint(e, inside)
-        raise ModelError(
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise _FxTraceError(
             f"torch.fx could not trace {module}"
             + (f" at {where}" if where else "")
-            + f": {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n{hint}"
+            + f": {type(e).__name__}: {first}\n{hint}",
+            f" at {where.split(' in ')[0]}" if where else f": {type(e).__name__}",
         ) from None
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
@@ -200,22 +270,109 @@ def _trace_hint(e: Exception, inside: str) -> str:
     )
 
 
-def propagate_shapes(gm: fx.GraphModule, examples: tuple[torch.Tensor, ...], spec: Spec | None = None) -> None:
-    """Run ShapeProp under fake tensors: shapes for every node, no compute, no buffer updates."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in examples]
-    # ShapeProp prints, and the fake tensor mode logs, a traceback before raising: hold stderr back and
-    # replay it only on success, so that a failure is reported once, as a ModelError
+class ShapeProp(fx.Interpreter):
+    """Runs the graph on the example inputs and records, for every node, `node.meta["type"]` and, for tensor
+    values, `node.meta["tensor_meta"]` (torch.fx's TensorMetadata: shape, dtype, stride, ...).
+
+    Real tensors under no_grad while that is cheap: a few microseconds an op, where fake tensors cost a few
+    hundred. Once the real run has taken `budget_s` seconds, or a value would take more than `max_bytes`,
+    the rest of the graph runs on fake tensors (shapes only, no compute, no memory). Buffers the run mutates
+    (batch-norm statistics) and the random number generators are restored afterwards, so compiling never
+    changes the model.
+    """
+
+    def __init__(self, gm: fx.GraphModule, budget_s: float = 1.0, max_bytes: int = 1 << 28):
+        super().__init__(gm)
+        self.extra_traceback = False  # keep the original error message; the failing node is in `failed`
+        self.budget_s, self.max_bytes = budget_s, max_bytes
+        self.fake_mode: FakeTensorMode | None = None
+        self.failed: fx.Node | None = None
+        self._deadline = 0.0
+
+    def propagate(self, *args: Any) -> Any:
+        tensors = [*self.module.parameters(), *self.module.buffers(), *(a for a in args if isinstance(a, torch.Tensor))]
+        if any(t.is_meta or isinstance(t, FakeTensor) for t in tensors):
+            self._go_fake()
+        buffers = [(b, b.clone()) for b in self.module.buffers() if not isinstance(b, FakeTensor) and not b.is_meta]
+        devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        self._deadline = time.perf_counter() + self.budget_s
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                return self.run(*args)
+        finally:
+            for b, saved in buffers:
+                b.copy_(saved)
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            with self.fake_mode if self.fake_mode is not None else contextlib.nullcontext():
+                result = super().run_node(n)
+        except Exception:
+            self.failed = n
+            raise
+        found = False
+
+        def meta(v: Any) -> Any:
+            nonlocal found
+            if isinstance(v, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(v)
+            return v
+
+        tensor_meta = map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = tensor_meta
+        n.meta["type"] = type(result)
+        if self.fake_mode is None and (time.perf_counter() > self._deadline or _nbytes(result) > self.max_bytes):
+            self._go_fake()
+            result = self._to_fake(result)
+        return result
+
+    def _go_fake(self) -> None:
+        """Go on with fake tensors: the values computed so far become fake, parameters are converted on use."""
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.env = {k: self._to_fake(v) for k, v in getattr(self, "env", {}).items()}
+
+    def _to_fake(self, value: Any) -> Any:
+        def convert(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor):
+                return self.fake_mode.from_tensor(v)
+            return v
+
+        return map_aggregate(value, convert)
+
+
+def _nbytes(value: Any) -> int:
+    total = 0
+
+    def add(v: Any) -> Any:
+        nonlocal total
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        return v
+
+    map_aggregate(value, add)
+    return total
+
+
+def propagate_shapes(gm: fx.GraphModule, examples: tuple[torch.Tensor, ...], spec: Spec | None = None) -> bool:
+    """Record shapes and types of every node (see ShapeProp); errors name the node and the user's line.
+
+    Returns True when the whole graph ran on real tensors (it is cheap to run), False when it went on fake ones.
+    """
+    # torch prints, and the fake tensor mode logs, a traceback before raising: hold stderr back and replay
+    # it only on success, so that a failure is reported once, as a ModelError
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     was_disabled, fake_log.disabled = fake_log.disabled, True
     held = io.StringIO()
+    prop = ShapeProp(gm)
     try:
         with contextlib.redirect_stderr(held):
-            ShapeProp(gm, fake_mode=mode).propagate(*fake_inputs)
+            prop.propagate(*examples)
         sys.stderr.write(held.getvalue())
+        return prop.fake_mode is None
     except Exception as e:
-        cause = e.__cause__ or e
-        node = _failing_node(gm, str(e))
+        node = prop.failed
         where = ""
         if node is not None:
             stack = node.meta.get("nn_module_stack") or {}
@@ -226,25 +383,15 @@ def propagate_shapes(gm: fx.GraphModule, examples: tuple[torch.Tensor, ...], spe
             if node.meta.get("user_site"):
                 where += f", called at {node.meta['user_site']}"
         shapes = ", ".join(f"{tuple(t.shape)}" for t in examples if isinstance(t, torch.Tensor))
+        dtypes = ", ".join(str(t.dtype).removeprefix("torch.") for t in examples if isinstance(t, torch.Tensor))
         inputs_at = f" ({spec.where('inputs', next(iter(spec.inputs)))})" if spec is not None and spec.inputs else ""
         raise ModelError(
-            f"running the model on the example inputs (shapes {shapes}) failed{where}: "
-            f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
+            f"running the model on the example inputs (shapes {shapes}; dtypes {dtypes}) failed{where}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             f"Hint: check the shapes and dtypes under `inputs:`{inputs_at} in the spec against what forward() expects."
         ) from None
     finally:
         fake_log.disabled = was_disabled
-
-
-def _failing_node(gm: fx.GraphModule, message: str) -> fx.Node | None:
-    for node in gm.graph.nodes:
-        if f"node={node.format_node()}" in message or f"node={node.name}" in message:
-            return node
-    # ShapeProp stores tensor_meta in order; the first node without it is where it stopped
-    for node in gm.graph.nodes:
-        if node.op not in ("placeholder", "output") and "type" not in node.meta:
-            return node
-    return None
 
 
 def _target_name(node: fx.Node) -> str:

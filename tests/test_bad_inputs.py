@@ -328,11 +328,18 @@ ROWS = [
         spec_with("  - after: spare\n"),
         ["spec.yaml:5:5", "`spare`", "computes nothing"],
     ),
+    # tied weights across a cut are supported (tests/test_tied.py); the front end and the model's own loss
     Row(
-        "tied-weights-across-cut",
-        TIED,
-        "inputs:\n  tokens: {shape: [2, 5], dtype: int64, high: 50}\ncuts:\n  - after: emb\n",
-        ["spec.yaml:4:5", "tied weights", "`emb.weight`", "`head.weight`", "untie"],
+        "frontend-unknown",
+        MLP,
+        SPEC + "trace:\n  frontend: torchscript\n",
+        ["spec.yaml:7:3", "`trace.frontend`", "'fx', 'export' or 'auto'", "torchscript"],
+    ),
+    Row(
+        "loss-from-output-of-a-single-tensor",
+        MLP,
+        SPEC + "loss: {from_output: 1}\n",
+        ["spec.yaml:6:1", "from_output: 1", "a single tensor", "return logits, loss"],
     ),
     Row(
         "non-tensor-crosses-cut",

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from ..clock import Clock
 from ..errors import SpecError
-from ..losses import get_loss
+from ..losses import check_output_loss, get_loss
 from ..optim import build_optimizer
 from ..synthesizers import build_synthetic_gradient, build_synthetic_input, one_hot_context
 
@@ -91,6 +92,8 @@ class LocalRuntime:
         self.program = program
         spec = program.spec
         self.loss_fn = get_loss(spec.loss, spec.where("loss"))
+        # `loss: {from_output: i}`: the model returns its loss; its labels (if named) are one of its inputs
+        self.labels_index = None if isinstance(spec.loss, str) else check_output_loss(program, spec.where("loss"))
         self.num_classes = _num_classes(program)
         first_input = program.stages[0].inputs[0] if program.stages[0].inputs else None
         in_shape = tuple(first_input.shape[1:]) if first_input is not None else None
@@ -157,9 +160,12 @@ class LocalRuntime:
         for opt in self.optimizers:
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
+        if target is None and self.labels_index is not None:
+            target = inputs[self.labels_index]
         context = one_hot_context(target, self.num_classes) if self.num_classes else None
         result = StepResult(loss=float("nan"), output=torch.empty(0), ticked=ticks)
-        return StepContext(self.step, tuple(inputs), target, context, target.shape[0], ticks, result)
+        batch = (target if target is not None else inputs[0]).shape[0]
+        return StepContext(self.step, tuple(inputs), target, context, batch, ticks, result)
 
     def run_stages(self, first: int, last: int, values: tuple, ctx: StepContext) -> tuple[tuple, list[int]]:
         """Run stages first..last on `values`, crossing the synthetic cuts between them (steps 1-3 of the
@@ -185,7 +191,7 @@ class LocalRuntime:
         loss = self.loss_fn(outputs, ctx.target)
         loss.backward()
         ctx.result.loss = float(loss.detach())
-        ctx.result.output = outputs.detach() if isinstance(outputs, torch.Tensor) else outputs
+        ctx.result.output = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, outputs)
         self.step_stages(open_group, ctx.ticks)
 
     def apply_synthetic_gradient(self, cut, outputs: tuple, ctx: StepContext, open_group: list[int]) -> dict:
@@ -309,6 +315,11 @@ def _num_classes(program) -> int:
     """Size of the one-hot context for cDNI: the last dimension of the program's output."""
     if not any(c.synthetic_gradient is not None and c.synthetic_gradient.condition_on_labels for c in program.cuts):
         return 0
+    if not isinstance(program.spec.loss, str) and program.spec.loss.labels is None:
+        raise SpecError(
+            f"{program.spec.where('loss')}: condition_on_labels needs the labels, and the model computes its own loss: "
+            "name the input that holds them, e.g. `loss: {from_output: 1, labels: targets}`."
+        )
     outs = program.stages[-1].outputs
     if not outs:
         raise SpecError(
