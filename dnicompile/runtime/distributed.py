@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from ..errors import DNIError, SpecError
 from .local import LocalRuntime, StepResult
+from .tied import TiedReplicas
 
 
 # --------------------------------------------------------------------------- placement
@@ -135,6 +136,7 @@ class RankWorker:
         self.device = device
         self.timeout = timedelta(seconds=timeout_s)
         self.rt: LocalRuntime = program.runtime
+        self.tied = TiedReplicas(program, rank, placement, self.rt)  # tied tensors shared with other ranks
         self.depth = program.spec.distributed.queue_depth
         self.awaiting: deque[_Awaiting] = deque()
         self.sends: deque = deque()
@@ -186,6 +188,7 @@ class RankWorker:
         rt = self.rt
         rt.step = step
         ctx = rt.begin_step((x,), y)
+        self.tied.zero_grad()
         if self.in_cut is None:
             values = (x,)
         else:
@@ -208,6 +211,7 @@ class RankWorker:
         if self.in_cut is not None:  # the gradient this rank sends back: delta for the cut before it
             grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in values if v.is_floating_point()]
             self.send(grads, self.rank - 1)
+        self.tied.step(ctx.ticks)  # sum the gradients of tied tensors with the other ranks holding them; update
         rt.learn_synthesizers(ctx)  # cuts inside this rank
         self.use_deltas(block=False, result=ctx.result)
         self.stats.result = ctx.result
@@ -296,10 +300,12 @@ class RankWorker:
             "clocks": {s: full["clocks"][s] for s in mine},
             "synthesizers": {c: full["synthesizers"][c] for c in mine if c < len(self.program.cuts)},
             "synth_optimizers": {c: full["synth_optimizers"][c] for c in mine if c < len(self.program.cuts)},
+            "tied": self.tied.state_dict(),
         }
 
     def load_runtime_state(self, state: dict) -> None:
         rt = self.rt
+        self.tied.load_state_dict(state.get("tied", []))
         for s, v in state["optimizers"].items():
             if rt.optimizers[s] is not None:
                 rt.optimizers[s].load_state_dict(v)
