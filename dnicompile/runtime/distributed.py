@@ -4,11 +4,17 @@ Each rank builds the same program (same seed, same initial weights) and owns the
 placement gives it. Every rank draws the same batches from the same seed, so only boundary tensors and
 gradients travel:
 
-- forward: the boundary tensors of batch t go to the next rank with non-blocking sends;
+- forward: the boundary tensors of batch t go to the next rank with non-blocking sends; the next rank
+  posts its receive for batch t+1 as soon as batch t has arrived, so the transfer overlaps its compute;
 - across a synthetic cut, a rank steps with its synthetic gradient and goes on to batch t+1; the true
   gradient of batch t comes back later (irecv) and trains the cut's synthesizer, paired with the h_t the
   rank kept (a queue of at most `queue_depth` batches; its age is reported as `staleness`);
 - across an exact cut, a rank waits for the true gradient of batch t: ordinary pipeline parallelism.
+  A rank sends the gradient of its input back before it runs its optimizer, so the rank before it
+  waits for one backward, not for a backward and an update.
+
+Per-cut statistics (cosine, synthesizer loss, staleness) reach the driver with non-blocking sends every
+`log_every` steps; no rank waits for another to report them.
 
 Every wait has a timeout (spec `distributed.timeout_s`), so a rank that dies or hangs makes the others
 fail within that time instead of hanging. Launch with `dnicompile ... --train --workers N` (processes
@@ -17,7 +23,9 @@ on this host), or with `torchrun ... -m dnicompile ...` across hosts.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import socket
 import tempfile
@@ -30,15 +38,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ..errors import DNIError, SpecError
+from ..synthesizers import one_hot_context
 from .local import LocalRuntime, StepResult
 from .tied import TiedReplicas
 
+STATS_TAG = 7  # p2p tag of the per-rank statistics sent to the driver (activations and gradients use 0)
+
 
 # --------------------------------------------------------------------------- placement
-def plan_placement(program, world: int, config) -> list[tuple[int, int]]:
-    """(first, last) stage of each rank: from the spec's list, or balanced by parameters or time."""
+def plan_placement(program, world: int, config, costs: list[float] | None = None) -> list[tuple[int, int]]:
+    """(first, last) stage of each rank: from the spec's list, or balanced by parameters or time.
+
+    For `placement: time` pass the measured `costs` (see `measure_stage_costs`; every rank must use the
+    same, so one rank measures and broadcasts them); without them the placement is only checked and
+    split by parameter count."""
     n = len(program.stages)
     where = program.spec.where("distributed", "placement")
     if world > n:
@@ -54,8 +70,9 @@ def plan_placement(program, world: int, config) -> list[tuple[int, int]]:
                 f"covering stages 0..{n - 1} once in order, e.g. {_even_split(n, world)}."
             )
         return [(g[0], g[-1]) for g in placement]
-    costs = _stage_costs(program, placement)
-    return _balanced(costs, world)
+    if placement == "time" and costs is not None:
+        return _balanced(costs, world)
+    return _balanced([max(1, s.num_parameters()) for s in program.stages], world)
 
 
 def _even_split(n: int, world: int) -> list[list[int]]:
@@ -63,25 +80,62 @@ def _even_split(n: int, world: int) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(world)]
 
 
-def _stage_costs(program, how: str) -> list[float]:
-    if how == "params":
-        return [max(1, s.num_parameters()) for s in program.stages]
-    # measured forward + backward time on the example inputs
-    values = program.example_inputs
+def measure_stage_costs(program, repeats: int = 3, device=None) -> list[float]:
+    """Seconds per training step of each stage on the example inputs: forward, backward, and the
+    synthetic-gradient model of its outgoing cut (forward and its own backward). The median of `repeats`
+    timed runs after one warm-up. Parameters, gradients and buffers (batch-norm statistics) are left as
+    they were."""
+    rt = program.runtime
+    saved = {k: v.detach().clone() for k, v in program.model.state_dict().items()}
+    synth_saved = [copy.deepcopy(cs.state_dict()) if cs is not None else None for cs in rt.synth]
+    values = tuple(v.to(device) if device is not None else v for v in program.example_inputs)
+    batch = program.example_batch or 1
+    context = None
+    if rt.num_classes:
+        context = one_hot_context(torch.zeros(batch, dtype=torch.long, device=values[0].device), rt.num_classes)
     costs = []
-    for stage in program.stages:
-        ins = tuple(v.detach().requires_grad_(v.is_floating_point()) for v in values)
-        start = time.perf_counter()
-        for _ in range(3):
-            out = stage(*ins)
-            tensors = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
-            if tensors:
-                torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
-        costs.append(time.perf_counter() - start)
-        values = tuple(o.detach() for o in (out if isinstance(out, tuple) else (out,)))
-    for p in program.parameters():
-        p.grad = None
+    try:
+        for i, stage in enumerate(program.stages):
+            cut = program.cuts[i] if i < len(program.cuts) else None
+            times, out = [], None
+            for r in range(repeats + 1):
+                ins = tuple(v.detach().requires_grad_(i > 0) if v.is_floating_point() else v for v in values)
+                start = time.perf_counter()
+                out = stage(*ins)
+                outs = out if isinstance(out, tuple) else (out,)
+                tensors = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+                if tensors:
+                    torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+                if cut is not None and not cut.exact:
+                    _time_synthesizer(rt.synth[cut.index], cut, outs, context)
+                if device is not None and torch.device(device).type == "cuda":
+                    torch.cuda.synchronize(device)
+                if r:
+                    times.append(time.perf_counter() - start)
+            costs.append(sorted(times)[len(times) // 2])
+            values = tuple(o.detach() for o in (out if isinstance(out, tuple) else (out,)))
+    finally:
+        program.model.load_state_dict(saved)
+        for cs, state in zip(rt.synth, synth_saved):
+            if cs is not None:
+                cs.load_state_dict(state)
+        for p in program.parameters():
+            p.grad = None
+        for cs in rt.synth:
+            if cs is not None:
+                for p in cs.parameters():
+                    p.grad = None
     return costs
+
+
+def _time_synthesizer(cs, cut, outs: tuple, context) -> None:
+    """One forward and backward of the cut's synthetic-gradient models (the work they add to a stage)."""
+    for b, h in zip(cut.boundary, outs):
+        if b.name in cs.grad:
+            try:
+                cs.grad[b.name](h.detach(), context).square().sum().backward()
+            except Exception:  # a custom synthesizer that needs other inputs: leave it out of the cost
+                pass
 
 
 def _balanced(costs: list[float], world: int) -> list[tuple[int, int]]:
@@ -114,6 +168,7 @@ class _Awaiting:
     """A batch whose true gradient across the outgoing synthetic cut has not been used yet."""
 
     step: int
+    batch: int
     h: dict  # tensor name -> h_t (detached)
     context: torch.Tensor | None
     works: list
@@ -124,6 +179,8 @@ class _Awaiting:
 class RankStats:
     staleness: list[int] = field(default_factory=list)
     result: StepResult | None = None
+    cosine: dict[str, float] = field(default_factory=dict)  # the outgoing cut's latest, when asked for
+    synth_loss: dict[str, float] = field(default_factory=dict)
 
 
 class RankWorker:
@@ -132,6 +189,7 @@ class RankWorker:
     def __init__(self, program, rank: int, world: int, placement: list[tuple[int, int]], device, timeout_s: float):
         self.program = program
         self.rank, self.world = rank, world
+        self.placement = placement
         self.first, self.last = placement[rank]
         self.device = device
         self.timeout = timedelta(seconds=timeout_s)
@@ -141,6 +199,7 @@ class RankWorker:
         self.awaiting: deque[_Awaiting] = deque()
         self.sends: deque = deque()
         self.stats = RankStats()
+        self.prefetched: tuple[int, list, list] | None = None  # (step, buffers, works) of posted activation irecvs
         n = len(program.stages)
         self.in_cut = program.cuts[self.first - 1] if self.first > 0 else None
         self.out_cut = program.cuts[self.last] if self.last < n - 1 else None
@@ -164,56 +223,79 @@ class RankWorker:
                 f"after {self.timeout.total_seconds():.0f}s: {e}"
             ) from None
 
-    def send(self, tensors, dst: int) -> None:
+    def send(self, tensors, dst: int, tag: int = 0) -> None:
         for t in tensors:
             t = t.detach().contiguous()
-            self.sends.append((dist.isend(t, dst), t))
+            self.sends.append((dist.isend(t, dst, tag=tag), t))
         while len(self.sends) > 4 * max(1, len(tensors)) * self.depth:
             work, _ = self.sends.popleft()
             self._wait(work, f"a send to rank {dst}")
 
+    def post_recv(self, cut, batch: int, src: int) -> tuple[list, list]:
+        bufs = [torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device) for b in cut.boundary]
+        return bufs, [dist.irecv(buf, src) for buf in bufs]
+
     def recv(self, cut, batch: int, src: int, what: str) -> tuple[torch.Tensor, ...]:
-        out = []
-        for b in cut.boundary:
-            buf = torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
-            self._wait(dist.irecv(buf, src), f"{what} of `{b.name}` from rank {src}")
-            out.append(buf)
-        return tuple(out)
+        bufs, works = self.post_recv(cut, batch, src)
+        for b, work in zip(cut.boundary, works):
+            self._wait(work, f"{what} of `{b.name}` from rank {src}")
+        return tuple(bufs)
+
+    def recv_activations(self, step: int, batch: int) -> tuple[torch.Tensor, ...]:
+        """The boundary tensors of batch `step` from the rank before: from the receive posted during the
+        previous step, if any."""
+        if self.prefetched is not None:
+            pre_step, bufs, works = self.prefetched
+            self.prefetched = None
+            if pre_step != step or bufs[0].shape[0] != batch:
+                raise RuntimeError(f"rank {self.rank}: posted a receive for batch {pre_step} but batch {step} came")
+        else:
+            bufs, works = self.post_recv(self.in_cut, batch, self.rank - 1)
+        for b, work in zip(self.in_cut.boundary, works):
+            self._wait(work, f"activations of batch {step} (`{b.name}`) from rank {self.rank - 1}")
+        return tuple(bufs)
 
     def float_boundary(self, cut):
         return [b for b in cut.boundary if b.dtype.is_floating_point]
 
     # ---------------------------------------------------------------- a training step
-    def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+    def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor, stats: bool = True, prefetch: bool = False):
+        """One step of this rank's stages on batch `step`. `stats`: measure the outgoing cut's cosine and
+        synthesizer loss (a few steps before each log line is enough); `prefetch`: the next step is a
+        training step of the same batch size, so its activations may be received during this one."""
         rt = self.rt
         rt.step = step
         ctx = rt.begin_step((x,), y)
         self.tied.zero_grad()
+        batch = x.shape[0]
         if self.in_cut is None:
             values = (x,)
         else:
-            received = self.recv(self.in_cut, x.shape[0], self.rank - 1, f"activations of batch {step}")
+            received = self.recv_activations(step, batch)
+            if prefetch:
+                self.prefetched = (step + 1, *self.post_recv(self.in_cut, batch, self.rank - 1))
             values = tuple(v.requires_grad_(True) if v.is_floating_point() else v for v in received)
         outputs, open_group = rt.run_stages(self.first, self.last, values, ctx)
+        # the group's backward; its update waits until the gradient for the rank before is on its way
         if self.out_cut is None:
-            rt.apply_loss(outputs, ctx, open_group)
+            rt.apply_loss(outputs, ctx, [])
         else:
             self.send(outputs, self.rank + 1)
             if self.out_cut.exact:
                 floats = [(b, h) for b, h in zip(self.out_cut.boundary, outputs) if h.requires_grad]
-                grads = self.recv_grads(self.out_cut, x.shape[0], f"the true gradient of batch {step}")
+                grads = self.recv_grads(self.out_cut, batch, f"the true gradient of batch {step}")
                 if floats:
                     torch.autograd.backward([h for _, h in floats], [grads[b.name] for b, _ in floats])
-                rt.step_stages(open_group, ctx.ticks)
             else:
-                preds = rt.apply_synthetic_gradient(self.out_cut, outputs, ctx, open_group)
-                self.await_delta(step, outputs, preds, ctx.context, x.shape[0])
+                preds = rt.apply_synthetic_gradient(self.out_cut, outputs, ctx, [])
+                self.await_delta(step, outputs, preds, ctx.context, batch)
         if self.in_cut is not None:  # the gradient this rank sends back: delta for the cut before it
             grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in values if v.is_floating_point()]
             self.send(grads, self.rank - 1)
+        rt.step_stages(open_group, ctx.ticks)
         self.tied.step(ctx.ticks)  # sum the gradients of tied tensors with the other ranks holding them; update
         rt.learn_synthesizers(ctx)  # cuts inside this rank
-        self.use_deltas(block=False, result=ctx.result)
+        self.use_deltas(block=False, stats=stats)
         self.stats.result = ctx.result
         return ctx.result
 
@@ -232,9 +314,9 @@ class RankWorker:
             works.append(dist.irecv(buf, self.rank + 1))
             deltas[b.name] = buf
         h = {b.name: t.detach() for b, t in zip(self.out_cut.boundary, outputs) if b.name in preds}
-        self.awaiting.append(_Awaiting(step, h, context, works, deltas))
+        self.awaiting.append(_Awaiting(step, batch, h, context, works, deltas))
 
-    def use_deltas(self, block: bool, result: StepResult) -> None:
+    def use_deltas(self, block: bool, stats: bool = True) -> None:
         """Train the outgoing cut's synthesizer on every true gradient that has arrived; wait for the
         oldest ones when the queue is longer than its depth (or for all of them when `block`)."""
         while self.awaiting:
@@ -246,18 +328,91 @@ class RankWorker:
                 self._wait(w, f"the true gradient of batch {head.step} from rank {self.rank + 1}")
             self.awaiting.popleft()
             self.stats.staleness.append(self.rt.step - head.step)
-            cs = self.rt.synth[self.out_cut.index]
-            preds = {name: cs.grad[name](h, head.context) for name, h in head.h.items()}
-            self.rt.update_synthetic_gradient(
-                self.out_cut, preds, head.deltas, next(iter(head.h.values())).shape[0], result
-            )
+            self.learn_from_delta(head, stats)
+
+    def learn_from_delta(self, head: _Awaiting, stats: bool) -> None:
+        """One step of ||M(h_t, c_t) - batch * delta_t||^2 with the synthesizer as it is now (the local
+        runtime's update_synthetic_gradient on a kept batch); cosine and loss only when `stats`.
+
+        M(h_t, c_t) is computed again rather than kept from step t with its graph: back-propagating a
+        prediction of the older M into the current one (a delayed gradient) learned far worse in the
+        measurements (synthesizer loss about 10x higher, cosine near 0 on examples/wide_mlp.py, queue 4)."""
+        cut, rt = self.out_cut, self.rt
+        cs = rt.synth[cut.index]
+        preds = {name: cs.grad[name](h, head.context) for name, h in head.h.items()}
+        if not preds:
+            return
+        targets = {name: head.deltas[name] * head.batch for name in preds}
+        losses = [F.mse_loss(pred, targets[name]) for name, pred in preds.items()]
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        g_opt = rt.synth_optimizers[cut.index][0]
+        g_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        g_opt.step()
+        schedulers = getattr(rt, "synth_schedulers", None)
+        if schedulers is not None and schedulers[cut.index][0] is not None:
+            schedulers[cut.index][0].step()
+        if stats:
+            dots = torch.zeros(3, dtype=torch.float64)
+            for name, pred in preds.items():
+                p, t = pred.detach().flatten(), targets[name].flatten()
+                dots += torch.stack([p @ t, p @ p, t @ t]).double()
+            dot, pred_sq, true_sq = dots.tolist()
+            denom = math.sqrt(pred_sq * true_sq)
+            self.stats.cosine[cut.name] = dot / denom if denom > 0 else 0.0
+            self.stats.synth_loss[cut.name] = float(loss.detach())
 
     def drain(self) -> None:
         """Use every outstanding true gradient and finish every send (before evaluation and checkpoints)."""
-        self.use_deltas(block=True, result=self.stats.result or StepResult(0.0, torch.empty(0)))
+        self.use_deltas(block=True)
+        if self.prefetched is not None:
+            raise RuntimeError(f"rank {self.rank}: a receive for batch {self.prefetched[0]} is still posted")
         while self.sends:
             work, _ = self.sends.popleft()
             self._wait(work, "a send")
+
+    # ---------------------------------------------------------------- statistics
+    def reported_cuts(self, rank: int | None = None) -> list:
+        """The synthetic cuts whose statistics rank `rank` (default: this one) reports: its outgoing cut
+        and the cuts between its own stages."""
+        first, last = self.placement[self.rank if rank is None else rank]
+        cuts = self.program.cuts
+        return [cuts[c] for c in range(first, min(last + 1, len(cuts))) if not cuts[c].exact]
+
+    def stats_vector(self, result: StepResult) -> torch.Tensor:
+        """[staleness sum, staleness count, then cosine and synthesizer loss of each reported cut] (NaN
+        where not measured yet), and forget the staleness reported."""
+        cosine = {**result.cosine, **self.stats.cosine}
+        synth_loss = {**result.synth_loss, **self.stats.synth_loss}
+        values = [float(sum(self.stats.staleness)), float(len(self.stats.staleness))]
+        for cut in self.reported_cuts():
+            values += [cosine.get(cut.name, math.nan), synth_loss.get(cut.name, math.nan)]
+        self.stats.staleness = []
+        return torch.tensor(values, dtype=torch.float64)
+
+    def gather_stats(self, result: StepResult) -> dict | None:
+        """Every rank's statistics on the driver (None elsewhere). Other ranks send theirs without
+        waiting; the driver receives them (they are never behind it: its batch comes through them)."""
+        mine = self.stats_vector(result)
+        if not self.is_driver:
+            self.send([mine], self.world - 1, tag=STATS_TAG)
+            return None
+        vectors = {self.rank: mine}
+        for r in range(self.world - 1):
+            buf = torch.empty(2 + 2 * len(self.reported_cuts(r)), dtype=torch.float64)
+            self._wait(dist.irecv(buf, r, tag=STATS_TAG), f"the statistics of rank {r}")
+            vectors[r] = buf
+        stale_sum = sum(float(v[0]) for v in vectors.values())
+        stale_n = sum(float(v[1]) for v in vectors.values())
+        cosine, synth_loss = {}, {}
+        for r, v in sorted(vectors.items()):
+            for i, cut in enumerate(self.reported_cuts(r)):
+                c, loss = float(v[2 + 2 * i]), float(v[3 + 2 * i])
+                if not math.isnan(c):
+                    cosine[cut.name] = c
+                if not math.isnan(loss):
+                    synth_loss[cut.name] = loss
+        return {"cosine": cosine, "synth_loss": synth_loss, "staleness": stale_sum / stale_n if stale_n else 0.0}
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -435,7 +590,14 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> None:
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=spec.distributed.timeout_s)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
-        placement = plan_placement(program, world, spec.distributed)
+        costs = None
+        if spec.distributed.placement == "time":  # rank 0 measures, so that every rank splits alike
+            program.to(device)
+            program.runtime.to(device)
+            box = [measure_stage_costs(program, device=device) if rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            costs = box[0]
+        placement = plan_placement(program, world, spec.distributed, costs)
         first, last = placement[rank]
         stage_desc = ", ".join(f"stage{s}" for s in range(first, last + 1))
         from .distributed_train import train_rank

@@ -44,31 +44,32 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
         else f"{world} workers; driver rank {rank} runs {worker.stage_names}"
     )
     summary = {"steps_done": start, "test_accuracy": None, "workers": world, "placement": placement}
+    log_every = dcfg.log_every
     window_start, window_samples, begin = time.perf_counter(), 0, time.perf_counter()
+    paused = 0.0  # seconds spent in evaluation and checkpoints: `train_s` is elapsed_s without them
     for step in range(start, cfg.steps):
         x, y = batches.next()
         x, y = _shape_batch(program, x).to(device), y.to(device)
-        result = worker.train_step(step, x, y)
-        window_samples += len(x)
         done = step + 1
+        evaluating = done % cfg.eval_every == 0 or done == cfg.steps
+        checkpointing = out_dir is not None and bool(dcfg.checkpoint_every) and done % dcfg.checkpoint_every == 0
+        # cosine and synthesizer loss of the outgoing cut: measured over the last steps before a log line
+        stats = (-done) % log_every <= worker.depth + 1 or done == cfg.steps
+        result = worker.train_step(step, x, y, stats=stats, prefetch=not (evaluating or checkpointing))
+        window_samples += len(x)
         summary["steps_done"] = done
-        if done % dcfg.log_every == 0 or done == cfg.steps:
-            stats = {"cosine": result.cosine, "synth_loss": result.synth_loss, "staleness": worker.stats.staleness}
-            gathered = [None] * world
-            dist.all_gather_object(gathered, stats)
-            worker.stats.staleness = []
+        if done % log_every == 0 or done == cfg.steps:
+            gathered = worker.gather_stats(result)
             if worker.is_driver:
                 now = time.perf_counter()
-                stale = [s for g in gathered for s in g["staleness"]]
                 row = {
                     "step": done,
                     "loss": result.loss,
                     "train_accuracy": float((result.output.argmax(-1) == y).float().mean()),
                     "samples_per_s": window_samples / (now - window_start),
                     "elapsed_s": now - begin,
-                    "cosine": {k: v for g in gathered for k, v in g["cosine"].items()},
-                    "synth_loss": {k: v for g in gathered for k, v in g["synth_loss"].items()},
-                    "staleness": sum(stale) / len(stale) if stale else 0.0,
+                    "train_s": now - begin - paused,
+                    **gathered,
                 }
                 metrics.write(row)
                 console.print(
@@ -76,8 +77,10 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
                     f"staleness {row['staleness']:.2f}"
                 )
                 window_start, window_samples = now, 0
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+        if evaluating:
+            pause = time.perf_counter()
             worker.drain()
+            train_s = pause - begin - paused  # the pipeline is drained inside the evaluation's time
             evaluated = worker.evaluate(data.test_x, data.test_y)
             if worker.is_driver:
                 acc, test_loss = evaluated
@@ -89,14 +92,18 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
                         "test_accuracy": acc,
                         "test_loss": test_loss,
                         "elapsed_s": time.perf_counter() - begin,
+                        "train_s": train_s,
                     }
                 )
                 console.print(f"step {done:>6}: test accuracy {acc:.4f}")
             window_start = time.perf_counter()
-        if out_dir is not None and dcfg.checkpoint_every and done % dcfg.checkpoint_every == 0:
+            paused += window_start - pause
+        if checkpointing:
+            pause = time.perf_counter()
             worker.drain()
             save_checkpoint(worker, out_dir, done)
             window_start = time.perf_counter()
+            paused += window_start - pause
     worker.drain()
     summary["elapsed_s"] = time.perf_counter() - begin
     states = [None] * world
