@@ -436,6 +436,11 @@ def compile_recurrent(model: nn.Module, spec) -> RecurrentProgram:
             "`synthetic_gradient` for DNI at the truncation boundaries)."
         )
     rc = spec.recurrent
+    if not isinstance(spec.loss, str):
+        raise SpecError(
+            f"{spec.where('loss')}: a recurrent program scores every time step itself, so `loss` names a per-step loss "
+            f"({', '.join(STEP_LOSSES)} or 'package.module:function'), not a loss the model returns."
+        )
     get_step_loss(spec.loss, spec.where("loss"))
     sg = spec.bptt.synthetic_gradient
     if sg is not None and sg.condition_on_labels:

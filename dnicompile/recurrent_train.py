@@ -94,7 +94,14 @@ def train_recurrent_from_cli(program, args, console: Console) -> int:
     opts.metrics_path, opts.out_dir = metrics_path, out_dir
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    summary = fit_recurrent(program, opts, console)
+    # a recurrent step is many small ops: one intra-op thread is fastest unless asked (and much faster than
+    # several threads fighting other processes for the cores)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or 1)
+    try:
+        summary = fit_recurrent(program, opts, console)
+    finally:
+        torch.set_num_threads(threads)
     if out_dir is not None:
         write_outputs(program, summary, out_dir, f"{type(program.model).__name__} ({args.spec})")
         console.print(f"wrote model.pt, checkpoint.pt, curves.png, summary.json, metrics.jsonl to {out_dir}")
