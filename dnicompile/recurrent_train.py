@@ -48,12 +48,74 @@ def run_recurrent_cli(model, spec, args, console: Console | None = None) -> int:
     if not args.train:
         console.print(program.summary(), markup=False)
         return 0
-    if args.workers > 1 or getattr(args, "resume", None):
-        raise DNIError(
-            "--workers and --resume are not available for recurrent programs yet: train them in one process "
-            "(the local runtime)."
-        )
+    if getattr(args, "resume", None):
+        raise DNIError("--resume is not available for recurrent programs: start the run again.")
+    if args.workers > 1:
+        return train_hierarchical_distributed(program, args, console)
     return train_recurrent_from_cli(program, args, console)
+
+
+def _outputs(args) -> tuple[Path | None, Path | None]:
+    """--out and --metrics, checked: never overwrite a run without --overwrite."""
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise DNIError(f"--out {out_dir}: exists and is not a directory.")
+        existing = [n for n in OUT_FILES if (out_dir / n).exists()]
+        if existing and not args.overwrite:
+            raise DNIError(
+                f"--out {out_dir}: already holds a run ({', '.join(existing)}); choose another directory or "
+                "pass --overwrite to replace it."
+            )
+    metrics_path = Path(args.metrics) if args.metrics else (out_dir / "metrics.jsonl" if out_dir else None)
+    if metrics_path is not None:
+        if metrics_path.exists() and not args.overwrite and not (out_dir and metrics_path.parent == out_dir):
+            raise DNIError(f"--metrics {metrics_path}: file exists; choose another path or pass --overwrite.")
+        if not metrics_path.parent.is_dir() and metrics_path.parent != out_dir:
+            raise DNIError(f"--metrics {metrics_path}: folder {metrics_path.parent} does not exist.")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir, metrics_path
+
+
+def train_hierarchical_distributed(program, args, console: Console) -> int:
+    """`--workers 2`: the lower core on one process, the upper core on another (runtime/bptt_distributed)."""
+    from .runtime.bptt_distributed import HierarchicalRunConfig, check_distributed, launch
+
+    if args.workers != 2:
+        raise DNIError(
+            f"--workers {args.workers}: a hierarchical program has two cores, one per worker: use --workers 2."
+        )
+    check_distributed(program)
+    spec = program.spec
+    resolve_device(args.device)
+    if torch.device(args.device).type != "cpu":
+        raise DNIError("--workers 2 runs a hierarchical program on CPU processes (gloo); drop --device.")
+    data = args.data or spec.data.path
+    _check_sizes(program, None, load_text(data, spec.data.split).vocab_size, "text")  # here, not in the workers
+    out_dir, metrics_path = _outputs(args)
+    cfg = HierarchicalRunConfig(
+        model_path=str(Path(args.model).resolve()),
+        spec_path=str(Path(args.spec).resolve()),
+        steps=args.steps or spec.train.steps,
+        batch_size=args.batch_size or spec.train.batch_size,
+        eval_every=args.eval_every or spec.train.eval_every,
+        seed=spec.train.seed if args.seed is None else args.seed,
+        data=str(Path(data).resolve()),
+        threads=args.threads or 1,
+        out_dir=str(out_dir) if out_dir else None,
+        metrics_path=str(metrics_path) if metrics_path else None,
+        title=f"{type(program.model).__name__} ({args.spec}), 2 workers",
+    )
+    console.print("starting 2 workers: the lower core on rank 0, the upper core on rank 1", highlight=False)
+    code, summary = launch(cfg)
+    if code == 0 and summary is not None:
+        console.print(
+            f"done: {summary['steps_done']} steps in {summary['elapsed_s']:.1f}s, held-out bpc {summary['bpc']:.4f}, "
+            f"upper bpc {summary['upper_bpc']:.4f}",
+            highlight=False,
+        )
+    return code
 
 
 def train_recurrent_from_cli(program, args, console: Console) -> int:
@@ -75,25 +137,8 @@ def train_recurrent_from_cli(program, args, console: Console) -> int:
         data=args.data or spec.data.path,
     )
     resolve_device(opts.device)
-    out_dir = Path(args.out) if args.out else None
-    if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise DNIError(f"--out {out_dir}: exists and is not a directory.")
-        existing = [n for n in OUT_FILES if (out_dir / n).exists()]
-        if existing and not args.overwrite:
-            raise DNIError(
-                f"--out {out_dir}: already holds a run ({', '.join(existing)}); choose another directory or "
-                "pass --overwrite to replace it."
-            )
-    metrics_path = Path(args.metrics) if args.metrics else (out_dir / "metrics.jsonl" if out_dir else None)
-    if metrics_path is not None:
-        if metrics_path.exists() and not args.overwrite and not (out_dir and metrics_path.parent == out_dir):
-            raise DNIError(f"--metrics {metrics_path}: file exists; choose another path or pass --overwrite.")
-        if not metrics_path.parent.is_dir() and metrics_path.parent != out_dir:
-            raise DNIError(f"--metrics {metrics_path}: folder {metrics_path.parent} does not exist.")
+    out_dir, metrics_path = _outputs(args)
     opts.metrics_path, opts.out_dir = metrics_path, out_dir
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
     # a recurrent step is many small ops: one intra-op thread is fastest unless asked (and much faster than
     # several threads fighting other processes for the cores)
     threads = torch.get_num_threads()

@@ -616,3 +616,61 @@ def test_recurrent_train_data_errors(tmp_path, capsys):
         [model, "--spec", spec, "--train", "--steps", "1", "--data", tmp_path / "nope.txt"], capsys
     )
     assert code == 2 and "nope.txt: no such file" in err
+
+
+# --------------------------------------------------------------------------- hierarchical, two processes
+HIER_SPEC = """\
+    model: build_model
+    model_args: {{vocab: {vocab}, embed: 8, hidden: 16, upper_hidden: 12, every: 3, offset: 2}}
+    inputs:
+      chars: {{shape: [2, 9], dtype: int64, high: {vocab}}}
+    recurrent:
+      core: lower
+      input: embed
+      output: head
+      upper: {{core: upper, output: upper_head, synthetic_gradient: {{model: linear, scale: {scale}}}}}
+    bptt: {{truncation: 4, synthetic_gradient: {{model: linear, scale: 0.1}}}}
+    stages:
+      default: {{optimizer: {{name: Adam, lr: 3.0e-3}}}}
+      1: {{clock: {{every: 3, offset: 2}}}}
+    loss: cross_entropy
+    data: {{name: text, seq_len: 12, eval_chars: 300}}
+    train: {{steps: 6, batch_size: 4, eval_every: 3}}
+    """
+
+
+def _text(tmp_path: Path) -> tuple[Path, int]:
+    import random
+
+    rng = random.Random(0)
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler"]
+    path = tmp_path / "t.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(2000)))
+    return path, len(set(path.read_text()))
+
+
+def test_hierarchical_on_two_workers_equals_local_runtime(tmp_path, capsys):
+    """With the interface's synthetic gradient scaled to 0, the lower core cannot feel when the gradients
+    come back, so two processes must train exactly the weights one process does."""
+    text, vocab = _text(tmp_path)
+    spec = write(tmp_path, "h.yaml", HIER_SPEC.format(vocab=vocab, scale=0.0))
+    base = [ROOT / "examples/hierarchical.py", "--spec", spec, "--train", "--data", text]
+    code, out, err = run_cli([*base, "--workers", "2", "--out", tmp_path / "dist"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli([*base, "--out", tmp_path / "local"], capsys)
+    assert code == 0, err
+    dist_state, local_state = torch.load(tmp_path / "dist/model.pt"), torch.load(tmp_path / "local/model.pt")
+    assert dist_state.keys() == local_state.keys()
+    for k in local_state:
+        torch.testing.assert_close(dist_state[k], local_state[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    rows = [json.loads(line) for line in (tmp_path / "dist/metrics.jsonl").read_text().splitlines()]
+    ticks = [t for t in range(6 * 12) if t >= 2 and (t - 2) % 3 == 0]
+    assert rows[-2]["upper_updates"] == len(ticks)  # one update per tick (truncation 1), on rank 1
+    local = [json.loads(line) for line in (tmp_path / "local/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["bpc"] == local[-1]["bpc"] and rows[-1]["upper_bpc"] == local[-1]["upper_bpc"]
+
+
+def test_two_workers_need_a_hierarchical_program(tmp_path, capsys):
+    spec = write(tmp_path, "copy.yaml", COPY_SPEC)
+    code, out, err = run_cli([ROOT / "examples/copy_rnn.py", "--spec", spec, "--train", "--workers", "2"], capsys)
+    assert code == 2 and "has one core" in err

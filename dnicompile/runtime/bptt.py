@@ -171,15 +171,17 @@ class BPTTRuntime:
                 + (f", and {need - length} more for the upper core's look-ahead" if need > length else "")
                 + "."
             )
-        if start or self.state is None:
-            self.reset()
-            self.time = 0
-            self.state = core.init_state(b, device=x.device)
-        state = self.state
         stats, istats = _Stats(), _Stats()
         losses, outputs = [], []
         aux_sum, aux_n = 0.0, 0
         result = RecurrentStepResult(loss=float("nan"), step_losses=torch.empty(0), output=torch.empty(0))
+        if start or self.state is None:
+            if self.upper_segment:  # a stream that starts over: the upper's open segment still learns
+                self._flush_upper(self.upper_segment[-1][1].shape[0], istats, result)
+            self.reset()
+            self.time = 0
+            self.state = core.init_state(b, device=x.device)
+        state = self.state
         for a in range(0, length, self.T):
             e = min(a + self.T, length)
             last = e == length

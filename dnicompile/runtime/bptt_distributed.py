@@ -1,0 +1,404 @@
+"""A hierarchical recurrent program on two processes: the lower core on rank 0, the upper core on rank 1.
+
+Both ranks rebuild the same program (same seed, same weights) and read the same text streams, so only the
+interface travels over torch.distributed (gloo):
+
+- rank 0 runs the lower core exactly as the local runtime does (dnicompile.runtime.bptt); on each of the
+  upper's ticks it sends the lower's output h_t to rank 1 and backpropagates the interface synthesizer's
+  M_I(h_t) into its segment at once, without waiting;
+- rank 1 receives h_t on its ticks, runs the upper core, and at the end of each of its segments (every
+  `upper.truncation` ticks) backpropagates, steps its optimizer and sends back d(upper loss)/d h_t;
+- rank 0 pairs each returned gradient with the h_t it kept and trains M_I; it runs at most
+  `max(distributed.queue_depth, upper.truncation)` ticks ahead of the gradients it learns from.
+
+At evaluation steps and at the end rank 1 sends its parameters to rank 0, which scores the whole program on
+the held-out text and writes the metrics and the weights. Every wait has the spec's
+`distributed.timeout_s`. The interface must have a synthetic gradient: an exact interface would lock the two
+ranks step by step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DNIError, SpecError
+from .bptt import BPTTRuntime, _Stats
+
+TAG_MESSAGE, TAG_DELTA, TAG_PARAMS, TAG_STATS = 11, 12, 13, 14
+
+
+@dataclass
+class HierarchicalRunConfig:
+    model_path: str
+    spec_path: str
+    steps: int
+    batch_size: int
+    eval_every: int
+    seed: int
+    data: str | None
+    threads: int = 1
+    log_every: int = 10
+    out_dir: str | None = None
+    metrics_path: str | None = None
+    title: str = ""
+    error_dir: str = ""
+    master_port: int = 0
+
+
+def check_distributed(program) -> None:
+    """Raise a DNIError unless the program can be split over two ranks."""
+    spec = program.spec
+    if program.upper is None:
+        raise DNIError(
+            "--workers 2 puts the two cores of a hierarchical program on two processes, but this recurrent program "
+            f"has one core ({spec.where('recurrent')}); train it in one process (without --workers)."
+        )
+    if program.upper.config.synthetic_gradient is None:
+        raise SpecError(
+            f"{spec.where('recurrent', 'upper')}: with --workers 2 the lower core must not wait for the upper's "
+            "gradient: give `upper` a `synthetic_gradient` (an exact interface locks the two ranks step by step)."
+        )
+    if spec.data is None or spec.data.name != "text":
+        raise DNIError(f"{spec.where('data')}: a hierarchical program trains on `data: text`.")
+
+
+# --------------------------------------------------------------------------- rank 0: the lower core
+class LowerRuntime(BPTTRuntime):
+    """The local runtime with the upper core replaced by messages to rank 1."""
+
+    def __init__(self, program, timeout: timedelta):
+        super().__init__(program)
+        self.timeout = timeout
+        self.depth = max(program.spec.distributed.queue_depth, program.upper.config.truncation)
+        self.awaiting: deque = deque()  # (h_t detached, delta buffer, irecv work, time)
+        self.sends: deque = deque()
+        self.istats = _Stats()
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            work.wait(self.timeout)
+        except Exception as e:
+            raise RuntimeError(
+                f"rank 0 (lower core) timed out or failed waiting for {what} after "
+                f"{self.timeout.total_seconds():.0f}s: {e}"
+            ) from None
+
+    def _upper_forward(self, out, target, a, b, roots, grads, result, istats) -> list:
+        scale = self.upper.config.synthetic_gradient.scale
+        for j in range(out.shape[1]):
+            t = self.time + j
+            if not self.clocks[1].tick(t):
+                continue
+            result.upper_ticks.append(t)
+            h = out[:, j]
+            message = h.detach().contiguous()
+            self.sends.append((dist.isend(message, 1, tag=TAG_MESSAGE), message))
+            with torch.no_grad():
+                g = self.iface(message)
+            roots.append(h)
+            grads.append(g * (scale / b))
+            buf = torch.empty_like(message)
+            self.awaiting.append((message, buf, dist.irecv(buf, 1, tag=TAG_DELTA), t))
+        return []
+
+    def _upper_backward(self, ticks, b, istats, result) -> None:
+        self.use_deltas(block_beyond=self.depth)
+
+    def _flush_upper(self, b, istats, result) -> None:
+        pass  # rank 1 closes the upper's segments
+
+    def use_deltas(self, block_beyond: int) -> None:
+        """Train M_I on returned gradients: every one that has arrived, and by waiting while more than
+        `block_beyond` ticks are outstanding."""
+        while self.awaiting:
+            message, buf, work, t = self.awaiting[0]
+            if len(self.awaiting) > block_beyond:
+                self._wait(work, f"the upper's gradient for the state sent at step {t}")
+            elif not work.is_completed():
+                break
+            self.awaiting.popleft()
+            self._learn(self.iface, self.iface_opt, message, buf, message.shape[0], self.istats)
+        while len(self.sends) > 4 * self.depth + 8:
+            work, _ = self.sends.popleft()
+            self._wait(work, "a send to rank 1")
+
+    def drain(self) -> None:
+        self.use_deltas(block_beyond=0)
+        while self.sends:
+            work, _ = self.sends.popleft()
+            self._wait(work, "a send to rank 1")
+
+
+# --------------------------------------------------------------------------- rank 1: the upper core
+class UpperWorker:
+    """Runs the upper core on the messages from rank 0, on its clock's ticks."""
+
+    def __init__(self, program, timeout: timedelta):
+        from ..clock import Clock
+        from ..optim import build_optimizer
+        from ..recurrent import get_step_loss
+
+        self.program, self.upper, self.timeout = program, program.upper, timeout
+        spec = program.spec
+        opt_cfg, clock_cfg = program.stage_configs[1]
+        self.optimizer, self.scheduler = build_optimizer(program.stage_parameters(1), opt_cfg, spec.where("stages"))
+        self.clock = Clock(clock_cfg, 1)
+        self.loss_fn = get_step_loss(spec.loss, spec.where("loss"))
+        self.state = None
+        self.segment: list = []  # (weighted loss, message leaf)
+        self.time = 0
+        self.updates: list[int] = []
+        self.loss_sum, self.loss_n = 0.0, 0
+        self.sends: deque = deque()
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            work.wait(self.timeout)
+        except Exception as e:
+            raise RuntimeError(
+                f"rank 1 (upper core) timed out or failed waiting for {what} after "
+                f"{self.timeout.total_seconds():.0f}s: {e}"
+            ) from None
+
+    def step(self, y: torch.Tensor, length: int, batch: int, start: bool) -> None:
+        """Mirror one chunk of the stream: receive on the ticks, learn at the ends of the upper's segments."""
+        u = self.upper
+        if start:
+            if self.segment:
+                self._end_segment()
+            self.state, self.time = None, 0
+        if self.state is None:
+            self.state = u.core.init_state(batch)
+        for j in range(length):
+            t = self.time + j
+            if not self.clock.tick(t):
+                continue
+            message = torch.empty(batch, self._width(), dtype=self._dtype())
+            self._wait(dist.irecv(message, 0, tag=TAG_MESSAGE), f"the lower core's state at step {t}")
+            message.requires_grad_(True)
+            pred, self.state = u.step(message, self.state)
+            tgt = y[:, j : j + u.horizon]
+            n = tgt.shape[1]
+            if n == 0:
+                per = pred.sum() * 0.0
+            else:
+                per = self.loss_fn(pred[:, :n], tgt).sum(1).mean() / u.horizon
+                self.loss_sum += float(per.detach()) * u.horizon / n
+                self.loss_n += 1
+            self.segment.append((u.config.loss_weight * per, message))
+            if len(self.segment) >= u.config.truncation:
+                self._end_segment(t)
+        self.time += length
+
+    def _end_segment(self, t: int | None = None) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.stack([loss for loss, _ in self.segment]).sum().backward()
+        for _, message in self.segment:
+            delta = message.grad if message.grad is not None else torch.zeros_like(message)
+            delta = delta.detach().contiguous()
+            self.sends.append((dist.isend(delta, 0, tag=TAG_DELTA), delta))
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.updates.append(t if t is not None else self.time)
+        self.segment = []
+        self.state = tuple(s.detach() for s in self.state)
+        while len(self.sends) > 64:
+            work, _ = self.sends.popleft()
+            self._wait(work, "a send to rank 0")
+
+    def _width(self) -> int:
+        core = self.program.core
+        with torch.no_grad():
+            return int(core.step_output(core.init_state(1)).shape[1])
+
+    def _dtype(self):
+        p = next(iter(self.program.core.module.parameters()))
+        return p.dtype
+
+    def drain(self) -> None:
+        while self.sends:
+            work, _ = self.sends.popleft()
+            self._wait(work, "a send to rank 0")
+
+
+# --------------------------------------------------------------------------- parameters and statistics
+def _upper_params(program) -> list[torch.Tensor]:
+    return [p for p in program.stage_parameters(1)]
+
+
+def send_upper(program) -> None:
+    for p in _upper_params(program):
+        dist.send(p.detach().contiguous(), 0, tag=TAG_PARAMS)
+
+
+def recv_upper(program) -> None:
+    for p in _upper_params(program):
+        buf = torch.empty_like(p)
+        dist.recv(buf, 1, tag=TAG_PARAMS)
+        with torch.no_grad():
+            p.copy_(buf)
+
+
+# --------------------------------------------------------------------------- the two loops
+def train_rank(rank: int, cfg: HierarchicalRunConfig) -> dict | None:
+    """Train this rank's core; rank 0 returns the summary (and writes metrics and outputs)."""
+    from ..model_file import build_model
+    from ..recurrent import compile_recurrent
+    from ..spec import load_spec
+    from ..tasks import LN2, TextStreams, evaluate_text, load_text
+    from ..train import MetricsWriter
+
+    torch.set_num_threads(cfg.threads)
+    spec = load_spec(Path(cfg.spec_path))
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model_path, spec.model, spec.model_args)
+    program = compile_recurrent(model, spec)
+    check_distributed(program)
+    timeout = timedelta(seconds=spec.distributed.timeout_s)
+    data = load_text(cfg.data, spec.data.split)
+    streams = TextStreams(data.train, cfg.batch_size, spec.data.seq_len, program.upper.horizon - 1)
+    valid = data.valid[: spec.data.eval_chars] if spec.data.eval_chars else data.valid
+    if rank == 1:
+        worker = UpperWorker(program, timeout)
+        for step in range(1, cfg.steps + 1):
+            x, y, first = streams.next()
+            worker.step(y, x.shape[1], x.shape[0], first)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                stats = torch.tensor([worker.loss_sum, float(worker.loss_n), float(len(worker.updates))])
+                dist.send(stats, 0, tag=TAG_STATS)
+                worker.loss_sum, worker.loss_n = 0.0, 0
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                send_upper(program)
+        worker.drain()
+        dist.barrier()
+        return {"updates": worker.updates}
+    runtime = LowerRuntime(program, timeout)
+    program._runtime = runtime
+    metrics = MetricsWriter(Path(cfg.metrics_path) if cfg.metrics_path else None)
+    summary = {"task": "text", "steps_done": 0, "interrupted": False, "bpc": None, "workers": 2}
+    start = time.perf_counter()
+    try:
+        for step in range(1, cfg.steps + 1):
+            x, y, first = streams.next()
+            t0 = time.perf_counter()
+            result = program.train_step(x, y, start=first, end=False)
+            train_s = time.perf_counter() - t0
+            summary["steps_done"] = step
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                stats = torch.zeros(3)
+                dist.recv(stats, 1, tag=TAG_STATS)
+                row = {
+                    "step": step,
+                    "loss": result.loss,
+                    "train_bpc": result.loss / LN2,
+                    "chars_per_s": x.numel() / train_s if train_s > 0 else 0.0,
+                    "elapsed_s": time.perf_counter() - start,
+                    "cosine": {**result.cosine, **({"upper": runtime.istats.cosine()} if runtime.istats.n else {})},
+                    "synth_loss": result.synth_loss,
+                    "upper_updates": int(stats[2]),
+                    "queued": len(runtime.awaiting),
+                }
+                if stats[1] > 0:
+                    row["upper_train_bpc"] = float(stats[0] / stats[1]) / LN2
+                runtime.istats = _Stats()
+                metrics.write(row)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                recv_upper(program)
+                scores = evaluate_text(program, valid)
+                summary.update(scores)
+                metrics.write({"step": step, **scores, "elapsed_s": time.perf_counter() - start})
+                print(f"step {step:>6}: held-out bpc {scores['bpc']:.4f}, upper {scores['upper_bpc']:.4f}", flush=True)
+        runtime.drain()
+        dist.barrier()
+    finally:
+        metrics.close()
+    summary["elapsed_s"] = time.perf_counter() - start
+    summary["rows"] = metrics.rows
+    if cfg.out_dir:
+        from ..recurrent_train import write_outputs
+
+        write_outputs(program, summary, Path(cfg.out_dir), cfg.title)
+    return summary
+
+
+def _entry(rank: int, cfg: HierarchicalRunConfig) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(cfg.master_port)
+    try:
+        from ..spec import load_spec
+
+        timeout = timedelta(seconds=load_spec(Path(cfg.spec_path)).distributed.timeout_s)
+        dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timeout)
+        summary = train_rank(rank, cfg)
+        if rank == 0 and cfg.error_dir and summary is not None:
+            final = {k: v for k, v in summary.items() if k != "rows"}
+            (Path(cfg.error_dir) / "summary.json").write_text(json.dumps(final))
+    except BaseException as e:
+        if cfg.error_dir:
+            kind = "bad-input" if isinstance(e, DNIError) else "error"
+            message = str(e) if isinstance(e, DNIError) else f"{type(e).__name__}: {e}"
+            record = {"rank": rank, "kind": kind, "message": message, "detail": traceback.format_exc()}
+            (Path(cfg.error_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+        raise
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def launch(cfg: HierarchicalRunConfig) -> tuple[int, dict | None]:
+    """Start the two ranks on this host and wait: (exit code, rank 0's summary)."""
+    import torch.multiprocessing as mp
+
+    from .distributed import free_port
+
+    cfg.master_port = cfg.master_port or free_port()
+    with tempfile.TemporaryDirectory(prefix="dnicompile-hier-") as box:
+        cfg.error_dir = box
+        context = mp.start_processes(_entry, args=(cfg,), nprocs=2, join=False, start_method="spawn")
+        failed = False
+        try:
+            while not context.join(timeout=1):
+                pass
+        except (mp.ProcessExitedException, mp.ProcessRaisedException):
+            failed = True
+        except KeyboardInterrupt:
+            for p in context.processes:
+                if p.is_alive():
+                    p.terminate()
+            sys.stderr.write("dnicompile: interrupted; both workers stopped\n")
+            return 130, None
+        finally:
+            for p in context.processes:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+        if not failed:
+            path = Path(box) / "summary.json"
+            return 0, json.loads(path.read_text()) if path.exists() else None
+        errors = [json.loads(p.read_text()) for p in sorted(Path(box).glob("rank*.json"))]
+        errors.sort(key=lambda e: ("timed out or failed waiting" in e["message"], e["rank"]))
+        if not errors:
+            sys.stderr.write("dnicompile: error: a worker died without a report (killed by the system?)\n")
+            return 1, None
+        e = errors[0]
+        core = "lower" if e["rank"] == 0 else "upper"
+        sys.stderr.write(f"dnicompile: error: rank {e['rank']} ({core} core) failed: {e['message']}\n")
+        if e["kind"] != "bad-input" and os.environ.get("DNICOMPILE_TRACEBACK"):
+            sys.stderr.write(e["detail"])
+        return (2 if e["kind"] == "bad-input" else 1), None
