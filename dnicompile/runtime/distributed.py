@@ -181,6 +181,9 @@ class RankStats:
     result: StepResult | None = None
     cosine: dict[str, float] = field(default_factory=dict)  # the outgoing cut's latest, when asked for
     synth_loss: dict[str, float] = field(default_factory=dict)
+    steps: int = 0  # training steps since the last report
+    cpu_mark: float = field(default_factory=time.process_time)  # process CPU time at the last report
+    paused_at: float = 0.0
 
 
 class RankWorker:
@@ -297,6 +300,7 @@ class RankWorker:
         rt.learn_synthesizers(ctx)  # cuts inside this rank
         self.use_deltas(block=False, stats=stats)
         self.stats.result = ctx.result
+        self.stats.steps += 1
         return ctx.result
 
     def recv_grads(self, cut, batch: int, what: str) -> dict:
@@ -380,15 +384,25 @@ class RankWorker:
         return [cuts[c] for c in range(first, min(last + 1, len(cuts))) if not cuts[c].exact]
 
     def stats_vector(self, result: StepResult) -> torch.Tensor:
-        """[staleness sum, staleness count, then cosine and synthesizer loss of each reported cut] (NaN
-        where not measured yet), and forget the staleness reported."""
+        """[staleness sum, staleness count, CPU ms per step since the last report, then cosine and
+        synthesizer loss of each reported cut] (NaN where not measured yet); starts a new report."""
         cosine = {**result.cosine, **self.stats.cosine}
         synth_loss = {**result.synth_loss, **self.stats.synth_loss}
-        values = [float(sum(self.stats.staleness)), float(len(self.stats.staleness))]
+        cpu = time.process_time()
+        steps = self.stats.steps
+        cpu_ms = 1e3 * (cpu - self.stats.cpu_mark) / steps if steps else math.nan
+        values = [float(sum(self.stats.staleness)), float(len(self.stats.staleness)), cpu_ms]
         for cut in self.reported_cuts():
             values += [cosine.get(cut.name, math.nan), synth_loss.get(cut.name, math.nan)]
-        self.stats.staleness = []
+        self.stats.staleness, self.stats.steps, self.stats.cpu_mark = [], 0, cpu
         return torch.tensor(values, dtype=torch.float64)
+
+    def pause_stats(self) -> None:
+        """Leave what follows (evaluation, checkpoints) out of the CPU time per step."""
+        self.stats.cpu_mark += time.process_time() - self.stats.paused_at
+
+    def mark_pause(self) -> None:
+        self.stats.paused_at = time.process_time()
 
     def gather_stats(self, result: StepResult) -> dict | None:
         """Every rank's statistics on the driver (None elsewhere). Other ranks send theirs without
@@ -399,7 +413,7 @@ class RankWorker:
             return None
         vectors = {self.rank: mine}
         for r in range(self.world - 1):
-            buf = torch.empty(2 + 2 * len(self.reported_cuts(r)), dtype=torch.float64)
+            buf = torch.empty(3 + 2 * len(self.reported_cuts(r)), dtype=torch.float64)
             self._wait(dist.irecv(buf, r, tag=STATS_TAG), f"the statistics of rank {r}")
             vectors[r] = buf
         stale_sum = sum(float(v[0]) for v in vectors.values())
@@ -407,12 +421,20 @@ class RankWorker:
         cosine, synth_loss = {}, {}
         for r, v in sorted(vectors.items()):
             for i, cut in enumerate(self.reported_cuts(r)):
-                c, loss = float(v[2 + 2 * i]), float(v[3 + 2 * i])
+                c, loss = float(v[3 + 2 * i]), float(v[4 + 2 * i])
                 if not math.isnan(c):
                     cosine[cut.name] = c
                 if not math.isnan(loss):
                     synth_loss[cut.name] = loss
-        return {"cosine": cosine, "synth_loss": synth_loss, "staleness": stale_sum / stale_n if stale_n else 0.0}
+        return {
+            "cosine": cosine,
+            "synth_loss": synth_loss,
+            "staleness": stale_sum / stale_n if stale_n else 0.0,
+            # process CPU time (all its threads) per training step of each rank: how the work is balanced
+            "cpu_ms_per_step": [
+                None if math.isnan(float(v[2])) else round(float(v[2]), 2) for _, v in sorted(vectors.items())
+            ],
+        }
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()

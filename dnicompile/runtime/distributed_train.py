@@ -46,6 +46,7 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
     summary = {"steps_done": start, "test_accuracy": None, "workers": world, "placement": placement}
     log_every = dcfg.log_every
     window_start, window_samples, begin = time.perf_counter(), 0, time.perf_counter()
+    worker.stats.cpu_mark = time.process_time()
     paused = 0.0  # seconds spent in evaluation and checkpoints: `train_s` is elapsed_s without them
     for step in range(start, cfg.steps):
         x, y = batches.next()
@@ -77,6 +78,8 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
                     f"staleness {row['staleness']:.2f}"
                 )
                 window_start, window_samples = now, 0
+        if evaluating or checkpointing:
+            worker.mark_pause()
         if evaluating:
             pause = time.perf_counter()
             worker.drain()
@@ -104,6 +107,8 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
             save_checkpoint(worker, out_dir, done)
             window_start = time.perf_counter()
             paused += window_start - pause
+        if evaluating or checkpointing:
+            worker.pause_stats()
     worker.drain()
     summary["elapsed_s"] = time.perf_counter() - begin
     states = [None] * world

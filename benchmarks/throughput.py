@@ -1,0 +1,595 @@
+"""Throughput of decoupled training against backprop and pipeline schedules (BENCHMARKS.md, "Throughput").
+
+One model (examples/wide_mlp.py: 8 layers of width 1024, Fashion-MNIST), one batch size, one optimizer
+(fused Adam, lr 3e-4, for every contender), S workers for each S in 2, 4, 8 that this machine has cores
+for (2 is always run). Every figure is the median of --reps runs, interleaved (rep 1 of every contender,
+then rep 2, ...) so that a change in the machine's load hits all of them alike. Each run is a fresh
+process; its figure is steady-state samples/s: --warmup steps, then --steps timed steps (drawing the batch
+included; start-up, data decoding and compilation excluded).
+
+  (a) plain PyTorch backprop, one process, 1 thread
+  (b) plain PyTorch backprop, one process, S threads
+  (c) torch.distributed.pipelining ScheduleGPipe and Schedule1F1B: S ranks of 1 thread (gloo, localhost),
+      manual split at the same cuts, --microbatches microbatches
+  (d) dnicompile local runtime: program.train_step in one process, 1 thread (cDNI spec, and exact spec)
+  (e) dnicompile distributed runtime: `python -m dnicompile ... --train --workers S --threads 1` (the
+      public CLI), from the metrics file: samples between the log line after warm-up and the last one,
+      over the time between them (cDNI spec, and the exact spec, which is pipeline parallelism without
+      microbatches)
+
+Then time to 85% test accuracy, (a) against (e) with cDNI on S = 2 workers, one run per seed: training
+wall-clock up to the first evaluation at or above 85%, evaluation (every --eval-every steps) excluded. (a)
+stops its clock while it evaluates; (e) reports `train_s` in its metrics (elapsed time less evaluation).
+Start-up (spawning workers, loading data, compiling) is excluded from both, and reported apart for (e).
+
+Run from the repository root:  python benchmarks/throughput.py [--reps 5] [--write BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "examples" / "wide_mlp.py"
+SPECS = {"dni": ROOT / "specs" / "wide_mlp_dni.yaml", "backprop": ROOT / "specs" / "wide_mlp_backprop.yaml"}
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
+LR = 3.0e-4  # the specs' stage learning rate; plain PyTorch and the pipeline schedules use the same
+DEPTH = 8  # hidden layers of the model
+
+
+# =========================================================================== machine
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+# =========================================================================== specs for S stages
+def cut_layers(stages: int) -> list[int]:
+    """Layer indices to cut after, for `stages` stages of (nearly) equal layer count: 2 -> [3]."""
+    return [round(DEPTH * i / stages) - 1 for i in range(1, stages)]
+
+
+def spec_for(kind: str, stages: int, log_every: int, folder: Path) -> Path:
+    """The shipped spec (2 stages), or the same settings with a cut between every DEPTH/S layers, plus a
+    `distributed: {log_every}` for fine-grained samples/s."""
+    text = SPECS[kind].read_text()
+    if stages != 2:
+        head, _, rest = text.partition("cuts:\n")
+        cut_lines, _, tail = rest.partition("stages:\n")
+        if kind == "dni":
+            synth = cut_lines.split("synthetic_gradient:", 1)[1].strip()
+            cuts = "".join(f"  - after: layers.{i}\n    synthetic_gradient: {synth}\n" for i in cut_layers(stages))
+        else:
+            cuts = "".join(f"  - after: layers.{i}\n" for i in cut_layers(stages))
+        text = head + "cuts:\n" + cuts + "stages:\n" + tail
+    text += f"distributed: {{log_every: {log_every}, queue_depth: 4}}\n"
+    path = folder / f"wide_mlp_{kind}_{stages}.yaml"
+    path.write_text(text)
+    return path
+
+
+# =========================================================================== children (one per run)
+def _data(data_dir: str, batch: int, seed: int):
+    from dnicompile.data import Batches, load_fashion_mnist
+
+    d = load_fashion_mnist(data_dir)
+    return d, Batches(d.train_x, d.train_y, batch, seed)
+
+
+def _model(seed: int):
+    import torch
+
+    sys.path.insert(0, str(MODEL.parent))
+    from wide_mlp import build_model
+
+    torch.manual_seed(seed)
+    return build_model()
+
+
+def _adam(params):
+    import torch
+
+    return torch.optim.Adam(params, lr=LR, fused=True)
+
+
+def child_plain(args) -> dict:
+    """(a)/(b): the model trained by plain backprop, args.threads threads."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    model = _model(args.seed)
+    opt = _adam(model.parameters())
+    _, batches = _data(args.data, args.batch_size, args.seed)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            start, cpu = time.perf_counter(), time.process_time()
+        x, y = batches.next()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x.flatten(1)), y).backward()
+        opt.step()
+    return _rates(args, start, cpu)
+
+
+def _rates(args, start: float, cpu: float) -> dict:
+    """samples/s over the timed steps, and the process's CPU time per step (all its threads)."""
+    elapsed, cpu_s = time.perf_counter() - start, time.process_time() - cpu
+    return {"samples_per_s": args.steps * args.batch_size / elapsed, "cpu_ms": [1e3 * cpu_s / args.steps]}
+
+
+def child_local(args) -> dict:
+    """(d): the dnicompile local runtime, program.train_step, 1 thread."""
+    import torch
+
+    from dnicompile import compile_decoupled
+    from dnicompile.spec import load_spec
+
+    torch.set_num_threads(args.threads)
+    spec = load_spec(Path(args.spec))
+    program = compile_decoupled(_model(args.seed), spec)
+    program.train()
+    _, batches = _data(args.data, args.batch_size, args.seed)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            start, cpu = time.perf_counter(), time.process_time()
+        x, y = batches.next()
+        program.train_step(x.flatten(1), y)
+    return _rates(args, start, cpu)
+
+
+def _pipe_rank(rank: int, world: int, args, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = _model(args.seed)
+    bounds = [0, *(i + 1 for i in cut_layers(world)), DEPTH]
+    part = list(model.layers)[bounds[rank] : bounds[rank + 1]]
+    if rank == world - 1:
+        part.append(model.head)
+    sub = nn.Sequential(*part)
+    micro = args.batch_size // args.microbatches
+    width = 784 if rank == 0 else 1024
+    stage = PipelineStage(sub, rank, world, torch.device("cpu"), input_args=(torch.empty(micro, width),))
+    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[args.schedule]
+    schedule = cls(stage, n_microbatches=args.microbatches, loss_fn=F.cross_entropy)
+    opt = _adam(sub.parameters())
+    _, batches = _data(args.data, args.batch_size, args.seed)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            dist.barrier()
+            start, cpu = time.perf_counter(), time.process_time()
+        x, y = batches.next()
+        opt.zero_grad(set_to_none=True)
+        if rank == 0:
+            schedule.step(x.flatten(1))
+        elif rank == world - 1:
+            schedule.step(target=y, losses=[])
+        else:
+            schedule.step()
+        opt.step()
+    cpu_ms = 1e3 * (time.process_time() - cpu) / args.steps
+    dist.barrier()
+    elapsed = time.perf_counter() - start
+    Path(f"{out}.{rank}").write_text(
+        json.dumps({"samples_per_s": args.steps * args.batch_size / elapsed, "cpu_ms": cpu_ms})
+    )
+    dist.destroy_process_group()
+
+
+def child_pipe(args) -> dict:
+    """(c): torch.distributed.pipelining, args.workers ranks of 1 thread over gloo on localhost."""
+    import torch.multiprocessing as mp
+
+    world = int(args.workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        mp.start_processes(_pipe_rank, args=(world, args, _free_port(), out), nprocs=world, start_method="spawn")
+        ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
+        return {"samples_per_s": ranks[-1]["samples_per_s"], "cpu_ms": [r["cpu_ms"] for r in ranks]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_time_to_acc(args) -> dict:
+    """(a) until --target test accuracy: training seconds (clock stopped while evaluating)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    model = _model(args.seed)
+    opt = _adam(model.parameters())
+    data, batches = _data(args.data, args.batch_size, args.seed)
+    test_x, test_y = data.test_x.flatten(1), data.test_y
+    trained, evals = 0.0, []
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        x, y = batches.next()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x.flatten(1)), y).backward()
+        opt.step()
+        trained += time.perf_counter() - t0
+        if step % args.eval_every == 0:
+            model.eval()
+            with torch.no_grad():
+                acc = float(
+                    sum(
+                        (model(test_x[i : i + 1000]).argmax(-1) == test_y[i : i + 1000]).sum()
+                        for i in range(0, len(test_x), 1000)
+                    )
+                    / len(test_x)
+                )
+            model.train()
+            evals.append({"step": step, "train_s": trained, "test_accuracy": acc})
+            if acc >= args.target:
+                return {"reached": True, "step": step, "train_s": trained, "evals": evals}
+    return {"reached": False, "step": args.steps, "train_s": trained, "evals": evals}
+
+
+CHILDREN = {"plain": child_plain, "local": child_local, "pipe": child_pipe, "acc": child_time_to_acc}
+
+
+# =========================================================================== parent: running children
+def env() -> dict:
+    e = dict(os.environ, PYTHONUNBUFFERED="1")
+    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    return e
+
+
+def run_child(kind: str, args, timeout: float = 600, **extra) -> dict:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--data", args.data]
+    argv += ["--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    for k, v in extra.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"{kind} {extra} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def cli_command(spec: Path, workers: int, steps: int, eval_every: int, metrics: Path, args, seed: int = 0) -> list:
+    return [
+        sys.executable, "-m", "dnicompile", str(MODEL), "--spec", str(spec), "--train", "--workers", str(workers),
+        "--threads", "1", "--data", args.data, "--steps", str(steps), "--batch-size", str(args.batch_size),
+        "--eval-every", str(eval_every), "--seed", str(seed), "--metrics", str(metrics),
+    ]  # fmt: skip
+
+
+def run_distributed(spec: Path, workers: int, args, tmp: Path) -> dict:
+    """(e): the CLI, steady-state samples/s from the metrics file's training rows after warm-up."""
+    metrics = tmp / f"metrics-{time.monotonic_ns()}.jsonl"
+    total = args.warmup + args.steps
+    cmd = cli_command(spec, workers, total, 10**9, metrics, args)  # evaluation only after the last step
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env(), cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(f"dnicompile --workers {workers} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+    train = [row for row in rows if "samples_per_s" in row]
+    first = next(row for row in train if row["step"] >= args.warmup)
+    last = train[-1]
+    rate = (last["step"] - first["step"]) * args.batch_size / (last["elapsed_s"] - first["elapsed_s"])
+    steady = [row["cpu_ms_per_step"] for row in train if row["step"] > first["step"]]
+    cpu_ms = [median([row[r] for row in steady if row[r] is not None]) for r in range(workers)]
+    return {"samples_per_s": rate, "cpu_ms": cpu_ms, "staleness": last.get("staleness")}
+
+
+def time_to_acc_distributed(spec: Path, args, tmp: Path, seed: int) -> dict:
+    """(e) with cDNI until --target: `train_s` of the first evaluation at or above it. The run is stopped
+    with Ctrl-C (SIGINT to the launcher, which stops its workers) once that line is written."""
+    metrics = tmp / f"acc-{seed}-{time.monotonic_ns()}.jsonl"
+    cmd = cli_command(spec, 2, args.acc_steps, args.eval_every, metrics, args, seed=seed)
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+    found, evals = None, []
+    try:
+        while proc.poll() is None and found is None:
+            time.sleep(0.5)
+            if metrics.exists():
+                rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.endswith("}")]
+                evals = [row for row in rows if "test_accuracy" in row]
+                found = next((row for row in evals if row["test_accuracy"] >= args.target), None)
+        wall = time.perf_counter() - started
+        if found is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.endswith("}")]
+    evals = [row for row in rows if "test_accuracy" in row]
+    found = found or next((row for row in evals if row["test_accuracy"] >= args.target), None)
+    first_row = next((row for row in rows if "train_s" in row), None)
+    startup = wall - found["elapsed_s"] if found else None  # spawning, compiling, data: before train_rank's clock
+    summary = [{"step": r["step"], "train_s": r["train_s"], "test_accuracy": r["test_accuracy"]} for r in evals]
+    if found is None:
+        last = evals[-1] if evals else first_row or {"step": 0, "train_s": float("nan")}
+        return {"reached": False, "step": last["step"], "train_s": last["train_s"], "evals": summary}
+    return {"reached": True, "step": found["step"], "train_s": found["train_s"], "startup_s": startup, "evals": summary}
+
+
+# =========================================================================== report
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def cpu_medians(runs: list[list[float]]) -> list[float]:
+    """Per-process medians of the runs' CPU ms per step."""
+    return [median([r[i] for r in runs]) for i in range(len(runs[0]))] if runs else []
+
+
+def fmt_runs(values: list[float]) -> str:
+    return ", ".join(f"{v:.0f}" for v in values)
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    a = results["args"]
+    lines = [
+        "## Throughput",
+        "",
+        "`benchmarks/throughput.py`: examples/wide_mlp.py (8 fully connected layers of width 1024 + head, "
+        f"Fashion-MNIST), batch {a['batch_size']}, fused Adam (lr 3e-4) for every contender; cut after "
+        "`layers.3` for S = 2 (specs/wide_mlp_*.yaml), every 8/S layers for larger S. Each figure is "
+        f"steady-state samples/s, the median of {a['reps']} runs (individual runs in brackets), "
+        f"{a['warmup']} warm-up steps then {a['steps']} timed steps per run, runs interleaved across "
+        "contenders; start-up and data decoding are excluded, drawing each batch is included.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}. "
+        f"Load average (1 min) during the runs: {results['load_min']:.1f} to {results['load_max']:.1f}"
+        + (
+            " -- **the machine was shared** with other jobs while this ran, so every figure is lower "
+            "and noisier than on an idle machine, and S processes did not get S whole cores."
+            if results["load_max"] > 0.5
+            else "."
+        ),
+        "",
+        f"Command: `{results['command']}` (total {results['total_s'] / 60:.1f} min).",
+        "",
+    ]
+    for s, block in results["throughput"].items():
+        a1 = median(block["a_plain_1thread"])
+        lines += [
+            f"### S = {s}",
+            "",
+            "| contender | samples/s (median) | x (a) | runs | CPU ms per step, per process (median) |",
+            "|---|---:|---:|---|---|",
+        ]
+        for key, label in LABELS:
+            runs = block.get(key)
+            if not runs:
+                continue
+            med = median(runs)
+            cpu = " / ".join(f"{c:.0f}" for c in cpu_medians(block.get(f"{key}_cpu_ms", [])))
+            lines.append(f"| {label.format(s=s)} | {med:.0f} | {med / a1:.2f} | {fmt_runs(runs)} | {cpu} |")
+        e = median(block["e_distributed_dni"])
+        best_c = max(median(block.get("c_gpipe", [])), median(block.get("c_1f1b", [])))
+        goal1, goal2 = 0.85 * int(s) * a1, 1.5 * best_c
+        cpu_a = cpu_medians(block["a_plain_1thread_cpu_ms"])[0]
+        cpu_e = max(cpu_medians(block["e_distributed_dni_cpu_ms"]))
+        lines += [
+            "",
+            f"CPU time: (a) spends {cpu_a:.0f} ms of CPU per step; the busiest of the {s} cDNI workers (e) "
+            f"{cpu_e:.0f} ms. With a whole core per worker and no waiting, (e) could reach at most "
+            f"{cpu_a / cpu_e:.2f} x (a): a bound from the work split (computed, not measured as throughput).",
+            "",
+            f"Goals for (e) cDNI: >= 0.85 x S x (a) = {goal1:.0f} samples/s: **{'met' if e >= goal1 else 'missed'}** "
+            f"({e:.0f}, {e / a1:.2f} x (a)); >= 1.5 x best (c) = {goal2:.0f}: **{'met' if e >= goal2 else 'missed'}** "
+            f"({e / best_c:.2f} x best (c)).",
+            "",
+        ]
+    acc = results.get("accuracy")
+    if acc:
+        lines += [
+            f"### Time to {acc['target']:.0%} test accuracy (S = 2)",
+            "",
+            f"Training wall-clock until the first evaluation at or above {acc['target']:.0%} (every "
+            f"{acc['eval_every']} steps, full test set); evaluation time excluded (plain PyTorch stops its "
+            "clock while evaluating, the distributed runtime reports `train_s` = elapsed time less "
+            "evaluation); start-up excluded (for (e) it is listed apart: spawning 2 workers, compiling, "
+            "decoding the data).",
+            "",
+            "| seed | (a) backprop, 1 process, 1 thread | (e) cDNI, 2 workers of 1 thread | (e) start-up |",
+            "|---|---|---|---:|",
+        ]
+        for row in acc["runs"]:
+            pa, pe = row["a"], row["e"]
+            lines.append(
+                f"| {row['seed']} | {_acc_cell(pa)} | {_acc_cell(pe)} | "
+                + (f"{pe['startup_s']:.1f} s |" if pe.get("startup_s") is not None else "- |")
+            )
+        ma = median([r["a"]["train_s"] for r in acc["runs"] if r["a"]["reached"]])
+        me = median([r["e"]["train_s"] for r in acc["runs"] if r["e"]["reached"]])
+        lines += [
+            "",
+            f"Median: (a) {ma:.1f} s, (e) {me:.1f} s: (e) is **{'sooner' if me < ma else 'not sooner'}**.",
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _acc_cell(r: dict) -> str:
+    if not r["reached"]:
+        return f"not reached in {r['step']} steps ({r['train_s']:.1f} s)"
+    return f"{r['train_s']:.1f} s (step {r['step']})"
+
+
+LABELS = [
+    ("a_plain_1thread", "(a) plain PyTorch backprop, 1 process, 1 thread"),
+    ("b_plain_sthreads", "(b) plain PyTorch backprop, 1 process, {s} threads"),
+    ("c_gpipe", "(c) pipelining ScheduleGPipe, {s} ranks x 1 thread"),
+    ("c_1f1b", "(c) pipelining Schedule1F1B, {s} ranks x 1 thread"),
+    ("d_local_dni", "(d) dnicompile local runtime, cDNI, 1 thread"),
+    ("d_local_backprop", "(d) dnicompile local runtime, exact cuts, 1 thread"),
+    ("e_distributed_dni", "(e) dnicompile distributed, cDNI, {s} workers x 1 thread"),
+    ("e_distributed_backprop", "(e) dnicompile distributed, exact cuts, {s} workers x 1 thread"),
+]
+
+
+NOTES = "<!-- throughput notes: kept when the tables above are regenerated -->"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the "## Throughput" section of `path` (up to the next "## " heading), or append it; the
+    rest of the file, which others edit, is left as it is (read right before writing). Whatever follows
+    the NOTES marker inside the old section (written by hand) is kept."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == "## Throughput"), None)
+    if start is None:
+        path.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    old = lines[start:end]
+    mark = next((i for i, ln in enumerate(old) if ln.strip() == NOTES), None)
+    notes = "".join(old[mark:]).rstrip("\n") + "\n" if mark is not None else ""
+    body = section + ("\n" + notes if notes else "")
+    path.write_text("".join(lines[:start]) + body + ("\n" if end < len(lines) else "") + "".join(lines[end:]))
+
+
+# =========================================================================== main
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="Fashion-MNIST folder")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per run")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per run")
+    p.add_argument("--reps", type=int, default=3, help="runs per contender (the median is reported)")
+    p.add_argument("--workers", help="S values, e.g. 2,4 (default: 2, 4, 8 as far as the cores allow)")
+    p.add_argument("--microbatches", type=int, default=4, help="microbatches of the pipeline schedules (c)")
+    p.add_argument("--seeds", type=int, default=2, help="runs of the time-to-accuracy race (0 skips it)")
+    p.add_argument("--target", type=float, default=0.85)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--acc-steps", type=int, default=1500, help="give up the race after this many steps")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "throughput.json"), help="write all figures here")
+    p.add_argument("--write", metavar="BENCHMARKS.md", help="replace its Throughput section with the results")
+    # one run, in its own process
+    p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--schedule", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(CHILDREN[args.child](args)), flush=True)
+        return 0
+
+    began = time.perf_counter()
+    info = machine()
+    if args.workers:
+        sizes = [int(s) for s in args.workers.split(",")]
+    else:
+        sizes = [2] + [s for s in (4, 8) if s <= info["cores"]]
+    command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
+    print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}; S = {sizes}; load {load():.2f}", flush=True)
+    loads = [load()]
+    results = {"machine": info, "args": vars(args), "command": command.strip(), "throughput": {}}
+    with tempfile.TemporaryDirectory(prefix="dni-throughput-") as tmp_name:
+        tmp = Path(tmp_name)
+        for s in sizes:
+            specs = {kind: spec_for(kind, s, 5, tmp) for kind in SPECS}
+            runs: dict[str, list] = {key: [] for key, _ in LABELS}
+            runs.update({f"{key}_cpu_ms": [] for key, _ in LABELS})
+            runs["load"] = []
+            contenders = [
+                ("a_plain_1thread", lambda: run_child("plain", args, threads=1)),
+                ("b_plain_sthreads", lambda s=s: run_child("plain", args, threads=s)),
+                ("c_gpipe", lambda s=s: run_child("pipe", args, workers=s, schedule="gpipe", microbatches=args.microbatches)),
+                ("c_1f1b", lambda s=s: run_child("pipe", args, workers=s, schedule="1f1b", microbatches=args.microbatches)),
+                ("d_local_dni", lambda sp=specs: run_child("local", args, spec=sp["dni"])),
+                ("d_local_backprop", lambda sp=specs: run_child("local", args, spec=sp["backprop"])),
+                ("e_distributed_dni", lambda s=s, sp=specs: run_distributed(sp["dni"], s, args, tmp)),
+                ("e_distributed_backprop", lambda s=s, sp=specs: run_distributed(sp["backprop"], s, args, tmp)),
+            ]  # fmt: skip
+            for rep in range(args.reps):
+                for key, fn in contenders:
+                    before = load()
+                    out = fn()
+                    value = out["samples_per_s"]
+                    runs[key].append(value)
+                    runs[f"{key}_cpu_ms"].append(out["cpu_ms"])
+                    runs["load"].append(before)
+                    loads.append(before)
+                    cpu = "/".join(f"{c:.0f}" for c in out["cpu_ms"])
+                    print(
+                        f"S={s} rep {rep + 1}/{args.reps} {key}: {value:.0f} samples/s, CPU ms/step {cpu} "
+                        f"(load {before:.2f})",
+                        flush=True,
+                    )
+            results["throughput"][str(s)] = runs
+        if args.seeds:
+            spec = spec_for("dni", 2, 25, tmp)
+            acc_runs = []
+            for seed in range(args.seeds):
+                loads.append(load())
+                pa = _run_acc_plain(args, seed)
+                loads.append(load())
+                pe = time_to_acc_distributed(spec, args, tmp, seed)
+                acc_runs.append({"seed": seed, "a": pa, "e": pe})
+                print(f"seed {seed}: (a) {_acc_cell(pa)}; (e) {_acc_cell(pe)}", flush=True)
+            results["accuracy"] = {"target": args.target, "eval_every": args.eval_every, "runs": acc_runs}
+    loads.append(load())
+    results["load_min"], results["load_max"] = min(loads), max(loads)
+    results["total_s"] = time.perf_counter() - began
+    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    section = markdown(results)
+    print(section)
+    if args.write:
+        write_section(Path(args.write), section)
+        print(f"wrote the Throughput section of {args.write}")
+    return 0
+
+
+def _run_acc_plain(args, seed: int) -> dict:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", "acc", "--data", args.data, "--seed", str(seed)]
+    argv += ["--batch-size", str(args.batch_size), "--steps", str(args.acc_steps), "--eval-every", str(args.eval_every)]
+    argv += ["--target", str(args.target)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=3600, env=env(), cwd=ROOT)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"time to accuracy (a) failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
