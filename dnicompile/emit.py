@@ -9,12 +9,17 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .partition import Partition
-from .trace import keep_non_persistent
+from .trace import gc_paused, keep_non_persistent
 
 
 def emit_stages(part: Partition) -> list[fx.GraphModule]:
     """Stage i takes the boundary tensors of cut i-1 (stage 0: the program inputs) and returns those of
     cut i as a tuple; the last stage returns exactly what the model returns."""
+    with gc_paused():
+        return _emit_stages(part)
+
+
+def _emit_stages(part: Partition) -> list[fx.GraphModule]:
     root = part.graph_module
     by_name = {n.name: n for n in root.graph.nodes}
     stages = []

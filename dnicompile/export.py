@@ -18,6 +18,7 @@ runtimes) sees the same kind of graph the fx front end gives:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import operator
@@ -59,10 +60,20 @@ def dropout_p(p: float, training: bool) -> float:
     return p if training else 0.0
 
 
+def call_arguments(model: nn.Module, input_names: list[str], examples: tuple, constants: dict) -> tuple[tuple, dict]:
+    """How to call forward() with the example inputs: positionally, but keyword-only arguments by name."""
+    params = inspect.signature(model.forward).parameters
+    keyword_only = {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY}
+    args = tuple(t for n, t in zip(input_names, examples) if n not in keyword_only)
+    kwargs = {n: t for n, t in zip(input_names, examples) if n in keyword_only} | dict(constants)
+    return args, kwargs
+
+
 def export_model(model: nn.Module, input_names: list[str], examples: tuple, constants: dict) -> Any:
     """torch.export.export of `model` in train mode, the batch dimension of every input dynamic."""
     dynamic = {name: ({0: Dim.AUTO} if t.dim() >= 1 else None) for name, t in zip(input_names, examples)}
     dynamic.update({name: None for name in constants})
+    args, kwargs = call_arguments(model, input_names, examples, constants)
     was_training = model.training
     model.train()
     # torch logs warnings (and sometimes tracebacks) on its way to an error: hold them back, and show them only
@@ -72,7 +83,7 @@ def export_model(model: nn.Module, input_names: list[str], examples: tuple, cons
     logging.disable(logging.WARNING)
     try:
         with contextlib.redirect_stderr(held):
-            ep = torch.export.export(model, tuple(examples), kwargs=dict(constants) or None, dynamic_shapes=dynamic)
+            ep = torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=dynamic)
     finally:
         logging.disable(disabled)
         model.train(was_training)
@@ -115,6 +126,7 @@ def to_graph_module(model: nn.Module, ep: Any) -> fx.GraphModule:
         attrs[target] = value
         with graph.inserting_after(last_input):
             attr = graph.get_attr(target)
+        last_input = attr  # the next one goes after it: the reads come in the model's order
         attr.meta = dict(node.meta)
         node.replace_all_uses_with(attr)
         graph.erase_node(node)
@@ -190,6 +202,8 @@ def _follow_mode(graph: fx.Graph) -> bool:
             continue
         if node.target in MODE_FLAG:
             i = MODE_FLAG[node.target]
+            if node.target is aten.batch_norm.default and node.args[3] is None:
+                continue  # no running statistics: batch statistics in both modes, as eager batch norm does
             if len(node.args) > i and node.args[i] is True:
                 node.update_arg(i, flag())
         elif node.target is aten.scaled_dot_product_attention.default:
@@ -220,7 +234,9 @@ def _is_batch_norm_counter(node: fx.Node) -> bool:
     )
 
 
-def check_eval_mode(model: nn.Module, gm: fx.GraphModule, examples: tuple, constants: dict) -> None:
+def check_eval_mode(
+    model: nn.Module, gm: fx.GraphModule, input_names: list[str], examples: tuple, constants: dict
+) -> None:
     """The graph was exported in train mode: check that in eval mode it computes what `model.eval()` does, and
     leaves the buffers as it does, on the example inputs. Raise ModelError if not."""
     buffers = list(model.buffers())
@@ -239,7 +255,8 @@ def check_eval_mode(model: nn.Module, gm: fx.GraphModule, examples: tuple, const
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model.eval()
             gm.eval()
-            expected, expected_buffers = run(lambda: model(*examples, **constants))
+            args, kwargs = call_arguments(model, input_names, examples, constants)
+            expected, expected_buffers = run(lambda: model(*args, **kwargs))
             got, got_buffers = run(lambda: gm(*examples))
     finally:
         model.train(was_training)
@@ -363,4 +380,5 @@ def export_failure(e: BaseException) -> str:
             site = f"{fr.filename}:{fr.lineno} in {fr.name}" + (f": `{fr.line}`" if fr.line else "")
     text = str(e).strip()
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return f"{type(e).__name__}: {first}" + (f" (at {site})" if site else "")
+    why = "the code depends on a tensor's value, which export cannot know: " if "data-dependent" in text else ""
+    return f"{why}{type(e).__name__}: {first}" + (f" (at {site})" if site else "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import networkx as nx
 import torch
@@ -21,6 +22,7 @@ import torch.nn as nn
 
 from .errors import PartitionError, did_you_mean
 from .spec import Spec
+from .trace import gc_paused
 
 COMPUTE_OPS = ("call_module", "call_function", "call_method")
 
@@ -67,7 +69,6 @@ class Partition:
     """Where every node of the traced graph goes."""
 
     graph_module: fx.GraphModule
-    nx_graph: nx.DiGraph  # the fx graph: node names, edges from producer to user
     stage_of: Mapping[str, int]  # node name -> stage; get_attr nodes -> every stage using them is in `shared`
     stage_nodes: tuple[tuple[str, ...], ...]  # node names of each stage, in program order
     shared_attrs: Mapping[str, tuple[int, ...]]  # get_attr node -> stages that read it (copied into each)
@@ -75,6 +76,11 @@ class Partition:
     stage_graph: nx.DiGraph  # stage i -> stage i+1, edge attribute `tensors`
     input_names: tuple[str, ...]
     tied: tuple[TiedTensor, ...] = ()  # tensors used by more than one stage
+
+    @cached_property
+    def nx_graph(self) -> nx.DiGraph:
+        """The fx graph as a networkx DiGraph: node names, edges from producer to user (built on first use)."""
+        return to_networkx(self.graph_module.graph)
 
     @property
     def num_stages(self) -> int:
@@ -93,6 +99,11 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
 
 def partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
     """Resolve `spec.cuts` in `gm` and split its nodes into stages."""
+    with gc_paused():
+        return _partition(gm, spec, model)
+
+
+def _partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     last_in_module = _last_node_of_modules(nodes, pos)
@@ -168,7 +179,6 @@ def partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
         stage_graph.add_edge(cut.index, cut.index + 1, tensors=cut.boundary, cut=cut.name)
     return Partition(
         graph_module=gm,
-        nx_graph=to_networkx(gm.graph),
         stage_of=stage_of,
         stage_nodes=tuple(tuple(s) for s in stage_nodes),
         shared_attrs=shared,
@@ -269,10 +279,15 @@ def _boundary_tensor(v: fx.Node, c: int, spec: Spec, spec_index: int, stage_of, 
 def _tied_tensors(nodes, stage_of, shared, gm: fx.GraphModule, model: nn.Module) -> tuple[TiedTensor, ...]:
     """Parameters and buffers that more than one stage uses (GPT's embedding tied to its output head)."""
     used: dict[int, tuple[torch.Tensor, set[int]]] = {}
+    modules: dict[str, nn.Module] | None = None
+    tensors_of: dict[str, list[torch.Tensor]] = {}
     for node in nodes:
         if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            tensors = [*mod.parameters(), *mod.buffers()]
+            if node.target not in tensors_of:
+                if modules is None:
+                    modules = dict(gm.named_modules())
+                tensors_of[node.target] = _tensors_of(modules[node.target])
+            tensors = tensors_of[node.target]
             stages = (stage_of[node.name],)
         elif node.op == "get_attr":
             t = _get_attr(gm, node.target)
@@ -303,6 +318,13 @@ def _tied_tensors(nodes, stage_of, shared, gm: fx.GraphModule, model: nn.Module)
             )
         )
     return tuple(sorted(tied, key=lambda x: x.names))
+
+
+def _tensors_of(mod: nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers of a module and its submodules (cheaply for a leaf, the usual case)."""
+    if not mod._modules:
+        return [t for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None]
+    return [*mod.parameters(), *mod.buffers()]
 
 
 def _get_attr(gm: nn.Module, target: str):

@@ -8,12 +8,17 @@ modules a node was computed in.
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import io
+import linecache
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from types import CodeType
 from typing import Any
 
 import torch
@@ -21,10 +26,15 @@ import torch.fx as fx
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+try:
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+except ImportError:  # older torch: generate the code at once
+    _LazyGraphModule = fx.GraphModule
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .errors import ModelError, SpecError, did_you_mean
-from .model_file import user_frame, user_site
+from .model_file import user_frame
 from .spec import Spec, TensorSpec
 
 
@@ -55,7 +65,7 @@ class _Tracer(fx.Tracer):
 
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
-        node.meta.setdefault("user_site", user_site(2))  # `file:line: code` in the user's model, for errors
+        node.meta.setdefault("user_site", _user_site())  # `file:line: code` in the user's model, for errors
         return node
 
     def call_module(self, m, forward, args, kwargs):
@@ -68,6 +78,35 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self.stack.pop()
+
+
+_PKG_DIR = str(Path(__file__).resolve().parent)
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+_PY_LIB_DIR = str(Path(inspect.__file__).resolve().parent)
+_IS_USER_CODE: dict[CodeType, bool] = {}
+
+
+def _user_site() -> str:
+    """model_file.user_site, with the is-it-user-code test cached per code object: the tracer asks for every
+    node, and walks a dozen torch frames each time."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        mine = _IS_USER_CODE.get(code)
+        if mine is None:
+            mine = _IS_USER_CODE[code] = bool(user_site_of(code.co_filename))
+        if mine:
+            line = frame.f_lineno
+            text = linecache.getline(code.co_filename, line).strip()
+            return f"{code.co_filename}:{line}" + (f": `{text}`" if text else "")
+        frame = frame.f_back
+    return ""
+
+
+def user_site_of(filename: str) -> bool:
+    """Whether a file is the user's code: not torch, not dnicompile, not the standard library."""
+    stdlib = filename.startswith(_PY_LIB_DIR) and "-packages" not in filename
+    return not filename.startswith(("<", _PKG_DIR, _TORCH_DIR)) and not stdlib
 
 
 def forward_arg_names(model: nn.Module) -> list[str]:
@@ -128,17 +167,36 @@ def example_inputs_for(model: nn.Module, spec: Spec, example_inputs: Any) -> tup
     return used, tuple(make_example(spec.inputs[n]) for n in used)
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector: a graph of n nodes is millions of young objects, and the
+    collections they trigger make a pass over a large graph cost a third more. Nothing a pass makes is
+    garbage until it returns."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def trace(model: nn.Module, spec: Spec, example_inputs: Any = None) -> Traced:
     """Trace `model` with the spec's front end (fx, export, or auto: fx, else export) and propagate shapes."""
+    with gc_paused():
+        return _trace(model, spec, example_inputs)
+
+
+def _trace(model: nn.Module, spec: Spec, example_inputs: Any) -> Traced:
     names, examples = example_inputs_for(model, spec, example_inputs)
     frontend = spec.trace.frontend
     if frontend == "export":
         gm = _export(model, names, examples, spec)
-        reason = "`trace: {frontend: export}` in the spec"
+        reason = "as the spec asks"
     else:
         try:
             gm = _symbolic_trace(model, spec)
-            reason = "`trace: {frontend: fx}` in the spec" if frontend == "fx" else "torch.fx traced it"
+            reason = "as the spec asks" if frontend == "fx" else "auto: torch.fx traced the model"
         except _FxTraceError as fx_error:
             if frontend == "fx":
                 raise ModelError(str(fx_error)) from None
@@ -146,7 +204,7 @@ def trace(model: nn.Module, spec: Spec, example_inputs: Any = None) -> Traced:
                 gm = _export(model, names, examples, spec)
             except _ExportError as export_error:
                 raise ModelError(_both_failed(model, spec, fx_error, export_error)) from None
-            reason = f"torch.fx failed{fx_error.short}"
+            reason = f"auto: torch.fx failed{fx_error.short}, torch.export worked"
             frontend = "export"
     if frontend == "auto":
         frontend = "fx"
@@ -154,16 +212,17 @@ def trace(model: nn.Module, spec: Spec, example_inputs: Any = None) -> Traced:
     if frontend == "export" and ran_real:  # cheap enough to run twice more: check eval mode on the examples
         from .export import check_eval_mode
 
-        check_eval_mode(model, gm, examples, dict(spec.trace.concrete_args))
+        check_eval_mode(model, gm, names, examples, dict(spec.trace.concrete_args))
     return Traced(gm, tuple(names), examples, frontend, reason)
 
 
 class _FxTraceError(Exception):
     """torch.fx could not trace the model; `short` says where, in a few words, for the stage table."""
 
-    def __init__(self, message: str, short: str):
+    def __init__(self, message: str, short: str, module: str):
         super().__init__(message)
         self.short = short
+        self.module = module  # path of the innermost module it failed in ('' for the model itself)
 
 
 class _ExportError(Exception):
@@ -190,14 +249,15 @@ def _export(model: nn.Module, names: list[str], examples: tuple, spec: Spec) -> 
 
 
 def _both_failed(model: nn.Module, spec: Spec, fx_error: _FxTraceError, export_error: _ExportError) -> str:
-    name = type(model).__name__
+    fx_text = "\n    ".join(str(fx_error).splitlines())
+    leaf = f"'{fx_error.module}'" if fx_error.module else "'path.to.module'"
     return (
-        f"neither front end could trace {name}.\n  torch.fx: {fx_error}\n".replace("\nHint:", "\n  Hint:")
-        + f"  torch.export: {export_error}\n"
-        "What to do: change the code at the lines above so that it does not depend on tensor values (use torch.where "
-        "or torch.cond instead of `if` on a tensor, no .item()); or keep the module that does it whole with "
-        "`trace: {leaf_modules: [...]}` and `trace: {frontend: fx}`; or fix the branch with "
-        "`trace: {concrete_args: {...}}`."
+        f"neither front end could trace {type(model).__name__}.\n"
+        f"  torch.fx: {fx_text}\n"
+        f"  torch.export: {export_error}\n"
+        "What to do: make the code at that line independent of tensor values: torch.where or torch.cond instead of "
+        "`if` on a tensor, no .item() or .tolist(), no numpy on tensors. Or keep the module that does it whole, as "
+        f"one node that cannot be cut inside: `trace: {{frontend: fx, leaf_modules: [{leaf}]}}`."
     )
 
 
@@ -230,12 +290,24 @@ def _symbolic_trace(model: nn.Module, spec: Spec) -> fx.GraphModule:
             f"torch.fx could not trace {module}"
             + (f" at {where}" if where else "")
             + f": {type(e).__name__}: {first}\n{hint}",
-            f" at {where.split(' in ')[0]}" if where else f": {type(e).__name__}",
+            f" at {_short_path(where.split(' in ')[0])}" if where else f" ({type(e).__name__})",
+            inside,
         ) from None
     name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    # the whole model's Python code is never run (the stages are), so generate it only if someone asks
+    gm = _LazyGraphModule(tracer.root, graph, name)
     keep_non_persistent(model, gm)
     return gm
+
+
+def _short_path(site: str) -> str:
+    """`file:line` with the file relative to the working directory when it is below it."""
+    path, sep, line = site.rpartition(":")
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return site
+    return f"{rel}{sep}{line}" if not rel.startswith("..") else site
 
 
 def keep_non_persistent(src: nn.Module, dst: fx.GraphModule) -> None:
@@ -275,19 +347,19 @@ class ShapeProp(fx.Interpreter):
     values, `node.meta["tensor_meta"]` (torch.fx's TensorMetadata: shape, dtype, stride, ...).
 
     Real tensors under no_grad while that is cheap: a few microseconds an op, where fake tensors cost a few
-    hundred. Once the real run has taken `budget_s` seconds, or a value would take more than `max_bytes`,
-    the rest of the graph runs on fake tensors (shapes only, no compute, no memory). Buffers the run mutates
-    (batch-norm statistics) and the random number generators are restored afterwards, so compiling never
-    changes the model.
+    hundred. Once the real run has taken `budget_s` seconds at more than `fake_cost_s` per node (about what a
+    node costs on fake tensors), or a value would take more than `max_bytes`, the rest of the graph runs on
+    fake tensors (shapes only, no compute, no memory). Buffers the run mutates (batch-norm statistics) and
+    the random number generators are restored afterwards, so compiling never changes the model.
     """
 
-    def __init__(self, gm: fx.GraphModule, budget_s: float = 1.0, max_bytes: int = 1 << 28):
+    def __init__(self, gm: fx.GraphModule, budget_s: float = 2.0, fake_cost_s: float = 1e-3, max_bytes: int = 1 << 28):
         super().__init__(gm)
         self.extra_traceback = False  # keep the original error message; the failing node is in `failed`
-        self.budget_s, self.max_bytes = budget_s, max_bytes
+        self.budget_s, self.fake_cost_s, self.max_bytes = budget_s, fake_cost_s, max_bytes
         self.fake_mode: FakeTensorMode | None = None
         self.failed: fx.Node | None = None
-        self._deadline = 0.0
+        self._start, self._nodes = 0.0, 0
 
     def propagate(self, *args: Any) -> Any:
         tensors = [*self.module.parameters(), *self.module.buffers(), *(a for a in args if isinstance(a, torch.Tensor))]
@@ -295,7 +367,7 @@ class ShapeProp(fx.Interpreter):
             self._go_fake()
         buffers = [(b, b.clone()) for b in self.module.buffers() if not isinstance(b, FakeTensor) and not b.is_meta]
         devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-        self._deadline = time.perf_counter() + self.budget_s
+        self._start, self._nodes = time.perf_counter(), 0
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 return self.run(*args)
@@ -316,16 +388,19 @@ class ShapeProp(fx.Interpreter):
             nonlocal found
             if isinstance(v, torch.Tensor):
                 found = True
-                return _extract_tensor_metadata(v)
+                return _tensor_meta(v)
             return v
 
         tensor_meta = map_aggregate(result, meta)
         if found:
             n.meta["tensor_meta"] = tensor_meta
         n.meta["type"] = type(result)
-        if self.fake_mode is None and (time.perf_counter() > self._deadline or _nbytes(result) > self.max_bytes):
-            self._go_fake()
-            result = self._to_fake(result)
+        if self.fake_mode is None:
+            self._nodes += 1
+            spent = time.perf_counter() - self._start
+            if (spent > self.budget_s and spent > self.fake_cost_s * self._nodes) or _nbytes(result) > self.max_bytes:
+                self._go_fake()
+                result = self._to_fake(result)
         return result
 
     def _go_fake(self) -> None:
@@ -340,6 +415,22 @@ class ShapeProp(fx.Interpreter):
             return v
 
         return map_aggregate(value, convert)
+
+
+def _tensor_meta(t: torch.Tensor) -> TensorMetadata:
+    """torch.fx's TensorMetadata of a dense tensor, with its memory format found by the C++ contiguity checks
+    (the generic _extract_tensor_metadata takes most of the time of shape propagation)."""
+    if t.layout != torch.strided or t.is_quantized:
+        return _extract_tensor_metadata(t)
+    if t.is_contiguous():
+        memory_format = torch.contiguous_format
+    elif t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        memory_format = torch.channels_last
+    elif t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        memory_format = torch.channels_last_3d
+    else:
+        memory_format = None
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), memory_format, False, {})
 
 
 def _nbytes(value: Any) -> int:

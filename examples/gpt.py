@@ -233,5 +233,7 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (small ops run best on one)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     train_shakespeare(args.data, args.spec, steps=args.steps, batch_size=args.batch_size, seed=args.seed)

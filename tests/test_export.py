@@ -94,9 +94,10 @@ def compiled(request):
 def test_auto_falls_back_to_export_and_says_why(compiled):
     name, model, program, _, _ = compiled
     assert program.frontend == "export"
-    assert program.frontend_reason.startswith("torch.fx failed at ")
-    assert ("gpt.py:" if name == "gpt" else "untraceable.py:") in program.frontend_reason
-    assert "front end: export, torch.fx failed at" in program.summary().replace("\n", " ")
+    assert program.frontend_reason.startswith("auto: torch.fx failed at ")
+    assert program.frontend_reason.endswith(", torch.export worked")
+    assert ("examples/gpt.py:" if name == "gpt" else "examples/untraceable.py:") in program.frontend_reason
+    assert "front end: export, auto: torch.fx failed at" in " ".join(program.summary().split())
 
 
 def test_forward_equals_model_in_train_and_eval_mode(compiled):
@@ -198,12 +199,12 @@ def test_export_front_end_on_a_model_fx_can_trace_too():
     model = _MLP()
     spec = {"inputs": {"x": {"shape": [4, 8]}}, "trace": {"frontend": "export"}, "cuts": [{"after": "linear_1"}]}
     program = compile_decoupled(model, spec)
-    assert program.frontend == "export" and "frontend: export" in program.frontend_reason
+    assert program.frontend == "export" and program.frontend_reason == "as the spec asks"
     assert program.cuts[0].node == "linear_1"  # a cut by node name of the exported graph
     x = torch.randn(5, 8)
     torch.testing.assert_close(program(x), model(x))
     auto = compile_decoupled(model, {**spec, "trace": {}, "cuts": [{"after": "layers.2"}]})
-    assert auto.frontend == "fx" and auto.frontend_reason == "torch.fx traced it"
+    assert auto.frontend == "fx" and auto.frontend_reason == "auto: torch.fx traced the model"
 
 
 def test_fx_front_end_does_not_fall_back():
@@ -258,11 +259,15 @@ def test_a_train_only_branch_export_cannot_follow_is_reported():
         compile_decoupled(_TrainOnlyBranch(), spec)
 
 
-def test_cli_shows_front_end_and_tied_tensor(capsys):
-    assert main([str(ROOT / "examples" / "gpt.py"), "--spec", str(ROOT / "specs" / "gpt_cdni.yaml")]) == 0
+@pytest.mark.parametrize(("spec", "stages"), [("gpt_cdni.yaml", 2), ("gpt_backprop.yaml", 5)])
+def test_cli_shows_front_end_and_tied_tensor(spec, stages, capsys):
+    assert main([str(ROOT / "examples" / "gpt.py"), "--spec", str(ROOT / "specs" / spec)]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "front end: export, torch.fx failed at" in out and "gpt.py:" in out
-    assert "tied: transformer.wte.weight = lm_head.weight [65, 64], used by stage0, stage1; updated by stage1" in out
+    assert f"GPT: {stages} stages" in out
+    assert "front end: export, auto: torch.fx failed at" in out and "gpt.py:" in out
+    used = ", ".join(f"stage{s}" for s in (0, stages - 1))
+    owner = f"stage{stages - 1}"
+    assert f"tied: transformer.wte.weight = lm_head.weight [65, 64], used by {used}; updated by {owner}" in out
 
 
 # ----------------------------------------------------------------------------- tiny Shakespeare
