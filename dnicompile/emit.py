@@ -7,6 +7,7 @@ buffer tensors as the user's model, under their original module paths.
 from __future__ import annotations
 
 import torch.fx as fx
+import torch.nn as nn
 
 from .partition import Partition
 from .trace import gc_paused, keep_non_persistent
@@ -43,3 +44,20 @@ def _emit_stages(part: Partition) -> list[fx.GraphModule]:
         keep_non_persistent(root, gm)
         stages.append(gm)
     return stages
+
+
+def rebind_buffers(stage: fx.GraphModule, model: nn.Module, device=None) -> None:
+    """Point a stage's buffers at the model's again, after `model.to(...)`.
+
+    Module.to keeps parameter objects (it swaps their data) but puts new tensors in place of buffers, so a
+    stage that reads a buffer by get_attr (an exported graph's batch-norm statistics, a causal mask) would
+    keep the old one. Buffers the model does not have (an exported graph's constants) are moved along.
+    """
+    for name, buf in list(stage.named_buffers()):
+        parent, _, leaf = name.rpartition(".")
+        owner = stage.get_submodule(parent)
+        try:
+            owner._buffers[leaf] = model.get_buffer(name)
+        except AttributeError:
+            if device is not None:
+                owner._buffers[leaf] = buf.to(device)

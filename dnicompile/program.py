@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .emit import emit_stages
+from .emit import emit_stages, rebind_buffers
 from .partition import BoundaryTensor, Partition, partition
 from .spec import ClockConfig, OptimizerConfig, Spec, SyntheticGradientConfig, SyntheticInputConfig, load_spec
 from .trace import trace
@@ -161,6 +161,8 @@ class DecoupledProgram:
 
     def to(self, device: str | torch.device) -> DecoupledProgram:
         self.model.to(device)
+        for s in self.stages:  # Module.to makes new buffer tensors: the stages must read those
+            rebind_buffers(s.graph_module, self.model, device)
         if self._runtime is not None:
             self._runtime.to(device)
         return self

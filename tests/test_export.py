@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dnicompile import compile_decoupled
+from dnicompile import compile_decoupled, load_spec
 from dnicompile.cli import main
 from dnicompile.errors import ModelError
 from dnicompile.model_file import load_module
@@ -181,6 +181,21 @@ def test_stages_hold_the_models_own_tensors(compiled):
     assert program.state_dict().keys() == model.state_dict().keys()
 
 
+def test_moving_the_program_keeps_the_stages_on_the_models_buffers():
+    """program.to(...) moves the model; Module.to makes new buffer tensors, and the stages follow them."""
+    torch.manual_seed(0)
+    model = UNTRACEABLE.build_bn_dropout()
+    program = compile_decoupled(model, CASES["bn_dropout"][1])
+    program.to(torch.float64)
+    for stage in program.stages:
+        for name, b in stage.graph_module.named_buffers():
+            assert b is model.get_buffer(name) and (b.dtype == torch.float64 or not b.is_floating_point()), name
+    x = _floats((BATCH, 32), 0).double()
+    program.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), model(x))
+
+
 # ----------------------------------------------------------------------------- front-end choice and errors
 
 
@@ -212,6 +227,46 @@ def test_fx_front_end_does_not_fall_back():
     with pytest.raises(ModelError, match="torch.fx could not trace GPT at .*gpt.py:") as info:
         compile_decoupled(_gpt(), spec)
     assert "torch.export" not in str(info.value)
+
+
+class _KeywordTargets(nn.Module):
+    """Labels as a keyword-only input, the loss computed inside, a dict returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x, *, targets):
+        assert x.shape[-1] == 6
+        logits = self.b(torch.relu(self.a(x)))
+        return {"logits": logits, "loss": F.cross_entropy(logits, targets)}
+
+
+def test_keyword_only_targets_and_a_dict_output_with_the_models_loss():
+    torch.manual_seed(0)
+    model = _KeywordTargets()
+    reference = copy.deepcopy(model)
+    spec = {
+        "inputs": {"x": {"shape": [5, 6]}, "targets": {"shape": [5], "dtype": "int64", "high": 3}},
+        "cuts": [{"after": "a"}],
+        "loss": {"from_output": "loss", "labels": "targets"},
+        "stages": {"default": {"optimizer": {"name": "SGD", "lr": 0.1}}},
+    }
+    program = compile_decoupled(model, spec)
+    assert program.frontend == "export" and program.input_names == ("x", "targets")
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step in range(2):
+        x, y = _floats((4, 6), step), _tokens((4,), step) % 3
+        torch.testing.assert_close(program(x, y), reference(x, targets=y))
+        result = program.train_step(x, y)  # both are inputs; `targets` also gives the labels
+        opt.zero_grad()
+        loss = reference(x, targets=y)["loss"]
+        loss.backward()
+        opt.step()
+        assert result.loss == pytest.approx(loss.item(), rel=1e-6)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
 
 
 class _DataDependent(nn.Module):
@@ -259,8 +314,17 @@ def test_a_train_only_branch_export_cannot_follow_is_reported():
         compile_decoupled(_TrainOnlyBranch(), spec)
 
 
-@pytest.mark.parametrize(("spec", "stages"), [("gpt_cdni.yaml", 2), ("gpt_backprop.yaml", 5)])
-def test_cli_shows_front_end_and_tied_tensor(spec, stages, capsys):
+def test_gpt_specs_cut_between_real_blocks():
+    for name, cuts in (("gpt_cdni.yaml", 1), ("gpt_backprop.yaml", 4)):
+        spec = load_spec(ROOT / "specs" / name)
+        model = GPT.build_model(**spec.model_args)
+        modules = dict(model.named_modules())
+        assert len(spec.cuts) == cuts and all(c.after in modules for c in spec.cuts), name
+        assert spec.loss.from_output == 1 and spec.loss.labels == "targets"
+
+
+def test_cli_shows_front_end_and_tied_tensor(capsys):
+    spec, stages = "gpt_cdni.yaml", 2
     assert main([str(ROOT / "examples" / "gpt.py"), "--spec", str(ROOT / "specs" / spec)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"GPT: {stages} stages" in out
@@ -306,7 +370,7 @@ def test_cdni_gpt_learns_tiny_shakespeare(one_thread):
         "loss": {"from_output": 1, "labels": "targets"},
         "stages": {"default": {"optimizer": {"name": "AdamW", "lr": 3e-3}}},
     }
-    history = GPT.train_shakespeare(SHAKESPEARE, spec, steps=400, batch_size=16, log=None)
+    history = GPT.train_shakespeare(SHAKESPEARE, spec, steps=300, batch_size=16, log=None)
     start, end = history["val_start"], history["val_end"]
     assert start > 4.0  # log(65) = 4.17: the model starts out guessing
     assert end < start - 1.0, f"validation loss {start:.3f} -> {end:.3f}"

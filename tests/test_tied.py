@@ -153,10 +153,16 @@ def test_tied_weights_on_two_workers_equal_the_local_runtime(tmp_path):
     common = [sys.executable, "-m", "dnicompile", str(tmp_path / "model.py"), "--spec", str(tmp_path / "spec.yaml")]
     common += ["--train", "--steps", "8", "--batch-size", "64", "--seed", "3", "--data", str(data)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs = {  # both at once: most of each run is starting Python and torch
+        name: subprocess.Popen(
+            [*common, *extra, "--out", str(tmp_path / name)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        for name, extra in (("local", []), ("dist", ["--workers", "2"]))
+    }
     runs = {}
-    for name, extra in (("local", []), ("dist", ["--workers", "2"])):
-        r = subprocess.run([*common, *extra, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env)
-        assert r.returncode == 0, r.stderr
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err.decode()
         runs[name] = torch.load(tmp_path / name / "model.pt", weights_only=True)
     a, b = runs["local"], runs["dist"]
     assert a.keys() == b.keys()
