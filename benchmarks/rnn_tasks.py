@@ -137,6 +137,7 @@ def main() -> int:
     p.add_argument("--eval-chars", type=int, default=30000)
     p.add_argument("--only", default="copy,repeat_copy,lm,hier")
     p.add_argument("--truncations", type=int, nargs="+", default=list(TRUNCATIONS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/tinyshakespeare/input.txt"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "rnn_tasks.json"))
     a = p.parse_args()
@@ -146,7 +147,7 @@ def main() -> int:
     for task in ("copy", "repeat_copy"):
         if task in only:
             for T in a.truncations:
-                for method in METHODS:
+                for method in a.methods:
                     spec = copy_spec(task, T, method, a.copy_steps, a.hidden, a.lr, synth)
                     jobs.append(
                         {"kind": "copy", "task": task, "T": T, "method": method, "example": "copy_rnn.py", "spec": spec}

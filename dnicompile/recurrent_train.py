@@ -266,6 +266,7 @@ def _fit_copy(program, opts: RecurrentOptions, console: Console, device) -> dict
     finally:
         metrics.close()
     summary["length"] = curriculum.length
+    summary["error_bits"] = curriculum.average  # at `length`, over the last `window` batches
     summary["elapsed_s"] = time.perf_counter() - start
     summary["rows"] = metrics.rows
     return summary
