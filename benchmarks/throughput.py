@@ -22,7 +22,7 @@ wall-clock up to the first evaluation at or above 85%, evaluation (every --eval-
 stops its clock while it evaluates; (e) reports `train_s` in its metrics (elapsed time less evaluation).
 Start-up (spawning workers, loading data, compiling) is excluded from both, and reported apart for (e).
 
-Run from the repository root:  python benchmarks/throughput.py [--reps 5] [--write BENCHMARKS.md]
+Run from the repository root:  python benchmarks/throughput.py [--reps 3] [--write BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -369,11 +369,18 @@ def markdown(results: dict) -> str:
         "## Throughput",
         "",
         "`benchmarks/throughput.py`: examples/wide_mlp.py (8 fully connected layers of width 1024 + head, "
-        f"Fashion-MNIST), batch {a['batch_size']}, fused Adam (lr 3e-4) for every contender; cut after "
-        "`layers.3` for S = 2 (specs/wide_mlp_*.yaml), every 8/S layers for larger S. Each figure is "
-        f"steady-state samples/s, the median of {a['reps']} runs (individual runs in brackets), "
-        f"{a['warmup']} warm-up steps then {a['steps']} timed steps per run, runs interleaved across "
-        "contenders; start-up and data decoding are excluded, drawing each batch is included.",
+        f"Fashion-MNIST), batch {a['batch_size']}, fused Adam at lr 3e-4 for every contender (the cDNI spec "
+        "trains stage 0 at 1e-4 and the synthesizer at 1e-3); cut after `layers.3` for S = 2 "
+        "(specs/wide_mlp_*.yaml), every 8/S layers for larger S. Each figure is steady-state samples/s, the "
+        f"median of {a['reps']} runs (all runs in the `runs` column), {a['warmup']} warm-up steps then "
+        f"{a['steps']} timed steps per run, runs interleaved across contenders, each run a fresh process; "
+        "start-up and data decoding are excluded, drawing each batch is included. (e) is the public CLI, "
+        "`python -m dnicompile examples/wide_mlp.py --spec SPEC --train --workers S --threads 1 --steps "
+        f"{a['warmup'] + a['steps']} --eval-every 1000000000 --metrics FILE`, with `distributed: {{log_every: 5}}` "
+        "added to the spec; its rate is (samples between the first log line at or after the warm-up and the "
+        "last one) / (the time between them), from the metrics file. CPU ms per step is the process's CPU time "
+        "(all its threads) over the timed steps: for (e) the median of the `cpu_ms_per_step` of the metrics "
+        "lines.",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}. "
         f"Load average (1 min) during the runs: {results['load_min']:.1f} to {results['load_max']:.1f}"
@@ -500,7 +507,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=2, help="runs of the time-to-accuracy race (0 skips it)")
     p.add_argument("--target", type=float, default=0.85)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--acc-steps", type=int, default=1500, help="give up the race after this many steps")
+    p.add_argument("--acc-steps", type=int, default=1000, help="give up the race after this many steps")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "throughput.json"), help="write all figures here")
     p.add_argument("--write", metavar="BENCHMARKS.md", help="replace its Throughput section with the results")
     # one run, in its own process
