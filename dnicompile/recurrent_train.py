@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -50,6 +51,11 @@ def run_recurrent_cli(model, spec, args, console: Console | None = None) -> int:
         return 0
     if getattr(args, "resume", None):
         raise DNIError("--resume is not available for recurrent programs: start the run again.")
+    if "WORLD_SIZE" in os.environ:
+        raise DNIError(
+            "recurrent programs are not launched with torchrun: train in one process, or a hierarchical program on "
+            "this host with --workers 2."
+        )
     if args.workers > 1:
         return train_hierarchical_distributed(program, args, console)
     return train_recurrent_from_cli(program, args, console)
@@ -317,7 +323,7 @@ def _fit_text(program, opts: RecurrentOptions, console: Console, device) -> dict
                     scores = evaluate_text(program, valid, device=device)
                     summary.update(scores)
                     metrics.write(
-                        {"step": step, **scores, "train_bpc": bpc_avg, "elapsed_s": time.perf_counter() - start}
+                        {"step": step, **scores, "train_bpc_avg": bpc_avg, "elapsed_s": time.perf_counter() - start}
                     )
                     up = f", upper {scores['upper_bpc']:.4f}" if "upper_bpc" in scores else ""
                     progress.console.print(
@@ -371,12 +377,15 @@ def write_outputs(program, summary: dict, out_dir: Path, title: str) -> None:
     write_atomic(out_dir / "model.pt", lambda p: torch.save(state, p))
     ckpt = {"model": state, "runtime": program.runtime.state_dict(), "step": summary["steps_done"]}
     write_atomic(out_dir / "checkpoint.pt", lambda p: torch.save(ckpt, p))
-    plot_recurrent(summary["rows"], out_dir / "curves.png", title)
+    synthetic = program.spec.bptt.synthetic_gradient is not None or (
+        program.upper is not None and program.upper.config.synthetic_gradient is not None
+    )
+    plot_recurrent(summary["rows"], out_dir / "curves.png", title, synthetic)
     final = {k: v for k, v in summary.items() if k != "rows"}
     write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(final, indent=2) + "\n"))
 
 
-def plot_recurrent(rows: list[dict], path: Path, title: str) -> None:
+def plot_recurrent(rows: list[dict], path: Path, title: str, synthetic: bool = True) -> None:
     """Loss, then solved length (copy) or held-out BPC (text), then the synthesizers' cosine, against step."""
     import matplotlib
 
@@ -406,7 +415,8 @@ def plot_recurrent(rows: list[dict], path: Path, title: str) -> None:
     if names:
         axes[2].legend(fontsize=8)
     else:
-        axes[2].text(0.5, 0.5, "plain truncated BPTT", ha="center", va="center", transform=axes[2].transAxes)
+        text = "no synthetic gradient used yet" if synthetic else "plain truncated BPTT"
+        axes[2].text(0.5, 0.5, text, ha="center", va="center", transform=axes[2].transAxes)
     fig.suptitle(title)
     fig.tight_layout()
     write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
