@@ -174,6 +174,11 @@ STEP_LOSSES: dict[str, Callable] = {
 
 def get_step_loss(name: str, where: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A per-step loss: (B, T, ...) outputs and targets -> (B, T) losses (summed over a step's elements)."""
+    if not isinstance(name, str):
+        raise SpecError(
+            f"{where}: a recurrent program takes its loss by name ({', '.join(STEP_LOSSES)} or "
+            "'package.module:function'), not a loss computed inside the model."
+        )
     if name in STEP_LOSSES:
         return STEP_LOSSES[name]
     if ":" in name:
