@@ -7,7 +7,7 @@ Written to be cut between blocks: the only value that flows from block to block 
 stream x (B, T, C). Shapes (B, T, C) are read inside each module from its own input, the positions
 are made next to the embedding that reads them, and each attention keeps its causal mask as its own
 buffer, so no Python int (and no shared tensor) has to cross a cut.
-The head is not tied to the token embedding (tied weights cannot sit on both sides of a cut).
+The head is not tied to the token embedding here; examples/gpt.py shows a tied head across cuts.
 """
 
 import math
