@@ -1,0 +1,362 @@
+"""Feed-forward DNI / cDNI on Fashion-MNIST: a table of test error, as in Jaderberg et al. 2017 (section 3.1).
+
+Fully connected nets with 3, 4, 5 and 6 hidden layers of 256 units (batch norm, ReLU; examples/mlp.py) and the
+small conv net of examples/cnn.py, with a cut after every hidden layer / conv block, each trained three ways with
+the same stage optimizer, batch size and number of steps:
+
+- backprop: every cut exact (the true gradient crosses it);
+- DNI:      a synthetic gradient at every cut, without labels;
+- cDNI:     a synthetic gradient at every cut, conditioned on the one-hot labels.
+
+Plus the decoupled-update experiment: cDNI with every stage on a `probability: 0.2` clock (each stage updates on a
+random fifth of the steps, independently of the others).
+
+    python benchmarks/feedforward_table.py --out results/feedforward.json
+    python benchmarks/feedforward_table.py --only mlp3 mlp4 --steps 2000 --seeds 0
+
+Runs execute in parallel worker processes (--jobs, default 2), one torch thread each. Results are written to
+--out after every finished run, so an interrupted benchmark keeps what it measured; a markdown table of test
+error (mean over seeds, in percent) is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fnmatch
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
+
+DEPTHS = (3, 4, 5, 6)
+METHODS = ("backprop", "dni", "cdni", "cdni_p0.2", "frozen")
+METHOD_TITLES = {
+    "backprop": "backprop",
+    "dni": "DNI",
+    "cdni": "cDNI",
+    "cdni_p0.2": "cDNI, p=0.2 clocks",
+    "frozen": "hidden layers frozen",
+}
+# "frozen" is a reference point, not a method: exact cuts, but the hidden stages' clocks never tick, so only the
+# output layer learns, on top of the randomly initialised hidden layers. A synthetic gradient that is no better
+# than no gradient at all ends up about here.
+
+# ----------------------------------------------------------------------------------------- settings
+# Everything below is plain spec content: the benchmark tunes nothing outside the spec.
+# The stage optimizer (and its schedule) is the same for every method of a row.
+STAGE_OPTIMIZER = {
+    "name": "Adam",
+    "lr": 1.0e-3,
+    "scheduler": {"name": "CosineAnnealingLR", "T_max": None},  # T_max: filled in with --steps
+}
+# Synthetic-gradient models. MLP boundaries are (B, 256) vectors; conv boundaries are (B, C, H, W) feature maps.
+MLP_SYNTH = {"model": "linear", "optimizer": {"name": "Adam", "lr": 1.0e-3}}
+CONV_SYNTH = {"model": "conv", "layers": 0, "kernel_size": 5, "optimizer": {"name": "Adam", "lr": 1.0e-4}}
+CLOCK_PROBABILITY = 0.2
+
+
+def stage_optimizer(updates: int) -> dict:
+    """The stage optimizer, its cosine schedule spanning `updates` optimizer steps (schedulers step on ticks)."""
+    opt = copy.deepcopy(STAGE_OPTIMIZER)
+    sched = opt.get("scheduler")
+    if sched is not None and "T_max" in sched:
+        sched["T_max"] = max(1, updates)
+    return opt
+
+
+def synth_config(arch: str, method: str, mlp_synth: dict, conv_synth: dict) -> dict | None:
+    if method in ("backprop", "frozen"):
+        return None
+    sg = copy.deepcopy(conv_synth if arch == "cnn" else mlp_synth)
+    sg["condition_on_labels"] = method.startswith("cdni")
+    return sg
+
+
+def build_spec(
+    arch: str,
+    depth: int,
+    method: str,
+    steps: int,
+    batch_size: int,
+    mlp_synth: dict | None = None,
+    conv_synth: dict | None = None,
+) -> dict:
+    """The spec (as a dict) of one run: a cut after every hidden layer (mlp) or conv block (cnn)."""
+    sg = synth_config(arch, method, mlp_synth or MLP_SYNTH, conv_synth or CONV_SYNTH)
+    if arch == "cnn":
+        prefix, inputs, model_args = "blocks", [batch_size, 1, 28, 28], {}
+    else:
+        prefix, inputs, model_args = "layers", [batch_size, 784], {"depth": depth, "hidden": 256}
+    stages: dict = {"default": {"optimizer": stage_optimizer(steps)}}
+    if method.endswith("_p0.2"):
+        # every stage updates with probability p per step: about p * steps updates, over which the lr anneals
+        stages["default"] = {
+            "optimizer": stage_optimizer(round(CLOCK_PROBABILITY * steps)),
+            "clock": {"probability": CLOCK_PROBABILITY},
+        }
+    if method == "frozen":
+        for i in range(depth):  # the hidden stages never tick; the last stage (the output layer) does
+            stages[i] = {"clock": {"offset": steps}}
+    cuts = []
+    for i in range(depth):
+        cut: dict = {"after": f"{prefix}.{i}"}
+        if sg is not None:
+            cut["synthetic_gradient"] = copy.deepcopy(sg)
+        cuts.append(cut)
+    return {
+        "model": "build_model",
+        "model_args": model_args,
+        "inputs": {"x": {"shape": inputs, "dtype": "float32"}},
+        "cuts": cuts,
+        "stages": stages,
+        "loss": "cross_entropy",
+        "data": "fashion-mnist",
+        "train": {"steps": steps, "batch_size": batch_size},
+    }
+
+
+def experiments() -> list[dict]:
+    """Every run of the table but the seed: mlp{3..6} x 4 methods, cnn x 3 methods."""
+    exps = []
+    for depth in DEPTHS:
+        for method in METHODS:
+            exps.append({"row": f"mlp{depth}", "arch": "mlp", "depth": depth, "method": method})
+    for method in ("backprop", "dni", "cdni"):
+        exps.append({"row": "cnn", "arch": "cnn", "depth": 3, "method": method})
+    return exps
+
+
+def select(exps: list[dict], only: list[str] | None) -> list[dict]:
+    """Keep runs whose row, method or `row/method` matches one of the --only patterns (shell-style globs)."""
+    if not only:
+        return exps
+    keep = []
+    for e in exps:
+        names = (e["row"], e["method"], f"{e['row']}/{e['method']}")
+        if any(fnmatch.fnmatchcase(n, pat) for pat in only for n in names):
+            keep.append(e)
+    return keep
+
+
+# ----------------------------------------------------------------------------------------- one run
+_DATA = None
+
+
+def _load_example(name: str):
+    path = REPO / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _init_worker(data_dir: str) -> None:
+    global _DATA
+    import torch
+
+    torch.set_num_threads(1)
+    from dnicompile.data import load_fashion_mnist
+
+    _DATA = load_fashion_mnist(data_dir)
+
+
+def run_one(job: dict) -> dict:
+    """Train one (row, method, seed) and return its record (test accuracy, curve, synthesizer cosines)."""
+    import torch
+
+    from dnicompile import compile_decoupled
+    from dnicompile.train import TrainOptions, fit
+
+    torch.set_num_threads(1)
+    spec = job["spec"]
+    module = _load_example(job["arch"])
+    torch.manual_seed(job["seed"])
+    model = module.build_model(**spec["model_args"])
+    program = compile_decoupled(model, spec)
+    opts = TrainOptions(
+        steps=job["steps"], batch_size=job["batch_size"], eval_every=job["eval_every"], seed=job["seed"], log_every=50
+    )
+    start = time.perf_counter()
+    summary = fit(program, _DATA, opts)
+    elapsed = time.perf_counter() - start
+    rows = summary["rows"]
+    curve = [(r["step"], r["test_accuracy"]) for r in rows if "test_accuracy" in r]
+    train_rows = [r for r in rows if "cosine" in r]
+    last = train_rows[-10:]
+    cosine = {}
+    for r in last:
+        for k, v in r["cosine"].items():
+            cosine.setdefault(k, []).append(v)
+    ticks = [c.ticks for c in program.runtime.clocks]
+    return {
+        "row": job["row"],
+        "method": job["method"],
+        "seed": job["seed"],
+        "steps": job["steps"],
+        "batch_size": job["batch_size"],
+        "test_accuracy": summary["test_accuracy"],
+        "test_error": 1.0 - summary["test_accuracy"],
+        "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
+        "curve": curve,
+        "cosine_last": {k: sum(v) / len(v) for k, v in cosine.items()},
+        "stage_updates": ticks,
+        "elapsed_s": elapsed,
+        "spec": spec,
+    }
+
+
+# ----------------------------------------------------------------------------------------- table
+def _fmt(errors: list[float]) -> str:
+    if not errors:
+        return "–"
+    mean = 100 * statistics.fmean(errors)
+    if len(errors) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * statistics.stdev(errors):.2f}"
+
+
+def markdown_table(records: list[dict]) -> str:
+    """Test error (%) per row and method, mean ± std over seeds; gaps to backprop in points."""
+    rows = [r for r in dict.fromkeys(rec["row"] for rec in records)]
+    order = {f"mlp{d}": i for i, d in enumerate(DEPTHS)} | {"cnn": len(DEPTHS)}
+    rows.sort(key=lambda r: order.get(r, 99))
+    methods = [m for m in METHODS if any(rec["method"] == m for rec in records)]
+    by = {}
+    for rec in records:
+        by.setdefault((rec["row"], rec["method"]), []).append(rec["test_error"])
+    head = ["net"] + [METHOD_TITLES[m] for m in methods]
+    gaps = [m for m in ("dni", "cdni") if m in methods and "backprop" in methods]
+    head += [f"{METHOD_TITLES[m]} − backprop" for m in gaps]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        title = f"MLP, {row[3:]} hidden layers" if row.startswith("mlp") else "CNN, 3 conv blocks"
+        cells = [title] + [_fmt(by.get((row, m), [])) for m in methods]
+        for m in gaps:
+            a, b = by.get((row, m)), by.get((row, "backprop"))
+            cells.append(f"{100 * (statistics.fmean(a) - statistics.fmean(b)):+.2f}" if a and b else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="Fashion-MNIST directory (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=6000, help="training steps per run (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; the table shows mean ± std")
+    p.add_argument("--eval-every", type=int, default=1000, help="test-set evaluation interval (default: %(default)s)")
+    p.add_argument("--out", default=None, help="results JSON path (written after every finished run)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="run only these rows / methods / row/method, shell globs,\n"
+        "e.g. --only mlp3 mlp4, --only cdni, --only 'mlp*/backprop' cnn",
+    )
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each (default: %(default)s)")
+    p.add_argument("--list", action="store_true", help="list the selected runs and exit")
+    p.add_argument(
+        "--table-from",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print the table of earlier results files (merged; seeds pool) and exit, running nothing",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.table_from:
+        records = [r for f in args.table_from for r in json.loads(Path(f).read_text())["runs"]]
+        records = [r for r in records if r in select(records, args.only)]
+        print(markdown_table(records))
+        return 0
+    exps = select(experiments(), args.only)
+    if not exps:
+        print(f"--only {' '.join(args.only)} selects no run; rows: mlp3..mlp6, cnn; methods: {', '.join(METHODS)}")
+        return 2
+    jobs = []
+    for e in exps:
+        for seed in args.seeds:
+            spec = build_spec(e["arch"], e["depth"], e["method"], args.steps, args.batch_size)
+            jobs.append({**e, "seed": seed, "steps": args.steps, "batch_size": args.batch_size, "spec": spec})
+    # the slowest runs first, so that the two workers finish at about the same time
+    jobs.sort(key=lambda j: (j["arch"] != "cnn", j["method"] == "backprop", -j["depth"]))
+    if args.list:
+        for j in jobs:
+            print(f"{j['row']}/{j['method']} seed {j['seed']}")
+        return 0
+    from dnicompile.data import load_fashion_mnist
+
+    load_fashion_mnist(args.data)  # fail early, in the parent, on a bad --data
+    for j in jobs:
+        j["eval_every"] = args.eval_every
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    meta = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}",
+        "jobs": args.jobs,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seeds": args.seeds,
+        "stage_optimizer": stage_optimizer(args.steps),
+        "mlp_synthesizer": MLP_SYNTH,
+        "conv_synthesizer": CONV_SYNTH,
+        "clock_probability": CLOCK_PROBABILITY,
+    }
+    records: list[dict] = []
+    start = time.perf_counter()
+
+    def save() -> None:
+        if out is None:
+            return
+        meta["elapsed_s"] = time.perf_counter() - start
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "runs": records}, indent=1) + "\n")
+        os.replace(tmp, out)
+
+    print(f"{len(jobs)} runs, {args.jobs} at a time, {args.steps} steps of batch {args.batch_size}", flush=True)
+    ctx = mp.get_context("spawn")
+    pool = ctx.Pool(args.jobs, initializer=_init_worker, initargs=(args.data,))
+    try:
+        for rec in pool.imap_unordered(run_one, jobs):
+            records.append(rec)
+            save()
+            print(
+                f"[{time.perf_counter() - start:7.0f}s] {rec['row']}/{rec['method']} seed {rec['seed']}: "
+                f"test error {100 * rec['test_error']:.2f}% ({rec['elapsed_s']:.0f}s)",
+                flush=True,
+            )
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    save()
+    print()
+    print(markdown_table(records))
+    print(f"\ntotal {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
