@@ -40,18 +40,23 @@ def get_loss(name, where: str) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     if name in LOSSES:
         return LOSSES[name]
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise SpecError(f"{where}: cannot load loss function {name!r}: {e}") from None
-        if not callable(fn):
-            raise SpecError(f"{where}: loss {name!r} is not callable.")
-        return fn
+        return load_loss_function(name, where)
     raise SpecError(
         f"{where}: unknown loss {name!r}{did_you_mean(name, LOSSES)}; use {', '.join(LOSSES)} "
         "or your own function as 'package.module:function'."
     )
+
+
+def load_loss_function(name: str, where: str) -> Callable:
+    """A user's loss function named 'package.module:function'."""
+    module_name, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise SpecError(f"{where}: cannot load loss function {name!r}: {e}") from None
+    if not callable(fn):
+        raise SpecError(f"{where}: loss {name!r} is not callable.")
+    return fn
 
 
 def check_output_loss(program, where: str) -> int | None:

@@ -25,7 +25,6 @@ spec's example `inputs`, so the roles named in the spec are the ones the model's
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 
@@ -34,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import DNIError, ModelError, SpecError, did_you_mean
+from .losses import load_loss_function
 from .spec import ClockConfig, OptimizerConfig, Spec, load_spec
 
 CELLS = (nn.RNNCell, nn.GRUCell, nn.LSTMCell)
@@ -182,14 +182,7 @@ def get_step_loss(name: str, where: str) -> Callable[[torch.Tensor, torch.Tensor
     if name in STEP_LOSSES:
         return STEP_LOSSES[name]
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise SpecError(f"{where}: cannot load loss function {name!r}: {e}") from None
-        if not callable(fn):
-            raise SpecError(f"{where}: loss {name!r} is not callable.")
-        return fn
+        return load_loss_function(name, where)
     raise SpecError(
         f"{where}: unknown loss {name!r} for a recurrent program{did_you_mean(name, STEP_LOSSES)}; use "
         f"{', '.join(STEP_LOSSES)} or your own per-step function as 'package.module:function' "
