@@ -64,9 +64,9 @@ CONV_SYNTH = {"model": "conv", "layers": 0, "kernel_size": 5, "optimizer": {"nam
 CLOCK_PROBABILITY = 0.2
 
 
-def stage_optimizer(updates: int) -> dict:
+def stage_optimizer(updates: int, base: dict | None = None) -> dict:
     """The stage optimizer, its cosine schedule spanning `updates` optimizer steps (schedulers step on ticks)."""
-    opt = copy.deepcopy(STAGE_OPTIMIZER)
+    opt = copy.deepcopy(base or STAGE_OPTIMIZER)
     sched = opt.get("scheduler")
     if sched is not None and "T_max" in sched:
         sched["T_max"] = max(1, updates)
@@ -89,6 +89,7 @@ def build_spec(
     batch_size: int,
     mlp_synth: dict | None = None,
     conv_synth: dict | None = None,
+    optimizer: dict | None = None,
 ) -> dict:
     """The spec (as a dict) of one run: a cut after every hidden layer (mlp) or conv block (cnn)."""
     sg = synth_config(arch, method, mlp_synth or MLP_SYNTH, conv_synth or CONV_SYNTH)
@@ -96,11 +97,11 @@ def build_spec(
         prefix, inputs, model_args = "blocks", [batch_size, 1, 28, 28], {}
     else:
         prefix, inputs, model_args = "layers", [batch_size, 784], {"depth": depth, "hidden": 256}
-    stages: dict = {"default": {"optimizer": stage_optimizer(steps)}}
+    stages: dict = {"default": {"optimizer": stage_optimizer(steps, optimizer)}}
     if method.endswith("_p0.2"):
         # every stage updates with probability p per step: about p * steps updates, over which the lr anneals
         stages["default"] = {
-            "optimizer": stage_optimizer(round(CLOCK_PROBABILITY * steps)),
+            "optimizer": stage_optimizer(round(CLOCK_PROBABILITY * steps), optimizer),
             "clock": {"probability": CLOCK_PROBABILITY},
         }
     if method == "frozen":
@@ -248,6 +249,16 @@ def markdown_table(records: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- main
+def _json_arg(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="Fashion-MNIST directory (default: %(default)s)")
@@ -265,6 +276,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "e.g. --only mlp3 mlp4, --only cdni, --only 'mlp*/backprop' cnn",
     )
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each (default: %(default)s)")
+    p.add_argument(
+        "--mlp-synth",
+        type=_json_arg,
+        default=None,
+        metavar="JSON",
+        help=f"MLP synthetic-gradient spec, replacing the default\n{json.dumps(MLP_SYNTH)}",
+    )
+    p.add_argument(
+        "--conv-synth",
+        type=_json_arg,
+        default=None,
+        metavar="JSON",
+        help=f"conv synthetic-gradient spec, replacing the default\n{json.dumps(CONV_SYNTH)}",
+    )
+    p.add_argument(
+        "--stage-optimizer",
+        type=_json_arg,
+        default=None,
+        metavar="JSON",
+        help=f"stage optimizer spec for every method, replacing the default\n{json.dumps(STAGE_OPTIMIZER)}",
+    )
     p.add_argument("--list", action="store_true", help="list the selected runs and exit")
     p.add_argument(
         "--table-from",
@@ -290,7 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     jobs = []
     for e in exps:
         for seed in args.seeds:
-            spec = build_spec(e["arch"], e["depth"], e["method"], args.steps, args.batch_size)
+            spec = build_spec(
+                e["arch"],
+                e["depth"],
+                e["method"],
+                args.steps,
+                args.batch_size,
+                args.mlp_synth,
+                args.conv_synth,
+                args.stage_optimizer,
+            )
             jobs.append({**e, "seed": seed, "steps": args.steps, "batch_size": args.batch_size, "spec": spec})
     # the slowest runs first, so that the two workers finish at about the same time
     jobs.sort(key=lambda j: (j["arch"] != "cnn", j["method"] == "backprop", -j["depth"]))
@@ -317,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "seeds": args.seeds,
-        "stage_optimizer": stage_optimizer(args.steps),
-        "mlp_synthesizer": MLP_SYNTH,
-        "conv_synthesizer": CONV_SYNTH,
+        "stage_optimizer": stage_optimizer(args.steps, args.stage_optimizer),
+        "mlp_synthesizer": args.mlp_synth or MLP_SYNTH,
+        "conv_synthesizer": args.conv_synth or CONV_SYNTH,
         "clock_probability": CLOCK_PROBABILITY,
     }
     records: list[dict] = []
