@@ -167,17 +167,25 @@ def main() -> int:
     weight = {"lm": 3, "hier": 4, "copy": 1}
     jobs.sort(key=lambda j: -weight[j["kind"]] * (1 if j["kind"] != "copy" else 10 / j["T"]))
     start = time.perf_counter()
+    results: list[dict] = []
+
+    def save() -> None:  # after every finished run, atomically: an interrupted benchmark keeps what it measured
+        out = {
+            "settings": {k: v for k, v in vars(a).items() if k != "out"},
+            "cpu_count": os.cpu_count(),
+            "total_wall_s": time.perf_counter() - start,
+            "results": results,
+        }
+        tmp = Path(a.out + ".tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        os.replace(tmp, a.out)
+
     ctx = mp.get_context("spawn")
     with ctx.Pool(a.jobs, maxtasksperchild=1) as pool:
-        results = pool.map(run_job, jobs, chunksize=1)
+        for result in pool.imap_unordered(run_job, jobs, chunksize=1):
+            results.append(result)
+            save()
     total = time.perf_counter() - start
-    out = {
-        "settings": {k: v for k, v in vars(a).items() if k != "out"},
-        "cpu_count": os.cpu_count(),
-        "total_wall_s": total,
-        "results": results,
-    }
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(tables(results))
     print(f"\ntotal {total / 60:.1f} min with {a.jobs} jobs; results in {a.out}")
     return 0
