@@ -45,7 +45,7 @@ MODEL = ROOT / "examples" / "wide_mlp.py"
 SPECS = {"dni": ROOT / "specs" / "wide_mlp_dni.yaml", "backprop": ROOT / "specs" / "wide_mlp_backprop.yaml"}
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
 LR = 3.0e-4  # the specs' stage learning rate; plain PyTorch and the pipeline schedules use the same
-DEPTH = 8  # hidden layers of the model
+DEPTH = 8  # hidden layers of the model (--depth)
 
 
 # =========================================================================== machine
@@ -84,7 +84,9 @@ def spec_for(kind: str, stages: int, log_every: int, folder: Path) -> Path:
     """The shipped spec (2 stages), or the same settings with a cut between every DEPTH/S layers, plus a
     `distributed: {log_every}` for fine-grained samples/s."""
     text = SPECS[kind].read_text()
-    if stages != 2:
+    if DEPTH != 8:
+        text = text.replace("model: build_model\n", f"model: build_model\nmodel_args: {{depth: {DEPTH}}}\n", 1)
+    if stages != 2 or DEPTH != 8:
         head, _, rest = text.partition("cuts:\n")
         cut_lines, _, tail = rest.partition("stages:\n")
         if kind == "dni":
@@ -114,7 +116,7 @@ def _model(seed: int):
     from wide_mlp import build_model
 
     torch.manual_seed(seed)
-    return build_model()
+    return build_model(depth=DEPTH)
 
 
 def _adam(params):
@@ -276,7 +278,7 @@ def env() -> dict:
 
 
 def run_child(kind: str, args, timeout: float = 600, **extra) -> dict:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--data", args.data]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--data", args.data, "--depth", str(DEPTH)]
     argv += ["--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--steps", str(args.steps)]
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
@@ -305,8 +307,13 @@ def run_distributed(spec: Path, workers: int, args, tmp: Path) -> dict:
         raise RuntimeError(f"dnicompile --workers {workers} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     rows = [json.loads(ln) for ln in metrics.read_text().splitlines()]
     train = [row for row in rows if "samples_per_s" in row]
-    first = next(row for row in train if row["step"] >= args.warmup)
-    last = train[-1]
+    first = next((row for row in train if row["step"] >= args.warmup), None)
+    last = train[-1] if train else None
+    if first is None or last["step"] <= first["step"]:
+        raise SystemExit(
+            f"(e) logged too few steps to time ({len(train)} metrics lines, every 5 steps): "
+            "give --steps at least 10 beyond --warmup."
+        )
     rate = (last["step"] - first["step"]) * args.batch_size / (last["elapsed_s"] - first["elapsed_s"])
     steady = [row["cpu_ms_per_step"] for row in train if row["step"] > first["step"]]
     cpu_ms = [median([row[r] for row in steady if row[r] is not None]) for r in range(workers)]
@@ -368,10 +375,16 @@ def markdown(results: dict) -> str:
     lines = [
         "## Throughput",
         "",
-        "`benchmarks/throughput.py`: examples/wide_mlp.py (8 fully connected layers of width 1024 + head, "
-        f"Fashion-MNIST), batch {a['batch_size']}, fused Adam at lr 3e-4 for every contender (the cDNI spec "
-        "trains stage 0 at 1e-4 and the synthesizer at 1e-3); cut after `layers.3` for S = 2 "
-        "(specs/wide_mlp_*.yaml), every 8/S layers for larger S. Each figure is steady-state samples/s, the "
+        f"`benchmarks/throughput.py`: examples/wide_mlp.py ({a.get('depth', 8)} fully connected layers of width "
+        f"1024 + head, Fashion-MNIST), batch {a['batch_size']}, fused Adam at lr 3e-4 for every contender (the cDNI "
+        "spec trains stage 0 at 1e-4 and the synthesizer at 1e-3); "
+        + (
+            "cut after `layers.3` for S = 2 (specs/wide_mlp_*.yaml), every 8/S layers for larger S. "
+            if a.get("depth", 8) == 8
+            else f"the specs/wide_mlp_*.yaml settings with `model_args: {{depth: {a['depth']}}}` and a cut every "
+            f"{a['depth']}/S layers. "
+        )
+        + "Each figure is steady-state samples/s, the "
         f"median of {a['reps']} runs (all runs in the `runs` column), {a['warmup']} warm-up steps then "
         f"{a['steps']} timed steps per run, runs interleaved across contenders, each run a fresh process; "
         "start-up and data decoding are excluded, drawing each batch is included. (e) is the public CLI, "
@@ -499,6 +512,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="Fashion-MNIST folder")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--depth", type=int, default=8, help="hidden layers of examples/wide_mlp.py (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per run")
     p.add_argument("--steps", type=int, default=40, help="timed steps per run")
     p.add_argument("--reps", type=int, default=3, help="runs per contender (the median is reported)")
@@ -517,6 +531,8 @@ def main() -> int:
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--schedule", help=argparse.SUPPRESS)
     args = p.parse_args()
+    global DEPTH
+    DEPTH = args.depth
     if args.child:
         print("RESULT " + json.dumps(CHILDREN[args.child](args)), flush=True)
         return 0
@@ -589,6 +605,7 @@ def main() -> int:
 
 def _run_acc_plain(args, seed: int) -> dict:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "acc", "--data", args.data, "--seed", str(seed)]
+    argv += ["--depth", str(DEPTH)]
     argv += ["--batch-size", str(args.batch_size), "--steps", str(args.acc_steps), "--eval-every", str(args.eval_every)]
     argv += ["--target", str(args.target)]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=3600, env=env(), cwd=ROOT)
