@@ -319,7 +319,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=None,
         metavar="JSON",
-        help="print the table of earlier results files (merged; seeds pool) and exit, running nothing",
+        help="print the table of earlier results files (merged; seeds pool; a later file's run replaces an\n"
+        "earlier one's of the same row, method and seed) and exit, running nothing",
     )
     return p.parse_args(argv)
 
@@ -327,7 +328,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table_from:
-        records = [r for f in args.table_from for r in json.loads(Path(f).read_text())["runs"]]
+        # a later file's run replaces an earlier one's of the same row, method and seed (a rerun with new settings)
+        latest = {}
+        for f in args.table_from:
+            for r in json.loads(Path(f).read_text())["runs"]:
+                latest[(r["row"], r["method"], r["seed"])] = r
+        records = list(latest.values())
         records = [r for r in records if r in select(records, args.only)]
         print(markdown_table(records))
         return 0
