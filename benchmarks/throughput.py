@@ -46,6 +46,7 @@ SPECS = {"dni": ROOT / "specs" / "wide_mlp_dni.yaml", "backprop": ROOT / "specs"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
 LR = 3.0e-4  # the specs' stage learning rate; plain PyTorch and the pipeline schedules use the same
 DEPTH = 8  # hidden layers of the model (--depth)
+QUEUE_DEPTH = 4  # the distributed runtime's queue of batches awaiting their true gradient (--queue-depth)
 
 
 # =========================================================================== machine
@@ -95,7 +96,7 @@ def spec_for(kind: str, stages: int, log_every: int, folder: Path) -> Path:
         else:
             cuts = "".join(f"  - after: layers.{i}\n" for i in cut_layers(stages))
         text = head + "cuts:\n" + cuts + "stages:\n" + tail
-    text += f"distributed: {{log_every: {log_every}, queue_depth: 4}}\n"
+    text += f"distributed: {{log_every: {log_every}, queue_depth: {QUEUE_DEPTH}}}\n"
     path = folder / f"wide_mlp_{kind}_{stages}.yaml"
     path.write_text(text)
     return path
@@ -389,7 +390,7 @@ def markdown(results: dict) -> str:
         f"{a['steps']} timed steps per run, runs interleaved across contenders, each run a fresh process; "
         "start-up and data decoding are excluded, drawing each batch is included. (e) is the public CLI, "
         "`python -m dnicompile examples/wide_mlp.py --spec SPEC --train --workers S --threads 1 --steps "
-        f"{a['warmup'] + a['steps']} --eval-every 1000000000 --metrics FILE`, with `distributed: {{log_every: 5}}` "
+        f"{a['warmup'] + a['steps']} --eval-every 1000000000 --metrics FILE`, with `distributed: {{log_every: 5, queue_depth: {a.get('queue_depth', 4)}}}` "
         "added to the spec; its rate is (samples between the first log line at or after the warm-up and the "
         "last one) / (the time between them), from the metrics file. CPU ms per step is the process's CPU time "
         "(all its threads) over the timed steps: for (e) the median of the `cpu_ms_per_step` of the metrics "
@@ -517,6 +518,7 @@ def main() -> int:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="Fashion-MNIST folder")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--depth", type=int, default=8, help="hidden layers of examples/wide_mlp.py (default: %(default)s)")
+    p.add_argument("--queue-depth", type=int, default=4, help="(e)'s distributed.queue_depth (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per run")
     p.add_argument("--steps", type=int, default=40, help="timed steps per run")
     p.add_argument("--reps", type=int, default=3, help="runs per contender (the median is reported)")
@@ -535,8 +537,8 @@ def main() -> int:
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--schedule", help=argparse.SUPPRESS)
     args = p.parse_args()
-    global DEPTH
-    DEPTH = args.depth
+    global DEPTH, QUEUE_DEPTH
+    DEPTH, QUEUE_DEPTH = args.depth, args.queue_depth
     if args.child:
         print("RESULT " + json.dumps(CHILDREN[args.child](args)), flush=True)
         return 0
