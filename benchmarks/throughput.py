@@ -327,7 +327,16 @@ def time_to_acc_distributed(spec: Path, args, tmp: Path, seed: int) -> dict:
     metrics = tmp / f"acc-{seed}-{time.monotonic_ns()}.jsonl"
     cmd = cli_command(spec, 2, args.acc_steps, args.eval_every, metrics, args, seed=seed)
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        # a benchmark started in the background (`... &`) ignores SIGINT, and so would its children: restore it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     found, evals = None, []
     try:
         while proc.poll() is None and found is None:

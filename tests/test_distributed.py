@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -145,6 +146,66 @@ def test_a_failing_worker_stops_the_whole_run_with_its_error(tmp_path):
     assert "rank 1 (stage1) failed" in r.stderr and "injected failure in Fragile.forward" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert elapsed < 60
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_launcher_stops_every_worker(tmp_path, sig, code):
+    """`kill PID` (or Ctrl-C sent to the launcher alone) stops the workers too: none is left behind."""
+    spec = _small_spec(tmp_path, "specs/mlp_cdni.yaml")
+    metrics = tmp_path / "m.jsonl"
+    cmd = [sys.executable, "-m", "dnicompile", "examples/mlp.py", "--spec", str(spec), "--train", "--workers", "2"]
+    cmd += ["--steps", "100000", "--batch-size", "64", "--eval-every", "1000000", "--data", str(DATA)]
+    cmd += ["--metrics", str(metrics)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # SIGINT must reach it with its default meaning even where the test runner's shell ignores it
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().count("samples_per_s") >= 2):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no training rows within 120 s"
+            time.sleep(0.2)
+        children = _children(proc.pid)
+        assert len(children) >= 2, children  # the two workers (and the spawn helper)
+        stopped = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert time.monotonic() - stopped < 30
+    assert "all workers stopped" in err and "Traceback" not in err, err
+    time.sleep(1)
+    assert [pid for pid in children if _alive(pid)] == []
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # fields after "(comm)": state, ppid, ...
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path):

@@ -27,6 +27,7 @@ import copy
 import json
 import math
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -655,12 +656,28 @@ def _rank_device(name: str, rank: int) -> torch.device:
 
 def launch(cfg: RunConfig, workers: int) -> int:
     """Start `workers` processes on this host and wait; returns the exit code. If any rank fails,
-    the others are stopped and the first error is printed, naming the rank and its stages."""
+    the others are stopped and the first error is printed, naming the rank and its stages. Ctrl-C
+    (SIGINT) or SIGTERM stops every worker; the exit code is then 130 or 143."""
+    cfg.master_port = cfg.master_port or free_port()
+
+    class _Terminated(Exception):
+        pass
+
+    def _on_sigterm(signum, frame):  # `kill PID` / a job scheduler: stop the workers too, as Ctrl-C does
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _launch(cfg, workers, _Terminated)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _launch(cfg: RunConfig, workers: int, terminated: type[Exception]) -> int:
     import sys
 
     import torch.multiprocessing as mp
 
-    cfg.master_port = cfg.master_port or free_port()
     with tempfile.TemporaryDirectory(prefix="dnicompile-errors-") as error_dir:
         cfg.error_dir = error_dir
         context = mp.start_processes(
@@ -674,12 +691,13 @@ def launch(cfg: RunConfig, workers: int) -> int:
             failed = True
         except mp.ProcessRaisedException:
             failed = True
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, terminated) as stop:
             for p in context.processes:
                 if p.is_alive():
                     p.terminate()
-            sys.stderr.write("dnicompile: interrupted; all workers stopped\n")
-            return 130
+            interrupted = isinstance(stop, KeyboardInterrupt)
+            sys.stderr.write(f"dnicompile: {'interrupted' if interrupted else 'terminated'}; all workers stopped\n")
+            return 130 if interrupted else 143
         finally:
             for p in context.processes:
                 p.join(5)
