@@ -363,31 +363,14 @@ def _entry(rank: int, cfg: HierarchicalRunConfig) -> None:
 
 def launch(cfg: HierarchicalRunConfig) -> tuple[int, dict | None]:
     """Start the two ranks on this host and wait: (exit code, rank 0's summary)."""
-    import torch.multiprocessing as mp
-
-    from .distributed import free_port
+    from .distributed import free_port, run_workers
 
     cfg.master_port = cfg.master_port or free_port()
     with tempfile.TemporaryDirectory(prefix="dnicompile-hier-") as box:
         cfg.error_dir = box
-        context = mp.start_processes(_entry, args=(cfg,), nprocs=2, join=False, start_method="spawn")
-        failed = False
-        try:
-            while not context.join(timeout=1):
-                pass
-        except (mp.ProcessExitedException, mp.ProcessRaisedException):
-            failed = True
-        except KeyboardInterrupt:
-            for p in context.processes:
-                if p.is_alive():
-                    p.terminate()
-            sys.stderr.write("dnicompile: interrupted; both workers stopped\n")
-            return 130, None
-        finally:
-            for p in context.processes:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
+        failed, stop_code = run_workers(_entry, (cfg,), 2)
+        if stop_code is not None:
+            return stop_code, None
         if not failed:
             path = Path(box) / "summary.json"
             return 0, json.loads(path.read_text()) if path.exists() else None

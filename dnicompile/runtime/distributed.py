@@ -654,55 +654,59 @@ def _rank_device(name: str, rank: int) -> torch.device:
     return device
 
 
-def launch(cfg: RunConfig, workers: int) -> int:
-    """Start `workers` processes on this host and wait; returns the exit code. If any rank fails,
-    the others are stopped and the first error is printed, naming the rank and its stages. Ctrl-C
-    (SIGINT) or SIGTERM stops every worker; the exit code is then 130 or 143."""
-    cfg.master_port = cfg.master_port or free_port()
-
-    class _Terminated(Exception):
-        pass
-
-    def _on_sigterm(signum, frame):  # `kill PID` / a job scheduler: stop the workers too, as Ctrl-C does
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return _launch(cfg, workers, _Terminated)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class _Terminated(Exception):
+    """SIGTERM reached the launcher."""
 
 
-def _launch(cfg: RunConfig, workers: int, terminated: type[Exception]) -> int:
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+def run_workers(entry, args: tuple, nprocs: int) -> tuple[bool, int | None]:
+    """Spawn `nprocs` processes running entry(rank, *args) and wait for all of them. Returns (failed,
+    stop_code): failed when a worker raised or died; stop_code 130 after Ctrl-C (SIGINT) and 143 after
+    SIGTERM (`kill PID`, a job scheduler), once every worker has been stopped. No worker outlives this."""
     import sys
 
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory(prefix="dnicompile-errors-") as error_dir:
-        cfg.error_dir = error_dir
-        context = mp.start_processes(
-            _worker_entry, args=(workers, cfg), nprocs=workers, join=False, start_method="spawn"
-        )
-        failed = False
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        context = mp.start_processes(entry, args=args, nprocs=nprocs, join=False, start_method="spawn")
         try:
             while not context.join(timeout=1):
                 pass
-        except mp.ProcessExitedException:
-            failed = True
-        except mp.ProcessRaisedException:
-            failed = True
-        except (KeyboardInterrupt, terminated) as stop:
+        except (mp.ProcessExitedException, mp.ProcessRaisedException):
+            return True, None
+        except (KeyboardInterrupt, _Terminated) as stop:
             for p in context.processes:
                 if p.is_alive():
                     p.terminate()
             interrupted = isinstance(stop, KeyboardInterrupt)
             sys.stderr.write(f"dnicompile: {'interrupted' if interrupted else 'terminated'}; all workers stopped\n")
-            return 130 if interrupted else 143
+            return False, (130 if interrupted else 143)
         finally:
             for p in context.processes:
                 p.join(5)
                 if p.is_alive():
                     p.kill()
+        return False, None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def launch(cfg: RunConfig, workers: int) -> int:
+    """Start `workers` processes on this host and wait; returns the exit code. If any rank fails,
+    the others are stopped and the first error is printed, naming the rank and its stages. Ctrl-C
+    (SIGINT) or SIGTERM stops every worker; the exit code is then 130 or 143."""
+    import sys
+
+    cfg.master_port = cfg.master_port or free_port()
+    with tempfile.TemporaryDirectory(prefix="dnicompile-errors-") as error_dir:
+        cfg.error_dir = error_dir
+        failed, stop_code = run_workers(_worker_entry, (workers, cfg), workers)
+        if stop_code is not None:
+            return stop_code
         if not failed:
             return 0
         reports = sorted(Path(error_dir).glob("rank*.json"))
