@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .errors import DataError, DNIError, SpecError
 from .recurrent import compile_recurrent
 from .tasks import LN2, CopyTask, Curriculum, TextStreams, evaluate_text, load_text
-from .train import OUT_FILES, MetricsWriter, resolve_device, write_atomic
+from .train import MetricsWriter, check_outputs, resolve_device, write_atomic
 
 RECURRENT_DATA = ("copy", "repeat_copy", "text")
 
@@ -62,23 +62,8 @@ def run_recurrent_cli(model, spec, args, console: Console | None = None) -> int:
 
 
 def _outputs(args) -> tuple[Path | None, Path | None]:
-    """--out and --metrics, checked: never overwrite a run without --overwrite."""
-    out_dir = Path(args.out) if args.out else None
-    if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise DNIError(f"--out {out_dir}: exists and is not a directory.")
-        existing = [n for n in OUT_FILES if (out_dir / n).exists()]
-        if existing and not args.overwrite:
-            raise DNIError(
-                f"--out {out_dir}: already holds a run ({', '.join(existing)}); choose another directory or "
-                "pass --overwrite to replace it."
-            )
-    metrics_path = Path(args.metrics) if args.metrics else (out_dir / "metrics.jsonl" if out_dir else None)
-    if metrics_path is not None:
-        if metrics_path.exists() and not args.overwrite and not (out_dir and metrics_path.parent == out_dir):
-            raise DNIError(f"--metrics {metrics_path}: file exists; choose another path or pass --overwrite.")
-        if not metrics_path.parent.is_dir() and metrics_path.parent != out_dir:
-            raise DNIError(f"--metrics {metrics_path}: folder {metrics_path.parent} does not exist.")
+    """--out and --metrics, checked (never overwrite a run without --overwrite); --out is created."""
+    out_dir, metrics_path = check_outputs(args)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir, metrics_path

@@ -225,20 +225,9 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 OUT_FILES = ("model.pt", "checkpoint.pt", "curves.png", "summary.json", "metrics.jsonl")
 
 
-def train_from_cli(program, args, console: Console) -> int:
-    """`dnicompile model.py --spec S --train ...`: returns the exit code."""
-    spec = program.spec
-    cfg = spec.train
-    opts = TrainOptions(
-        steps=args.steps or cfg.steps,
-        batch_size=args.batch_size or cfg.batch_size,
-        eval_every=args.eval_every or cfg.eval_every,
-        seed=cfg.seed if args.seed is None else args.seed,
-        device=args.device,
-    )
-    resolve_device(opts.device)
-    if spec.data is None:
-        raise DNIError(f"{spec.where('cuts')}: --train needs a data set: add `data: fashion-mnist` to the spec.")
+
+def check_outputs(args) -> tuple[Path | None, Path | None]:
+    """--out and --metrics, checked before training starts: never overwrite a run without --overwrite."""
     out_dir = Path(args.out) if args.out else None
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
@@ -255,6 +244,23 @@ def train_from_cli(program, args, console: Console) -> int:
             raise DNIError(f"--metrics {metrics_path}: file exists; choose another path or pass --overwrite.")
         if not metrics_path.parent.is_dir() and metrics_path.parent != out_dir:
             raise DNIError(f"--metrics {metrics_path}: folder {metrics_path.parent} does not exist.")
+    return out_dir, metrics_path
+
+def train_from_cli(program, args, console: Console) -> int:
+    """`dnicompile model.py --spec S --train ...`: returns the exit code."""
+    spec = program.spec
+    cfg = spec.train
+    opts = TrainOptions(
+        steps=args.steps or cfg.steps,
+        batch_size=args.batch_size or cfg.batch_size,
+        eval_every=args.eval_every or cfg.eval_every,
+        seed=cfg.seed if args.seed is None else args.seed,
+        device=args.device,
+    )
+    resolve_device(opts.device)
+    if spec.data is None:
+        raise DNIError(f"{spec.where('cuts')}: --train needs a data set: add `data: fashion-mnist` to the spec.")
+    out_dir, metrics_path = check_outputs(args)
     opts.metrics_path = metrics_path
     opts.out_dir = out_dir
     data = load_dataset(spec.data.name, args.data or spec.data.path)
