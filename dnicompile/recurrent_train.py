@@ -72,6 +72,7 @@ def _outputs(args) -> tuple[Path | None, Path | None]:
 def train_hierarchical_distributed(program, args, console: Console) -> int:
     """`--workers 2`: the lower core on one process, the upper core on another (runtime/bptt_distributed)."""
     from .runtime.bptt_distributed import HierarchicalRunConfig, check_distributed, launch
+    from .runtime.launch import run_fields
 
     if args.workers != 2:
         raise DNIError(
@@ -86,12 +87,7 @@ def train_hierarchical_distributed(program, args, console: Console) -> int:
     _check_sizes(program, None, load_text(data, spec.data.split).vocab_size, "text")  # here, not in the workers
     out_dir, metrics_path = _outputs(args)
     cfg = HierarchicalRunConfig(
-        model_path=str(Path(args.model).resolve()),
-        spec_path=str(Path(args.spec).resolve()),
-        steps=args.steps or spec.train.steps,
-        batch_size=args.batch_size or spec.train.batch_size,
-        eval_every=args.eval_every or spec.train.eval_every,
-        seed=spec.train.seed if args.seed is None else args.seed,
+        **run_fields(args, spec),
         data=str(Path(data).resolve()),
         threads=args.threads or 1,
         out_dir=str(out_dir) if out_dir else None,

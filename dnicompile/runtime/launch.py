@@ -11,6 +11,18 @@ from ..train import OUT_FILES, resolve_device
 from .distributed import RunConfig, find_checkpoint, launch, plan_placement, run_rank
 
 
+def run_fields(args, spec) -> dict:
+    """What every multi-process run takes from the command line and the spec: files, steps, batches, seed."""
+    return {
+        "model_path": str(Path(args.model).resolve()),
+        "spec_path": str(Path(args.spec).resolve()),
+        "steps": args.steps or spec.train.steps,
+        "batch_size": args.batch_size or spec.train.batch_size,
+        "eval_every": args.eval_every or spec.train.eval_every,
+        "seed": spec.train.seed if args.seed is None else args.seed,
+    }
+
+
 def train_distributed_from_cli(program, args, console) -> int:
     spec = program.spec
     if spec.data is None:
@@ -36,12 +48,7 @@ def train_distributed_from_cli(program, args, console) -> int:
     if spec.distributed.checkpoint_every and out_dir is None:
         raise DNIError("distributed.checkpoint_every is set in the spec but no --out DIR was given to write to.")
     cfg = RunConfig(
-        model_path=str(Path(args.model).resolve()),
-        spec_path=str(Path(args.spec).resolve()),
-        steps=args.steps or spec.train.steps,
-        batch_size=args.batch_size or spec.train.batch_size,
-        eval_every=args.eval_every or spec.train.eval_every,
-        seed=spec.train.seed if args.seed is None else args.seed,
+        **run_fields(args, spec),
         data_dir=args.data,
         device=args.device,
         threads=threads,
