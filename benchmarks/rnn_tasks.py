@@ -13,8 +13,9 @@
    synthetic gradient for the state it sends up, against the same model with both cores updated every step
    and the true gradient crossing between them (locked).
 
-Every run starts from the same seed. Runs go to a pool of `--jobs` processes with one intra-op thread each
-(small recurrent steps are fastest single-threaded). Results: printed as Markdown tables and written as JSON.
+Every run starts from seed 0, unless --seeds names others for Copy and Repeat-Copy (the seed draws the initial
+weights and the data). Runs go to a pool of `--jobs` processes with one intra-op thread each (small recurrent
+steps are fastest single-threaded). Results: printed as Markdown tables and written as JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ TRUNCATIONS = (2, 3, 4, 5, 8)
 METHODS = ("bptt", "dni", "dni_aux")
 
 
-def copy_spec(task: str, T: int, method: str, steps: int, hidden: int, lr: float, synth: dict) -> dict:
+def copy_spec(task: str, T: int, method: str, steps: int, hidden: int, lr: float, synth: dict, seed: int = 0) -> dict:
     repeat = task == "repeat_copy"
     return {
         "model": "build_model",
@@ -48,7 +50,7 @@ def copy_spec(task: str, T: int, method: str, steps: int, hidden: int, lr: float
         "stages": {"default": {"optimizer": {"name": "Adam", "lr": lr}}},
         "loss": "binary_cross_entropy",
         "data": {"name": task, "bits": 8, "start_length": 1, "threshold": 0.15, "window": 10, "max_repeats": 2},
-        "train": {"steps": steps, "batch_size": 32, "eval_every": steps, "seed": 0},
+        "train": {"steps": steps, "batch_size": 32, "eval_every": steps, "seed": seed},
     }
 
 
@@ -139,8 +141,23 @@ def main() -> int:
     p.add_argument("--truncations", type=int, nargs="+", default=list(TRUNCATIONS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/tinyshakespeare/input.txt"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="Copy / Repeat-Copy seeds (model and data)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "rnn_tasks.json"))
+    p.add_argument(
+        "--table-from",
+        nargs="+",
+        metavar="JSON",
+        help="print the tables of earlier results files (merged; a later file's run replaces an earlier one's "
+        "of the same task, T, method and seed) and exit",
+    )
     a = p.parse_args()
+    if a.table_from:
+        merged: dict = {}
+        for f in a.table_from:
+            for r in json.loads(Path(f).read_text())["results"]:
+                merged[(r["kind"], r["task"], r.get("T"), r.get("method"), r.get("mode"), r.get("seed", 0))] = r
+        print(tables(list(merged.values())))
+        return 0
     only = set(a.only.split(","))
     synth = {"model": "linear", "scale": a.scale, "optimizer": {"name": "Adam", "lr": a.synth_lr}}
     jobs = []
@@ -148,10 +165,19 @@ def main() -> int:
         if task in only:
             for T in a.truncations:
                 for method in a.methods:
-                    spec = copy_spec(task, T, method, a.copy_steps, a.hidden, a.lr, synth)
-                    jobs.append(
-                        {"kind": "copy", "task": task, "T": T, "method": method, "example": "copy_rnn.py", "spec": spec}
-                    )
+                    for seed in a.seeds:
+                        spec = copy_spec(task, T, method, a.copy_steps, a.hidden, a.lr, synth, seed)
+                        jobs.append(
+                            {
+                                "kind": "copy",
+                                "task": task,
+                                "T": T,
+                                "method": method,
+                                "seed": seed,
+                                "example": "copy_rnn.py",
+                                "spec": spec,
+                            }
+                        )
     if "lm" in only:
         for T in a.lm_T:
             for method in ("bptt", "dni"):
@@ -199,15 +225,21 @@ def tables(results: list[dict]) -> str:
             continue
         ts = sorted({r["T"] for r in rows})
         lines += [
-            f"\n{task}: longest sequence solved (same steps for every run)\n",
+            f"\n{task}: longest sequence solved (same steps for every run; several seeds: median (each seed))\n",
             "| method | " + " | ".join(f"T={t}" for t in ts) + " |",
             "|---|" + "---|" * len(ts),
         ]
         for m in METHODS:
             cells = []
             for t in ts:
-                r = next((r for r in rows if r["T"] == t and r["method"] == m), None)
-                cells.append("-" if r is None else str(r["solved_length"]))
+                got = sorted((r.get("seed", 0), r["solved_length"]) for r in rows if r["T"] == t and r["method"] == m)
+                if not got:
+                    cells.append("-")
+                elif len(got) == 1:
+                    cells.append(str(got[0][1]))
+                else:
+                    each = "/".join(str(s) for _, s in got)
+                    cells.append(f"{statistics.median(s for _, s in got):g} ({each})")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lm = [r for r in results if r["kind"] == "lm"]
     if lm:
