@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .errors import DataError, DNIError, SpecError
 from .recurrent import compile_recurrent
 from .tasks import LN2, CopyTask, Curriculum, TextStreams, evaluate_text, load_text
-from .train import MetricsWriter, check_outputs, resolve_device, write_atomic
+from .train import MetricsWriter, check_outputs, cli_schedule, resolve_device, write_atomic
 
 RECURRENT_DATA = ("copy", "repeat_copy", "text")
 
@@ -107,7 +107,6 @@ def train_hierarchical_distributed(program, args, console: Console) -> int:
 
 def train_recurrent_from_cli(program, args, console: Console) -> int:
     spec = program.spec
-    cfg = spec.train
     if spec.data is None or spec.data.name not in RECURRENT_DATA:
         got = "no `data:`" if spec.data is None else f"`data: {spec.data.name}`"
         raise DNIError(
@@ -115,14 +114,7 @@ def train_recurrent_from_cli(program, args, console: Console) -> int:
             f"on copy, repeat_copy or text, but the spec has {got}; add e.g. `data: copy` or "
             "`data: {name: text, path: input.txt}`."
         )
-    opts = RecurrentOptions(
-        steps=args.steps or cfg.steps,
-        batch_size=args.batch_size or cfg.batch_size,
-        eval_every=args.eval_every or cfg.eval_every,
-        seed=cfg.seed if args.seed is None else args.seed,
-        device=args.device,
-        data=args.data or spec.data.path,
-    )
+    opts = RecurrentOptions(**cli_schedule(args, spec), device=args.device, data=args.data or spec.data.path)
     resolve_device(opts.device)
     out_dir, metrics_path = _outputs(args)
     opts.metrics_path, opts.out_dir = metrics_path, out_dir

@@ -225,7 +225,6 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 OUT_FILES = ("model.pt", "checkpoint.pt", "curves.png", "summary.json", "metrics.jsonl")
 
 
-
 def check_outputs(args) -> tuple[Path | None, Path | None]:
     """--out and --metrics, checked before training starts: never overwrite a run without --overwrite."""
     out_dir = Path(args.out) if args.out else None
@@ -246,17 +245,22 @@ def check_outputs(args) -> tuple[Path | None, Path | None]:
             raise DNIError(f"--metrics {metrics_path}: folder {metrics_path.parent} does not exist.")
     return out_dir, metrics_path
 
+
+def cli_schedule(args, spec) -> dict:
+    """Steps, batch size, evaluation interval and seed: the command line's where given, else the spec's `train:`."""
+    cfg = spec.train
+    return {
+        "steps": args.steps or cfg.steps,
+        "batch_size": args.batch_size or cfg.batch_size,
+        "eval_every": args.eval_every or cfg.eval_every,
+        "seed": cfg.seed if args.seed is None else args.seed,
+    }
+
+
 def train_from_cli(program, args, console: Console) -> int:
     """`dnicompile model.py --spec S --train ...`: returns the exit code."""
     spec = program.spec
-    cfg = spec.train
-    opts = TrainOptions(
-        steps=args.steps or cfg.steps,
-        batch_size=args.batch_size or cfg.batch_size,
-        eval_every=args.eval_every or cfg.eval_every,
-        seed=cfg.seed if args.seed is None else args.seed,
-        device=args.device,
-    )
+    opts = TrainOptions(**cli_schedule(args, spec), device=args.device)
     resolve_device(opts.device)
     if spec.data is None:
         raise DNIError(f"{spec.where('cuts')}: --train needs a data set: add `data: fashion-mnist` to the spec.")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..data import find_fashion_mnist
 from ..errors import DNIError
-from ..train import OUT_FILES, resolve_device
+from ..train import OUT_FILES, cli_schedule, resolve_device
 from .distributed import RunConfig, find_checkpoint, launch, plan_placement, run_rank
 
 
@@ -16,10 +16,7 @@ def run_fields(args, spec) -> dict:
     return {
         "model_path": str(Path(args.model).resolve()),
         "spec_path": str(Path(args.spec).resolve()),
-        "steps": args.steps or spec.train.steps,
-        "batch_size": args.batch_size or spec.train.batch_size,
-        "eval_every": args.eval_every or spec.train.eval_every,
-        "seed": spec.train.seed if args.seed is None else args.seed,
+        **cli_schedule(args, spec),
     }
 
 
