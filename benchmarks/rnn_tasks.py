@@ -36,7 +36,17 @@ TRUNCATIONS = (2, 3, 4, 5, 8)
 METHODS = ("bptt", "dni", "dni_aux")
 
 
-def copy_spec(task: str, T: int, method: str, steps: int, hidden: int, lr: float, synth: dict, seed: int = 0) -> dict:
+def copy_spec(
+    task: str,
+    T: int,
+    method: str,
+    steps: int,
+    hidden: int,
+    lr: float,
+    synth: dict,
+    seed: int = 0,
+    discount: float = 1.0,
+) -> dict:
     repeat = task == "repeat_copy"
     return {
         "model": "build_model",
@@ -46,6 +56,7 @@ def copy_spec(task: str, T: int, method: str, steps: int, hidden: int, lr: float
             "truncation": T,
             "synthetic_gradient": None if method == "bptt" else synth,
             "aux": method == "dni_aux",
+            "discount": discount,
         },
         "stages": {"default": {"optimizer": {"name": "Adam", "lr": lr}}},
         "loss": "binary_cross_entropy",
@@ -136,6 +147,13 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--synth-lr", type=float, default=1e-3)
     p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument(
+        "--discount",
+        type=float,
+        default=1.0,
+        help="Copy / Repeat-Copy: bptt.discount, the weight of the next "
+        "boundary's prediction in the synthesizer's target (runs before 2026-11-22, third session: = --scale)",
+    )
     p.add_argument("--eval-chars", type=int, default=30000)
     p.add_argument("--only", default="copy,repeat_copy,lm,hier")
     p.add_argument("--truncations", type=int, nargs="+", default=list(TRUNCATIONS))
@@ -166,7 +184,7 @@ def main() -> int:
             for T in a.truncations:
                 for method in a.methods:
                     for seed in a.seeds:
-                        spec = copy_spec(task, T, method, a.copy_steps, a.hidden, a.lr, synth, seed)
+                        spec = copy_spec(task, T, method, a.copy_steps, a.hidden, a.lr, synth, seed, a.discount)
                         jobs.append(
                             {
                                 "kind": "copy",

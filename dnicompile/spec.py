@@ -111,7 +111,12 @@ class SyntheticGradientConfig(_Strict):
     layers: int = Field(2, ge=0, description="Number of hidden layers (mlp, conv).")
     kernel_size: int = Field(5, ge=1, description="Convolution kernel size (conv), 'same' padding.")
     condition_on_labels: bool = Field(False, description="Feed the one-hot labels too (cDNI).")
-    scale: float = Field(1.0, description="Multiplies the synthetic gradient before it is used.")
+    scale: float = Field(
+        1.0,
+        description="Multiplies the synthetic gradient before it is used. Across feed-forward cuts the scaled "
+        "gradient is what the stage sends back, so the cut before learns it; at truncation boundaries the "
+        "target takes the prediction at `bptt.discount` instead.",
+    )
     optimizer: OptimizerConfig = Field(
         default_factory=lambda: OptimizerConfig(name="Adam", lr=1e-4), description="The synthesizer's own optimizer."
     )
@@ -246,6 +251,15 @@ class BPTTConfig(_Strict):
     truncation: int = Field(ge=1, description="Time steps per segment (T).")
     synthetic_gradient: SyntheticGradientConfig | None = Field(
         None, description="Synthetic gradient of the core's state at segment ends; null: plain truncated BPTT."
+    )
+    discount: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Weight of the next boundary's prediction in the synthesizer's target, as TD's gamma: 1 learns "
+        "the whole future gradient (episodes); below 1 fades the far future, which an endless stream needs "
+        "(specs/charlm_dni.yaml: 0.1). Independent of `synthetic_gradient.scale`, which only sets how much the "
+        "segment trusts the prediction.",
     )
     aux: bool = Field(False, description="Auxiliary task: the core also predicts the synthetic gradient T steps ahead.")
     aux_weight: float = Field(0.1, ge=0, description="Weight of the auxiliary loss.")

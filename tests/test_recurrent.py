@@ -205,6 +205,52 @@ def test_synthetic_gradient_enters_the_segment_backward():
         torch.testing.assert_close(got[0][name], p.grad, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("scale, discount", [(1.0, 1.0), (0.1, 1.0), (0.1, 0.1), (0.5, 0.3), (1.0, 0.0)])
+def test_synthesizer_target_bootstraps_the_next_prediction(scale, discount):
+    """The synthesizer at a boundary learns from B * (dL_segment/ds + discount * J^T g_next / B): the next
+    boundary's prediction enters its target at `discount`, whatever `scale` the segment used it at."""
+    torch.manual_seed(2)
+    model = CellModel(nn.RNNCell(5, 8), 8, 4).double()
+    reference = copy.deepcopy(model)
+    x, y, mask = copy_batch(bits=4, n=3, batch=3)  # 7 steps, T = 3: segments of 3, 3 and 1
+    extra = "stages: {default: {optimizer: {name: SGD, lr: 0.1}, clock: {offset: 1000000}}}\n"  # frozen RNN
+    sg = f"{{model: linear, scale: {scale}, optimizer: {{name: SGD, lr: 0.01}}}}"
+    spec = (
+        spec_yaml(sg=sg, truncation=3)
+        .replace("stages:", "#")
+        .replace("aux: false", f"aux: false, discount: {discount}")
+    )
+    program = compile_recurrent(model, spec + extra)
+    runtime = program.runtime
+    bias = torch.linspace(-1, 1, 8, dtype=torch.float64)
+    with torch.no_grad():
+        runtime.synth.net[-1].bias.copy_(bias)  # a constant prediction g at every boundary
+    runtime.synth.double()
+    targets = []
+    learn = runtime._learn
+    runtime._learn = lambda m, o, inputs, delta, b, stats: (
+        targets.append(delta * b),
+        learn(m, o, inputs, delta, b, stats),
+    )
+    program.train_step(x, y, mask)
+    assert len(targets) == 2  # the predictions at s_3 and s_6 learn from segments 2 and 3
+
+    # by hand: segment 2 runs from s_3 (a leaf) over steps 3..5, and its end s_6 receives g / B
+    with torch.no_grad():
+        h = torch.zeros(3, 8, dtype=torch.float64)
+        for t in range(3):
+            h = reference.core(x[:, t], h)
+    s3 = h.clone().requires_grad_(True)
+    h, outs = s3, []
+    for t in range(3, 6):
+        h = reference.core(x[:, t], h)
+        outs.append(h)
+    logits = reference.readout(torch.stack(outs, 1))
+    per_step = F.binary_cross_entropy_with_logits(logits, y[:, 3:6], reduction="none").sum(-1) * mask[:, 3:6]
+    (per_step.sum(1).mean() / 3 + discount * (h * bias).sum() / 3).backward()
+    torch.testing.assert_close(targets[0], s3.grad * 3, rtol=0, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- the synthesizer learns the future gradient
 def test_linear_synthesizer_learns_true_future_gradient_of_linear_rnn():
     torch.manual_seed(0)

@@ -10,9 +10,10 @@ state s_{k+1}:
      per-sample gradients; all state tensors, h and c for an LSTM, are concatenated into one vector);
      with no synthesizer this is plain truncated BPTT;
   3. the core's optimizer steps (if its clock ticks);
-  4. delta_k = d(loss_k + <g, s_{k+1}>) / d s_k, the gradient that reached the segment's first state from
-     inside the segment plus the next boundary's synthetic gradient, is the target of the prediction made
-     at s_k: M learns from ||M(s_k) - B * delta_k||^2 (bootstrapped, as in TD learning);
+  4. delta_k = d(loss_k + discount * <M(s_{k+1}) / B, s_{k+1}>) / d s_k, the gradient that reached the
+     segment's first state from inside the segment plus the next boundary's prediction (at `discount`, 1 by
+     default, whatever `scale` the segment used it at), is the target of the prediction made at s_k: M
+     learns from ||M(s_k) - B * delta_k||^2 (bootstrapped, as in TD learning; discount < 1 is TD's gamma);
   5. aux (the paper's auxiliary task): from the core's output after the segment's first step, a head
      predicts the synthetic gradient the segment's end will receive; its loss (weighted `aux_weight`) is
      backpropagated into the core, after delta_k was read, so the synthesizer's target is the task's alone.
@@ -105,6 +106,7 @@ class BPTTRuntime:
                 self.aux = _aux_head(self.sg, self._output_size(), d, spec.where("bptt", "aux"))
                 self.aux_opt = build_optimizer(self.aux.parameters(), self.sg.optimizer, spec.where("bptt", "aux"))[0]
         self.aux_weight = cfg.aux_weight
+        self.discount = cfg.discount
         self.upper = program.upper
         self.iface = self.iface_opt = None
         if self.upper is not None and self.upper.config.synthetic_gradient is not None:
@@ -206,8 +208,17 @@ class BPTTRuntime:
             for o in self.optimizers:
                 if o is not None:
                     o.zero_grad(set_to_none=True)
-            torch.autograd.backward(roots, grads, retain_graph=self.aux is not None and boundary is not None)
+            rest_weight = self.discount - self.sg.scale if boundary is not None else 0.0
+            keep = boundary is not None and (self.aux is not None or rest_weight != 0.0)
+            torch.autograd.backward(roots, grads, retain_graph=keep)
             delta = flat_state(tuple(s.grad if s.grad is not None else torch.zeros_like(s) for s in s0))
+            if rest_weight != 0.0:
+                # `scale` is how far the segment trusts the prediction; `discount` is how much of it the target
+                # carries: the segment's backward sent J^T g * scale, the target wants J^T g * discount
+                rest = torch.autograd.grad(
+                    boundary, s0, g * (rest_weight / b), retain_graph=self.aux is not None, allow_unused=True
+                )
+                delta = delta + flat_state(tuple(r if r is not None else torch.zeros_like(s) for r, s in zip(rest, s0)))
             if self.aux is not None and boundary is not None:
                 a_pred = self.aux(out[:, 0])
                 a_loss = F.mse_loss(a_pred, g.detach())
