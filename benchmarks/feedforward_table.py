@@ -95,6 +95,13 @@ def synth_config(arch: str, method: str, mlp_synth: dict, conv_synth: dict, dni_
     return sg
 
 
+def dni_last_synth_config(given: dict | None) -> dict | None:
+    """DNI's last-cut synthesizer: None given -> the default; {} (`--dni-last-synth null`) -> none of its own."""
+    if given is None:
+        return DNI_LAST_SYNTH
+    return given or None
+
+
 def build_spec(
     arch: str,
     depth: int,
@@ -124,10 +131,9 @@ def build_spec(
         for i in range(depth):  # the hidden stages never tick; the last stage (the output layer) does
             stages[i] = {"clock": {"offset": steps}}
     last_sg = sg
-    if dni_last_synth is None:
-        dni_last_synth = DNI_LAST_SYNTH
-    if method == "dni" and arch == "mlp" and dni_last_synth:  # {} (--dni-last-synth null): as the other cuts
-        last_sg = {**copy.deepcopy(dni_last_synth), "condition_on_labels": False}
+    own_last = dni_last_synth_config(dni_last_synth)
+    if method == "dni" and arch == "mlp" and own_last is not None:
+        last_sg = {**copy.deepcopy(own_last), "condition_on_labels": False}
     cuts = []
     for i in range(depth):
         cut: dict = {"after": f"{prefix}.{i}"}
@@ -412,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         "stage_optimizer": stage_optimizer(args.steps, args.stage_optimizer),
         "mlp_synthesizer": args.mlp_synth or MLP_SYNTH,
         "dni_mlp_synthesizer": args.dni_mlp_synth or DNI_MLP_SYNTH,
-        "dni_last_synthesizer": DNI_LAST_SYNTH if args.dni_last_synth is None else (args.dni_last_synth or None),
+        "dni_last_synthesizer": dni_last_synth_config(args.dni_last_synth),
         "conv_synthesizer": args.conv_synth or CONV_SYNTH,
         "clock_probability": CLOCK_PROBABILITY,
     }
