@@ -7,7 +7,7 @@ defaults) and what to change in it:
      "stage_opt": {"name": "Adam", "lr": 3e-4, "scheduler": {"name": "CosineAnnealingLR", "T_max": null}},
      "inner_synth": {"model": "mlp", "hidden": 1024, "layers": 1, "optimizer": {"name": "Adam", "lr": 3e-3}}}
 
-Keys: name, depth, method (backprop / dni / cdni), steps (6000), batch (128), seed (0), stage_opt (every stage's
+Keys: name, depth, method (backprop / dni / cdni), steps (6000), batch (the table's, 512), seed (0), stage_opt (every stage's
 optimizer; T_max null is filled in), last_opt (the output layer's optimizer only), inner_synth / last_synth (the
 synthesizer of the inner cuts / of the last cut), offset (a clock offset for the hidden stages).
 
@@ -36,7 +36,7 @@ def variant(
     depth,
     method,
     steps=6000,
-    batch=128,
+    batch=ft.BATCH_SIZE,
     stage_opt=None,
     synth=None,
     offset=None,
