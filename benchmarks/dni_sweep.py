@@ -7,9 +7,10 @@ defaults) and what to change in it:
      "stage_opt": {"name": "Adam", "lr": 3e-4, "scheduler": {"name": "CosineAnnealingLR", "T_max": null}},
      "inner_synth": {"model": "mlp", "hidden": 1024, "layers": 1, "optimizer": {"name": "Adam", "lr": 3e-3}}}
 
-Keys: name, depth, method (backprop / dni / cdni), steps (6000), batch (the table's, 512), seed (0), stage_opt (every stage's
-optimizer; T_max null is filled in), last_opt (the output layer's optimizer only), inner_synth / last_synth (the
-synthesizer of the inner cuts / of the last cut), offset (a clock offset for the hidden stages).
+Keys: name, depth, method (backprop / dni / cdni), steps (6000), batch (the table's, 512), seed (0),
+stage_opt (every stage's optimizer; T_max null is filled in), last_opt (the output layer's optimizer only),
+inner_synth (the inner cuts' synthesizer: DNI's or cDNI's), last_synth (DNI's last cut's), offset (a clock
+offset for the hidden stages). The synthesizers go through build_spec's own arguments.
 
     python benchmarks/dni_sweep.py plan.json results.jsonl [--jobs 2]
 
@@ -38,7 +39,6 @@ def variant(
     steps=6000,
     batch=ft.BATCH_SIZE,
     stage_opt=None,
-    synth=None,
     offset=None,
     seed=0,
     last_opt=None,
@@ -46,14 +46,15 @@ def variant(
     inner_synth=None,
 ) -> dict:
     """One job of feedforward_table.run_one: the table's spec with the variant's changes."""
-    spec = ft.build_spec("mlp", depth, method, steps, batch, None, None, stage_opt, synth)
+    if last_synth is not None and method != "dni":
+        raise ValueError(f"{name}: last_synth is DNI's own setting (feedforward_table's --dni-last-synth)")
+    synth = (
+        {"dni_mlp_synth": inner_synth, "dni_last_synth": last_synth} if method == "dni" else {"mlp_synth": inner_synth}
+    )
+    spec = ft.build_spec("mlp", depth, method, steps, batch, optimizer=stage_opt, **synth)
     if offset:
         for i in range(depth):
             spec["stages"][i] = {"clock": {"offset": offset}}
-    for i, cut in enumerate(spec["cuts"]):
-        override = last_synth if i == depth - 1 else inner_synth
-        if override and "synthetic_gradient" in cut:
-            cut["synthetic_gradient"] = {**override, "condition_on_labels": method.startswith("cdni")}
     if last_opt:
         spec["stages"][depth] = {"optimizer": ft.stage_optimizer(steps, last_opt)}
     return {
