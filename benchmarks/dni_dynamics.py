@@ -18,6 +18,7 @@ t^2 - 2 cos p t + p^2 = loss * numel / batch for the RMS norms p, t); the synthe
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -52,6 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         metavar=("START_FACTOR", "STEPS"),
         help="warm the DNI synthesizers' learning rate up (LinearLR) from START_FACTOR over STEPS",
+    )
+    p.add_argument(
+        "--frozen-fit",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after training, for each cut in turn: stop the stages and every other synthesizer and train this "
+        "cut's synthesizer alone for STEPS more batches, reporting its cosine (tracking or capacity?)",
     )
     p.add_argument("--out", default=None, help="write the reports as JSON here")
     return p.parse_args(argv)
@@ -137,9 +146,59 @@ def main(argv=None) -> int:
         st = "  ".join(f"s{i} {s['sqrt_v']:.1e}/{s['m_over_sqrt_v']:.2f}" for i, s in enumerate(stages))
         ct = "  ".join(f"{k} {c['synth_norm']:.2e}/{c['target_norm']:.2e}/{c['cosine']:+.2f}" for k, c in cuts.items())
         print(f"step {step:5d}  {st}\n            {ct}", flush=True)
+    frozen = frozen_fit(program, x_all, y_all, gen, args) if args.frozen_fit else {}
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "reports": reports}, indent=1))
+        out = {"args": vars(args), "reports": reports, "frozen_fit": frozen}
+        Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def frozen_fit(program, x_all, y_all, gen, args, window: int = 50) -> dict:
+    """For each synthetic cut: with the stages and the other synthesizers held still, how close does this cut's
+    synthesizer get to its target? Cosine over the last `window` steps before the freeze ("online") and after
+    args.frozen_fit steps of fitting alone ("frozen"); the program is restored between cuts."""
+    runtime = program.runtime
+    saved = (copy.deepcopy(program.model.state_dict()), copy.deepcopy(runtime.state_dict()))
+    online = {}
+    for _ in range(window):  # the online cosine, everything still learning
+        idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen)
+        for name, cos in program.train_step(x_all[idx], y_all[idx]).cosine.items():
+            online.setdefault(name, []).append(cos)
+    program.model.load_state_dict(saved[0])
+    runtime.load_state_dict(saved[1])
+    step_stages, schedulers = runtime.step_stages, dict(runtime.synth_schedulers)
+    runtime.step_stages = lambda stages, ticks: None  # the stages stand still
+    out = {}
+    try:
+        for cut in program.cuts:
+            if cut.exact:
+                continue
+            lrs = {}
+            for other in program.cuts:
+                if other.exact or other.index == cut.index:
+                    continue
+                opt = runtime.synth_optimizers[other.index][0]
+                lrs[other.index] = [g["lr"] for g in opt.param_groups]
+                for g in opt.param_groups:
+                    g["lr"] = 0.0
+                runtime.synth_schedulers[other.index] = (None, None)
+            cos = []
+            for _ in range(args.frozen_fit):
+                idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen)
+                cos.append(program.train_step(x_all[idx], y_all[idx]).cosine[cut.name])
+            on = sum(online[cut.name]) / window
+            fr = sum(cos[-window:]) / window
+            out[cut.name] = {"online": on, "frozen": fr}
+            print(f"frozen fit {cut.name}: cosine {on:+.3f} online -> {fr:+.3f} after {args.frozen_fit} steps alone")
+            program.model.load_state_dict(saved[0])
+            runtime.load_state_dict(saved[1])
+            for i, groups in lrs.items():
+                for g, lr in zip(runtime.synth_optimizers[i][0].param_groups, groups):
+                    g["lr"] = lr
+            runtime.synth_schedulers.update(schedulers)
+    finally:
+        runtime.step_stages = step_stages
+    return out
 
 
 if __name__ == "__main__":

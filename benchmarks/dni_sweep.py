@@ -10,7 +10,7 @@ defaults) and what to change in it:
 Keys: name, depth, method (backprop / dni / cdni), steps (6000), batch (the table's, 512), seed (0),
 stage_opt (every stage's optimizer; T_max null is filled in), last_opt (the output layer's optimizer only),
 inner_synth (the inner cuts' synthesizer: DNI's or cDNI's), last_synth (DNI's last cut's), offset (a clock
-offset for the hidden stages). The synthesizers go through build_spec's own arguments.
+offset for the hidden stages), exact (indices of cuts made exact: true gradient, no synthesizer). The synthesizers go through build_spec's own arguments.
 
     python benchmarks/dni_sweep.py plan.json results.jsonl [--jobs 2]
 
@@ -44,6 +44,7 @@ def variant(
     last_opt=None,
     last_synth=None,
     inner_synth=None,
+    exact=(),
 ) -> dict:
     """One job of feedforward_table.run_one: the table's spec with the variant's changes."""
     if last_synth is not None and method != "dni":
@@ -52,6 +53,8 @@ def variant(
         {"dni_mlp_synth": inner_synth, "dni_last_synth": last_synth} if method == "dni" else {"mlp_synth": inner_synth}
     )
     spec = ft.build_spec("mlp", depth, method, steps, batch, optimizer=stage_opt, **synth)
+    for i in exact:
+        spec["cuts"][i].pop("synthetic_gradient", None)
     if offset:
         for i in range(depth):
             spec["stages"][i] = {"clock": {"offset": offset}}
