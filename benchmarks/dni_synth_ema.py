@@ -16,8 +16,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,16 +32,15 @@ def patch(decay: float, which: str) -> None:
     apply_orig, update_orig = cls.apply_synthetic_gradient, cls.update_synthetic_gradient
 
     def averaged(self, cut) -> dict:
-        n_synth = sum(1 for c in self.program.cuts if not c.exact)
-        last = cut.index == max(c.index for c in self.program.cuts if not c.exact)
-        if which == "inner" and last or which == "last" and not last or n_synth == 0:
-            return {}
+        """The cut's averaged synthesizers, made on first use; {} where this run does not average the cut."""
         store = self.__dict__.setdefault("_ema", {})
         if cut.index not in store:
-            store[cut.index] = {
-                name: AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
-                for name, m in self.synth[cut.index].grad.items()
-            }
+            last = max(c.index for c in self.program.cuts if not c.exact)
+            store[cut.index] = {}
+            if which == "all" or (which == "last") == (cut.index == last):
+                for name, m in self.synth[cut.index].grad.items():
+                    avg = AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+                    store[cut.index][name] = avg.train().requires_grad_(False)
         return store[cut.index]
 
     def apply_synthetic_gradient(self, cut, outputs, ctx, open_group):
@@ -49,23 +48,15 @@ def patch(decay: float, which: str) -> None:
         if not ema:
             return apply_orig(self, cut, outputs, ctx, open_group)
         cs = self.synth[cut.index]
-        preds, roots, grads = {}, [], []
-        scale = cut.synthetic_gradient.scale / ctx.batch
-        for b, h in zip(cut.boundary, outputs):
-            if b.name not in cs.grad:
-                continue
-            preds[b.name] = cs.grad[b.name](h.detach(), ctx.context)  # online: learns from the target
-            if h.requires_grad:
-                avg = ema[b.name]
-                avg.train()
-                with torch.no_grad():
-                    used = avg(h.detach(), ctx.context)  # averaged: what the stage follows
-                roots.append(h)
-                grads.append(used * scale)
-        if roots:
-            torch.autograd.backward(roots, grads)
-        self.step_stages(open_group, ctx.ticks)
-        return preds
+        self.synth[cut.index] = SimpleNamespace(grad=ema)  # the stage follows the averaged synthesizers
+        try:
+            apply_orig(self, cut, outputs, ctx, open_group)
+        finally:
+            self.synth[cut.index] = cs
+        # the online synthesizers make the predictions that learn from the target
+        return {
+            b.name: cs.grad[b.name](h.detach(), ctx.context) for b, h in zip(cut.boundary, outputs) if b.name in ema
+        }
 
     def update_synthetic_gradient(self, cut, preds, deltas, batch, result):
         update_orig(self, cut, preds, deltas, batch, result)
