@@ -34,9 +34,9 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's dnicompile
 
 from dnicompile import compile_decoupled, load_spec  # noqa: E402
-from dnicompile.emit import emit_stages  # noqa: E402
-from dnicompile.partition import partition  # noqa: E402
-from dnicompile.trace import _symbolic_trace, example_inputs_for, gc_paused, propagate_shapes  # noqa: E402
+from dnicompile.compile.emit import emit_stages  # noqa: E402
+from dnicompile.compile.partition import partition  # noqa: E402
+from dnicompile.compile.trace import _symbolic_trace, example_inputs_for, gc_paused, propagate_shapes  # noqa: E402
 
 WIDTH = 4
 NODES_PER_BLOCK = 4  # fc1, relu, fc2, add

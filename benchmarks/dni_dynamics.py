@@ -79,7 +79,7 @@ def _with_warmup(synth: dict, warmup) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dnicompile import compile_decoupled
-    from dnicompile.data import load_fashion_mnist
+    from dnicompile.train.data import load_fashion_mnist
 
     torch.set_num_threads(args.threads)
     data = load_fashion_mnist(args.data)

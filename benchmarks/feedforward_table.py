@@ -192,7 +192,7 @@ def _init_worker(data_dir: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from dnicompile.data import load_fashion_mnist
+    from dnicompile.train.data import load_fashion_mnist
 
     _DATA = load_fashion_mnist(data_dir)
 
@@ -202,7 +202,7 @@ def run_one(job: dict) -> dict:
     import torch
 
     from dnicompile import compile_decoupled
-    from dnicompile.train import TrainOptions, fit
+    from dnicompile.train.feedforward import TrainOptions, fit
 
     torch.set_num_threads(1)
     spec = job["spec"]
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         for j in jobs:
             print(f"{j['row']}/{j['method']} seed {j['seed']}")
         return 0
-    from dnicompile.data import load_fashion_mnist
+    from dnicompile.train.data import load_fashion_mnist
 
     load_fashion_mnist(args.data)  # fail early, in the parent, on a bad --data
     for j in jobs:

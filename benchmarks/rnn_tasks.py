@@ -92,10 +92,10 @@ def run_job(job: dict) -> dict:
     """Train one configuration in this process; returns its summary (no metric rows)."""
     import torch
 
-    from dnicompile.model_file import build_model
+    from dnicompile.compile.model_file import build_model
     from dnicompile.recurrent import compile_recurrent
-    from dnicompile.recurrent_train import RecurrentOptions, fit_recurrent
     from dnicompile.spec import load_spec
+    from dnicompile.train.recurrent import RecurrentOptions, fit_recurrent
 
     torch.set_num_threads(1)
     spec = load_spec(job["spec"])
@@ -160,7 +160,7 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/tinyshakespeare/input.txt"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="Copy / Repeat-Copy seeds (model and data)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "rnn_tasks.json"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rnn_tasks.json"))
     p.add_argument(
         "--table-from",
         nargs="+",

@@ -104,7 +104,7 @@ def spec_for(kind: str, stages: int, log_every: int, folder: Path) -> Path:
 
 # =========================================================================== children (one per run)
 def _data(data_dir: str, batch: int, seed: int):
-    from dnicompile.data import Batches, load_fashion_mnist
+    from dnicompile.train.data import Batches, load_fashion_mnist
 
     d = load_fashion_mnist(data_dir)
     return d, Batches(d.train_x, d.train_y, batch, seed)
@@ -537,7 +537,9 @@ def main() -> int:
     p.add_argument("--target", type=float, default=0.85)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--acc-steps", type=int, default=1000, help="give up the race after this many steps")
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "throughput.json"), help="write all figures here")
+    p.add_argument(
+        "--json", default=str(ROOT / "benchmarks" / "results" / "throughput.json"), help="write all figures here"
+    )
     p.add_argument("--write", metavar="BENCHMARKS.md", help="replace its Throughput section with the results")
     # one run, in its own process
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)

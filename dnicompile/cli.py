@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from .model_file import build_model
+    from .compile.model_file import build_model
+    from .describe import stage_code, summary_table
+    from .inspect import write_emit
     from .program import compile_decoupled
-    from .render import stage_code, summary_table, write_emit
     from .spec import load_spec
 
     spec = load_spec(Path(args.spec))
@@ -108,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         torch.manual_seed(spec.train.seed if args.seed is None else args.seed)
     model = build_model(args.model, spec.model, spec.model_args, where=spec.where)
     if spec.recurrent is not None or spec.bptt is not None:  # cut in time, not in the graph
-        from .recurrent_train import run_recurrent_cli
+        from .train.recurrent import run_recurrent_cli
 
         return run_recurrent_cli(model, spec, args)
     program = compile_decoupled(model, spec)
@@ -117,12 +118,12 @@ def _run(args: argparse.Namespace) -> int:
         _print_nodes(program, out)
     if args.train:
         if args.workers > 1 or "WORLD_SIZE" in os.environ:
-            from .runtime.launch import train_distributed_from_cli
+            from .train.launch import train_distributed_from_cli
 
             return train_distributed_from_cli(program, args, out)
         if args.resume:
             raise DNIError("--resume continues a distributed run: use it with --workers N (N > 1) or torchrun.")
-        from .train import train_from_cli
+        from .train.feedforward import train_from_cli
 
         return train_from_cli(program, args, out)
     out.print(summary_table(program))

@@ -94,3 +94,44 @@ def check_output_loss(program, where: str) -> int | None:
             f"its inputs are {names}."
         )
     return names.index(cfg.labels)
+
+
+# --------------------------------------------------------------------------- per-step losses
+def _cross_entropy(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    b, t = y.shape[:2]
+    return F.cross_entropy(y.reshape(b * t, -1), target.reshape(b * t).long(), reduction="none").reshape(b, t)
+
+
+def _binary_cross_entropy(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(y, target.to(y.dtype), reduction="none")
+    return loss.reshape(*loss.shape[:2], -1).sum(-1)
+
+
+def _mse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    loss = (y - target.to(y.dtype)) ** 2
+    return loss.reshape(*loss.shape[:2], -1).sum(-1)
+
+
+STEP_LOSSES: dict[str, Callable] = {
+    "cross_entropy": _cross_entropy,
+    "binary_cross_entropy": _binary_cross_entropy,
+    "mse": _mse,
+}
+
+
+def get_step_loss(name: str, where: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A per-step loss: (B, T, ...) outputs and targets -> (B, T) losses (summed over a step's elements)."""
+    if not isinstance(name, str):
+        raise SpecError(
+            f"{where}: a recurrent program takes its loss by name ({', '.join(STEP_LOSSES)} or "
+            "'package.module:function'), not a loss computed inside the model."
+        )
+    if name in STEP_LOSSES:
+        return STEP_LOSSES[name]
+    if ":" in name:
+        return load_loss_function(name, where)
+    raise SpecError(
+        f"{where}: unknown loss {name!r} for a recurrent program{did_you_mean(name, STEP_LOSSES)}; use "
+        f"{', '.join(STEP_LOSSES)} or your own per-step function as 'package.module:function' "
+        "returning (B, T) losses."
+    )

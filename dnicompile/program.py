@@ -10,10 +10,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .emit import emit_stages, rebind_buffers
-from .partition import BoundaryTensor, Partition, partition
+from .compile.emit import emit_stages, rebind_buffers
+from .compile.partition import BoundaryTensor, Partition, partition
+from .compile.trace import trace
 from .spec import ClockConfig, OptimizerConfig, Spec, SyntheticGradientConfig, SyntheticInputConfig, load_spec
-from .trace import trace
 
 
 @dataclass(frozen=True)
@@ -182,12 +182,12 @@ class DecoupledProgram:
 
     # ---------------------------------------------------------------- inspection
     def summary(self) -> str:
-        from .render import summary_text
+        from .describe import summary_text
 
         return summary_text(self)
 
     def code(self) -> str:
-        from .render import stage_code
+        from .describe import stage_code
 
         return "\n\n".join(stage_code(self, s) for s in self.stages)
 

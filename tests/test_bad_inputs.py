@@ -553,8 +553,8 @@ def test_check_stage_keys_accepts_valid(tmp_path: Path) -> None:
 
 def test_model_errors_name_the_spec_key(tmp_path: Path) -> None:
     """With `where=spec.where`, errors about `model:` and `model_args:` also point into the spec."""
+    from dnicompile.compile.model_file import build_model
     from dnicompile.errors import ModelError
-    from dnicompile.model_file import build_model
 
     (tmp_path / "model.py").write_text(MLP)
     (tmp_path / "spec.yaml").write_text(

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dnicompile.cli import main
-from dnicompile.runtime.distributed import _balanced
+from dnicompile.runtime.placement import _balanced
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DNICOMPILE_FASHION_MNIST", ROOT.parent / "shared" / "data" / "fashion-mnist"))

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from dnicompile import compile_decoupled, load_spec
 from dnicompile.cli import main
-from dnicompile.model_file import build_model
-from dnicompile.trace import make_example
+from dnicompile.compile.model_file import build_model
+from dnicompile.compile.trace import make_example
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES, SPECS = ROOT / "examples", ROOT / "specs"

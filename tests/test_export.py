@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from dnicompile import compile_decoupled, load_spec
 from dnicompile.cli import main
+from dnicompile.compile.model_file import load_module
 from dnicompile.errors import ModelError
-from dnicompile.model_file import load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT = load_module(ROOT / "examples" / "gpt.py")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from dnicompile.cli import main
 from dnicompile.recurrent import compile_recurrent
-from dnicompile.tasks import CopyTask, Curriculum, TextStreams, load_text
+from dnicompile.train.tasks import CopyTask, Curriculum, TextStreams, load_text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dnicompile.cli import main
-from dnicompile.model_file import load_module
+from dnicompile.compile.model_file import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DNICOMPILE_FASHION_MNIST", ROOT.parent / "shared" / "data" / "fashion-mnist"))

@@ -39,9 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..clock import Clock
+from ..compile.unroll import flat_state
 from ..errors import DNIError
+from ..losses import get_step_loss
 from ..optim import build_optimizer
-from ..recurrent import flat_state, get_step_loss
 from ..synthesizers import build_synthetic_gradient
 
 

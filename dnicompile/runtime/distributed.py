@@ -23,15 +23,10 @@ on this host), or with `torchrun ... -m dnicompile ...` across hosts.
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
-import signal
-import socket
 import tempfile
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -41,126 +36,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..errors import DNIError, SpecError
-from ..synthesizers import one_hot_context
+from ..errors import DNIError
+from ..files import save_atomic
 from .local import LocalRuntime, StepResult
 from .tied import TiedReplicas
 
 STATS_TAG = 7  # p2p tag of the per-rank statistics sent to the driver (activations and gradients use 0)
-
-
-# --------------------------------------------------------------------------- placement
-def plan_placement(program, world: int, config, costs: list[float] | None = None) -> list[tuple[int, int]]:
-    """(first, last) stage of each rank: from the spec's list, or balanced by parameters or time.
-
-    For `placement: time` pass the measured `costs` (see `measure_stage_costs`; every rank must use the
-    same, so one rank measures and broadcasts them); without them the placement is only checked and
-    split by parameter count."""
-    n = len(program.stages)
-    where = program.spec.where("distributed", "placement")
-    if world > n:
-        raise SpecError(f"{where}: {world} workers but the program has only {n} stages; add cuts or use --workers {n}.")
-    placement = config.placement
-    if isinstance(placement, list):
-        if len(placement) != world:
-            raise SpecError(f"{where}: placement lists {len(placement)} ranks but {world} workers were asked for.")
-        flat = [s for group in placement for s in group]
-        if flat != list(range(n)) or any(not g for g in placement):
-            raise SpecError(
-                f"{where}: placement {placement} must give each rank a non-empty run of consecutive stages, "
-                f"covering stages 0..{n - 1} once in order, e.g. {_even_split(n, world)}."
-            )
-        return [(g[0], g[-1]) for g in placement]
-    if placement == "time" and costs is not None:
-        return _balanced(costs, world)
-    return _balanced([max(1, s.num_parameters()) for s in program.stages], world)
-
-
-def _even_split(n: int, world: int) -> list[list[int]]:
-    bounds = [round(i * n / world) for i in range(world + 1)]
-    return [list(range(bounds[i], bounds[i + 1])) for i in range(world)]
-
-
-def measure_stage_costs(program, repeats: int = 3, device=None) -> list[float]:
-    """Seconds per training step of each stage on the example inputs: forward, backward, and the
-    synthetic-gradient model of its outgoing cut (forward and its own backward). The median of `repeats`
-    timed runs after one warm-up. Parameters, gradients and buffers (batch-norm statistics) are left as
-    they were."""
-    rt = program.runtime
-    saved = {k: v.detach().clone() for k, v in program.model.state_dict().items()}
-    synth_saved = [copy.deepcopy(cs.state_dict()) if cs is not None else None for cs in rt.synth]
-    values = tuple(v.to(device) if device is not None else v for v in program.example_inputs)
-    batch = program.example_batch or 1
-    context = None
-    if rt.num_classes:
-        context = one_hot_context(torch.zeros(batch, dtype=torch.long, device=values[0].device), rt.num_classes)
-    costs = []
-    try:
-        for i, stage in enumerate(program.stages):
-            cut = program.cuts[i] if i < len(program.cuts) else None
-            times, out = [], None
-            for r in range(repeats + 1):
-                ins = tuple(v.detach().requires_grad_(i > 0) if v.is_floating_point() else v for v in values)
-                start = time.perf_counter()
-                out = stage(*ins)
-                outs = out if isinstance(out, tuple) else (out,)
-                tensors = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
-                if tensors:
-                    torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
-                if cut is not None and not cut.exact:
-                    _time_synthesizer(rt.synth[cut.index], cut, outs, context)
-                if device is not None and torch.device(device).type == "cuda":
-                    torch.cuda.synchronize(device)
-                if r:
-                    times.append(time.perf_counter() - start)
-            costs.append(sorted(times)[len(times) // 2])
-            values = tuple(o.detach() for o in (out if isinstance(out, tuple) else (out,)))
-    finally:
-        program.model.load_state_dict(saved)
-        for cs, state in zip(rt.synth, synth_saved):
-            if cs is not None:
-                cs.load_state_dict(state)
-        for p in program.parameters():
-            p.grad = None
-        for cs in rt.synth:
-            if cs is not None:
-                for p in cs.parameters():
-                    p.grad = None
-    return costs
-
-
-def _time_synthesizer(cs, cut, outs: tuple, context) -> None:
-    """One forward and backward of the cut's synthetic-gradient models (the work they add to a stage)."""
-    for b, h in zip(cut.boundary, outs):
-        if b.name in cs.grad:
-            try:
-                cs.grad[b.name](h.detach(), context).square().sum().backward()
-            except Exception:  # a custom synthesizer that needs other inputs: leave it out of the cost
-                pass
-
-
-def _balanced(costs: list[float], world: int) -> list[tuple[int, int]]:
-    """Split the chain of stage costs into `world` contiguous runs minimising the largest run (DP)."""
-    n = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(world + 1)]
-    cut = [[0] * (n + 1) for _ in range(world + 1)]
-    best[0][0] = 0.0
-    for k in range(1, world + 1):
-        for j in range(k, n + 1):
-            for i in range(k - 1, j):
-                v = max(best[k - 1][i], prefix[j] - prefix[i])
-                if v < best[k][j]:
-                    best[k][j], cut[k][j] = v, i
-    ranges, j = [], n
-    for k in range(world, 0, -1):
-        i = cut[k][j]
-        ranges.append((i, j - 1))
-        j = i
-    return ranges[::-1]
 
 
 # --------------------------------------------------------------------------- one rank
@@ -502,17 +383,6 @@ class RankWorker:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def write_atomic_torch(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(worker: RankWorker, out_dir: Path, step: int) -> None:
     """Every rank writes its shard into ckpt-<step>/ atomically; then the driver points LATEST at it.
     A crash at any moment leaves LATEST naming a complete checkpoint (or none)."""
@@ -520,7 +390,7 @@ def save_checkpoint(worker: RankWorker, out_dir: Path, step: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     shard = {"step": step, "world": worker.world, "placement": (worker.first, worker.last)}
     shard.update(model=worker.owned_state(), runtime=worker.runtime_state())
-    write_atomic_torch(shard, folder / f"rank{worker.rank}.pt")
+    save_atomic(shard, folder / f"rank{worker.rank}.pt")
     dist.barrier()
     if worker.is_driver:
         latest = out_dir / "LATEST"
@@ -559,167 +429,3 @@ def load_checkpoint(worker: RankWorker, folder: Path) -> int:
     worker.program.model.load_state_dict(shard["model"], strict=False)
     worker.load_runtime_state(shard["runtime"])
     return int(shard["step"])
-
-
-# --------------------------------------------------------------------------- launching
-@dataclass
-class RunConfig:
-    """Everything a worker process needs to rebuild the program and train its part."""
-
-    model_path: str
-    spec_path: str
-    steps: int
-    batch_size: int
-    eval_every: int
-    seed: int
-    data_dir: str | None
-    device: str
-    threads: int
-    out_dir: str | None = None
-    metrics_path: str | None = None
-    resume: str | None = None
-    error_dir: str = ""
-    master_port: int = 0
-    progress: bool = True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker_entry(rank: int, world: int, cfg: RunConfig) -> None:
-    """Process entry point (torch.multiprocessing): rank `rank` of `world`."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(cfg.master_port)
-    run_rank(rank, world, cfg)
-
-
-def run_rank(rank: int, world: int, cfg: RunConfig) -> None:
-    """Build the program, join the process group, train this rank's stages; report errors to a file."""
-    stage_desc = "?"
-    try:
-        torch.set_num_threads(cfg.threads)
-        from ..model_file import build_model
-        from ..program import compile_decoupled
-        from ..spec import load_spec
-
-        spec = load_spec(Path(cfg.spec_path))
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model_path, spec.model, spec.model_args)
-        program = compile_decoupled(model, spec)
-        device = _rank_device(cfg.device, rank)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = timedelta(seconds=spec.distributed.timeout_s)
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
-        costs = None
-        if spec.distributed.placement == "time":  # rank 0 measures, so that every rank splits alike
-            program.to(device)
-            program.runtime.to(device)
-            box = [measure_stage_costs(program, device=device) if rank == 0 else None]
-            dist.broadcast_object_list(box, src=0)
-            costs = box[0]
-        placement = plan_placement(program, world, spec.distributed, costs)
-        first, last = placement[rank]
-        stage_desc = ", ".join(f"stage{s}" for s in range(first, last + 1))
-        from .distributed_train import train_rank
-
-        train_rank(program, rank, world, placement, device, cfg)
-    except BaseException as e:
-        if cfg.error_dir:
-            kind = "bad-input" if isinstance(e, DNIError) else "error"
-            message = str(e) if isinstance(e, DNIError) else f"{type(e).__name__}: {e}"
-            detail = "" if isinstance(e, DNIError) else traceback.format_exc()
-            path = Path(cfg.error_dir) / f"rank{rank}.json"
-            path.write_text(
-                json.dumps({"rank": rank, "stages": stage_desc, "kind": kind, "message": message, "detail": detail})
-            )
-        raise
-    finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
-
-
-def _rank_device(name: str, rank: int) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        index = device.index if device.index is not None else rank % count
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return device
-
-
-class _Terminated(Exception):
-    """SIGTERM reached the launcher."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated
-
-
-def run_workers(entry, args: tuple, nprocs: int) -> tuple[bool, int | None]:
-    """Spawn `nprocs` processes running entry(rank, *args) and wait for all of them. Returns (failed,
-    stop_code): failed when a worker raised or died; stop_code 130 after Ctrl-C (SIGINT) and 143 after
-    SIGTERM (`kill PID`, a job scheduler), once every worker has been stopped. No worker outlives this."""
-    import sys
-
-    import torch.multiprocessing as mp
-
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        context = mp.start_processes(entry, args=args, nprocs=nprocs, join=False, start_method="spawn")
-        try:
-            while not context.join(timeout=1):
-                pass
-        except (mp.ProcessExitedException, mp.ProcessRaisedException):
-            return True, None
-        except (KeyboardInterrupt, _Terminated) as stop:
-            for p in context.processes:
-                if p.is_alive():
-                    p.terminate()
-            interrupted = isinstance(stop, KeyboardInterrupt)
-            sys.stderr.write(f"dnicompile: {'interrupted' if interrupted else 'terminated'}; all workers stopped\n")
-            return False, (130 if interrupted else 143)
-        finally:
-            for p in context.processes:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-        return False, None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def launch(cfg: RunConfig, workers: int) -> int:
-    """Start `workers` processes on this host and wait; returns the exit code. If any rank fails,
-    the others are stopped and the first error is printed, naming the rank and its stages. Ctrl-C
-    (SIGINT) or SIGTERM stops every worker; the exit code is then 130 or 143."""
-    import sys
-
-    cfg.master_port = cfg.master_port or free_port()
-    with tempfile.TemporaryDirectory(prefix="dnicompile-errors-") as error_dir:
-        cfg.error_dir = error_dir
-        failed, stop_code = run_workers(_worker_entry, (workers, cfg), workers)
-        if stop_code is not None:
-            return stop_code
-        if not failed:
-            return 0
-        reports = sorted(Path(error_dir).glob("rank*.json"))
-        errors = [json.loads(p.read_text()) for p in reports]
-        # the root cause is the first rank that failed for a reason other than waiting on another rank
-        errors.sort(
-            key=lambda e: ("timed out or failed waiting" in e["message"], "Connection" in e["message"], e["rank"])
-        )
-        if not errors:
-            sys.stderr.write("dnicompile: error: a worker died without a report (killed by the system?)\n")
-            return 1
-        e = errors[0]
-        sys.stderr.write(f"dnicompile: error: rank {e['rank']} ({e['stages']}) failed: {e['message']}\n")
-        if e["kind"] != "bad-input" and os.environ.get("DNICOMPILE_TRACEBACK"):
-            sys.stderr.write(e["detail"])
-        return 2 if e["kind"] == "bad-input" else 1

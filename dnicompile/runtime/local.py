@@ -127,7 +127,9 @@ class LocalRuntime:
             where = spec.where("cuts", program.partition.cuts[cut.index].spec_index)
             g, g_sched = build_optimizer(cs.grad.parameters(), cut.synthetic_gradient.optimizer, where)
             i, i_sched = (
-                build_optimizer(cs.input.parameters(), cut.synthetic_input.optimizer, where) if cs.input else (None, None)
+                build_optimizer(cs.input.parameters(), cut.synthetic_input.optimizer, where)
+                if cs.input
+                else (None, None)
             )
             self.synth_optimizers.append((g, i))
             self.synth_schedulers[cut.index] = (g_sched, i_sched)

@@ -14,9 +14,11 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from ..data import Batches, load_dataset
-from ..train import MetricsWriter, _shape_batch, plot_curves, write_atomic
-from .distributed import RankWorker, find_checkpoint, load_checkpoint, save_checkpoint
+from ..files import write_atomic
+from ..runtime.distributed import RankWorker, find_checkpoint, load_checkpoint, save_checkpoint
+from .data import Batches, load_dataset
+from .feedforward import _shape_batch
+from .outputs import MetricsWriter, plot_curves
 
 
 def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:

@@ -20,8 +20,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import PartitionError, did_you_mean
-from .spec import Spec
+from ..errors import PartitionError, did_you_mean
+from ..spec import Spec
 from .trace import gc_paused
 
 COMPUTE_OPS = ("call_module", "call_function", "call_method")

@@ -33,9 +33,9 @@ except ImportError:  # older torch: generate the code at once
     _LazyGraphModule = fx.GraphModule
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from .errors import ModelError, SpecError, did_you_mean
+from ..errors import ModelError, SpecError, did_you_mean
+from ..spec import Spec, TensorSpec
 from .model_file import user_frame
-from .spec import Spec, TensorSpec
 
 
 @dataclass(frozen=True)

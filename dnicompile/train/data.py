@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .errors import ModelError, close_matches, did_you_mean
+from ..errors import ModelError, close_matches, did_you_mean
 
 DEFAULT_NAMES = ("model", "build_model")
 

@@ -3,8 +3,6 @@ and character-level language models (with an optional upper core) on a text file
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 import time
@@ -15,10 +13,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .errors import DataError, DNIError, SpecError
-from .recurrent import compile_recurrent
+from ..errors import DataError, DNIError, SpecError
+from ..recurrent import compile_recurrent
+from .outputs import MetricsWriter, check_outputs, cli_schedule, resolve_device, write_outputs
 from .tasks import LN2, CopyTask, Curriculum, TextStreams, evaluate_text, load_text
-from .train import MetricsWriter, check_outputs, cli_schedule, resolve_device, write_atomic
 
 RECURRENT_DATA = ("copy", "repeat_copy", "text")
 
@@ -71,8 +69,8 @@ def _outputs(args) -> tuple[Path | None, Path | None]:
 
 def train_hierarchical_distributed(program, args, console: Console) -> int:
     """`--workers 2`: the lower core on one process, the upper core on another (runtime/bptt_distributed)."""
-    from .runtime.bptt_distributed import HierarchicalRunConfig, check_distributed, launch
-    from .runtime.launch import run_fields
+    from .hierarchical import HierarchicalRunConfig, check_distributed, launch
+    from .launch import run_fields
 
     if args.workers != 2:
         raise DNIError(
@@ -345,52 +343,3 @@ def _check_sizes(program, inputs: int | None, outputs: int, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- outputs
-def write_outputs(program, summary: dict, out_dir: Path, title: str) -> None:
-    state = {k: v.detach().cpu() for k, v in program.state_dict().items()}
-    write_atomic(out_dir / "model.pt", lambda p: torch.save(state, p))
-    ckpt = {"model": state, "runtime": program.runtime.state_dict(), "step": summary["steps_done"]}
-    write_atomic(out_dir / "checkpoint.pt", lambda p: torch.save(ckpt, p))
-    synthetic = program.spec.bptt.synthetic_gradient is not None or (
-        program.upper is not None and program.upper.config.synthetic_gradient is not None
-    )
-    plot_recurrent(summary["rows"], out_dir / "curves.png", title, synthetic)
-    final = {k: v for k, v in summary.items() if k != "rows"}
-    write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(final, indent=2) + "\n"))
-
-
-def plot_recurrent(rows: list[dict], path: Path, title: str, synthetic: bool = True) -> None:
-    """Loss, then solved length (copy) or held-out BPC (text), then the synthesizers' cosine, against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in rows if "elapsed_s" in r and "cosine" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
-    axes[0].set(title="training loss per step", xlabel="step", yscale="log")
-    evals = [r for r in rows if "bpc" in r]
-    if evals:
-        axes[1].plot([r["step"] for r in evals], [r["bpc"] for r in evals], marker="o", label="held-out")
-        if any("upper_bpc" in r for r in evals):
-            axes[1].plot([r["step"] for r in evals], [r["upper_bpc"] for r in evals], marker="s", label="upper")
-        axes[1].legend(fontsize=8)
-        axes[1].set(title="bits per character", xlabel="step")
-    else:
-        pts = [r for r in rows if "solved_length" in r]
-        axes[1].step([r["step"] for r in pts], [r["solved_length"] for r in pts], where="post")
-        axes[1].set(title="solved length (curriculum)", xlabel="step")
-    names = sorted({c for r in train for c in r.get("cosine", {})})
-    for c in names:
-        pts = [r for r in train if c in r["cosine"] and math.isfinite(r["cosine"][c])]
-        axes[2].plot([r["step"] for r in pts], [r["cosine"][c] for r in pts], lw=1, label=c)
-    axes[2].set(title="cos(synthetic gradient, its target)", xlabel="step", ylim=(-0.2, 1.0))
-    if names:
-        axes[2].legend(fontsize=8)
-    else:
-        text = "no synthetic gradient used yet" if synthetic else "plain truncated BPTT"
-        axes[2].text(0.5, 0.5, text, ha="center", va="center", transform=axes[2].transAxes)
-    fig.suptitle(title)
-    fig.tight_layout()
-    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)

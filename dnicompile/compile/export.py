@@ -34,7 +34,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
-from .errors import ModelError
+from ..errors import ModelError
 
 aten = torch.ops.aten
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +12,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..errors import DNIError
+from ..files import write_atomic
 from .data import Batches, Dataset, load_dataset
-from .errors import DNIError
+from .outputs import MetricsWriter, check_outputs, cli_schedule, plot_curves, resolve_device
 
 
 @dataclass
@@ -28,22 +28,6 @@ class TrainOptions:
     log_every: int = 10
     metrics_path: Path | None = None
     out_dir: Path | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    """torch.device from a --device value, with a clear error when it is malformed or absent."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise DNIError(f"--device {name!r}: expected cpu, cuda or cuda:N.") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DNIError(f"--device {name}: no CUDA device is available here (torch.cuda.is_available() is False).")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DNIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
-    elif device.type != "cpu":
-        raise DNIError(f"--device {name!r}: expected cpu, cuda or cuda:N.")
-    return device
 
 
 def _shape_batch(program, x: torch.Tensor) -> torch.Tensor:
@@ -71,25 +55,6 @@ def evaluate(program, x: torch.Tensor, y: torch.Tensor, device, batch_size: int 
         loss_sum += float(torch.nn.functional.cross_entropy(out, yb, reduction="sum"))
     program.train()
     return correct / len(x), loss_sum / len(x)
-
-
-class MetricsWriter:
-    """One JSON object per line, flushed as written, so an interrupted run keeps what it logged."""
-
-    def __init__(self, path: Path | None, append: bool = False):
-        self.path = path
-        self.rows: list[dict] = []
-        self._f = open(path, "a" if append else "w") if path else None  # noqa: SIM115 - held open for the run
-
-    def write(self, row: dict) -> None:
-        self.rows.append(row)
-        if self._f:
-            self._f.write(json.dumps(row) + "\n")
-            self._f.flush()
-
-    def close(self) -> None:
-        if self._f:
-            self._f.close()
 
 
 def fit(program, data: Dataset, opts: TrainOptions, console: Console | None = None) -> dict:
@@ -175,86 +140,6 @@ def fit(program, data: Dataset, opts: TrainOptions, console: Console | None = No
 
 
 # --------------------------------------------------------------------------- outputs
-
-
-def write_atomic(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file at `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def plot_curves(rows: list[dict], path: Path, title: str) -> None:
-    """Loss, test accuracy and per-cut gradient cosine similarity against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in rows if "samples_per_s" in r]
-    evals = [r for r in rows if "test_accuracy" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
-    axes[0].set(title="training loss", xlabel="step", yscale="log")
-    axes[1].plot([r["step"] for r in evals], [r["test_accuracy"] for r in evals], marker="o")
-    axes[1].set(title="test accuracy", xlabel="step")
-    cuts = sorted({c for r in train for c in r.get("cosine", {})})
-    for c in cuts:
-        axes[2].plot(
-            [r["step"] for r in train if c in r["cosine"]],
-            [r["cosine"][c] for r in train if c in r["cosine"]],
-            lw=1,
-            label=c,
-        )
-    axes[2].set(title="cos(synthetic, true gradient)", xlabel="step", ylim=(-0.2, 1.0))
-    if cuts:
-        axes[2].legend(fontsize=8)
-    else:
-        axes[2].text(0.5, 0.5, "no synthetic cuts", ha="center", va="center", transform=axes[2].transAxes)
-    fig.suptitle(title)
-    fig.tight_layout()
-    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
-
-
-OUT_FILES = ("model.pt", "checkpoint.pt", "curves.png", "summary.json", "metrics.jsonl")
-
-
-def check_outputs(args) -> tuple[Path | None, Path | None]:
-    """--out and --metrics, checked before training starts: never overwrite a run without --overwrite."""
-    out_dir = Path(args.out) if args.out else None
-    if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise DNIError(f"--out {out_dir}: exists and is not a directory.")
-        existing = [n for n in OUT_FILES if (out_dir / n).exists()]
-        if existing and not args.overwrite:
-            raise DNIError(
-                f"--out {out_dir}: already holds a run ({', '.join(existing)}); choose another directory or "
-                "pass --overwrite to replace it."
-            )
-    metrics_path = Path(args.metrics) if args.metrics else (out_dir / "metrics.jsonl" if out_dir else None)
-    if metrics_path is not None:
-        if metrics_path.exists() and not args.overwrite and not (out_dir and metrics_path.parent == out_dir):
-            raise DNIError(f"--metrics {metrics_path}: file exists; choose another path or pass --overwrite.")
-        if not metrics_path.parent.is_dir() and metrics_path.parent != out_dir:
-            raise DNIError(f"--metrics {metrics_path}: folder {metrics_path.parent} does not exist.")
-    return out_dir, metrics_path
-
-
-def cli_schedule(args, spec) -> dict:
-    """Steps, batch size, evaluation interval and seed: the command line's where given, else the spec's `train:`."""
-    cfg = spec.train
-    return {
-        "steps": args.steps or cfg.steps,
-        "batch_size": args.batch_size or cfg.batch_size,
-        "eval_every": args.eval_every or cfg.eval_every,
-        "seed": cfg.seed if args.seed is None else args.seed,
-    }
 
 
 def train_from_cli(program, args, console: Console) -> int:

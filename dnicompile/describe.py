@@ -1,0 +1,110 @@
+"""Text about a program: the stage table (what `program.summary()` and the CLI print) and each stage's code."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from .program import Cut, DecoupledProgram, Stage
+
+
+def fmt_shape(shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def describe_synthesizer(cut: Cut) -> str:
+    if cut.exact:
+        text = "exact (true gradient)"
+    else:
+        sg = cut.synthetic_gradient
+        text = sg.model
+        if sg.model == "mlp":
+            text += f" {sg.layers}x{sg.hidden or 1024}"
+        elif sg.model == "conv":
+            text += f" {sg.layers}x{sg.kernel_size}x{sg.kernel_size}"
+        if sg.condition_on_labels:
+            text = "c" + text + " +labels"
+        if sg.scale != 1:
+            text += f" scale={sg.scale:g}"
+    if cut.synthetic_input is not None:
+        text += f", synthetic input ({cut.synthetic_input.model})"
+    return text
+
+
+def describe_optimizer(stage: Stage) -> str:
+    opt = stage.optimizer_config
+    extra = "".join(f", {k}={v}" for k, v in (opt.model_extra or {}).items())
+    sched = f" + {opt.scheduler.name}" if opt.scheduler else ""
+    return f"{opt.name}(lr={opt.lr:g}{extra}){sched}"
+
+
+def describe_clock(stage: Stage) -> str:
+    c = stage.clock_config
+    text = (
+        f"p={c.probability:g}" if c.probability is not None else ("every step" if c.every == 1 else f"every {c.every}")
+    )
+    return text + (f" from {c.offset}" if c.offset else "")
+
+
+def summary_table(program: DecoupledProgram) -> Table:
+    table = Table(
+        title=f"{type(program.model).__name__}: {len(program.stages)} stages, {len(program.cuts)} cuts "
+        f"(front end: {program.frontend}{', ' + program.frontend_reason if program.frontend_reason else ''})",
+        show_lines=True,
+    )
+    for col in ("stage", "nodes", "params", "inputs", "outputs", "outgoing cut", "optimizer", "clock"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("nodes", "params") else "left")
+    for stage in program.stages:
+        cut = program.cuts[stage.index] if stage.index < len(program.cuts) else None
+        outgoing = f"{cut.name}: {describe_synthesizer(cut)}" if cut else "(loss)"
+        table.add_row(
+            stage.name,
+            str(stage.num_nodes),
+            f"{stage.num_parameters():,}",
+            "\n".join(f"{t.name} {fmt_shape(t.shape)}" for t in stage.inputs),
+            "\n".join(f"{t.name} {fmt_shape(t.shape)}" for t in stage.outputs),
+            outgoing,
+            describe_optimizer(stage),
+            describe_clock(stage),
+        )
+    tied = getattr(program.partition, "tied", ())
+    if tied:
+        table.caption = "\n".join(describe_tied(t) for t in tied)
+        table.caption_justify = "left"
+    return table
+
+
+def describe_tied(tied) -> str:
+    """One line on a tensor several stages use: its names, who uses it, who updates it."""
+    names = " = ".join(tied.names)
+    users = ", ".join(f"stage{s}" for s in tied.stages)
+    if not tied.parameter:
+        return f"shared buffer: {names} {fmt_shape(tied.shape)}, used by {users}"
+    others = ", ".join(f"stage{s}" for s in tied.stages if s != tied.owner)
+    return (
+        f"tied: {names} {fmt_shape(tied.shape)}, used by {users}; updated by stage{tied.owner}, "
+        f"with the gradient from {others} added first"
+    )
+
+
+def summary_text(program: DecoupledProgram, width: int = 140) -> str:
+    console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
+    console.print(summary_table(program))
+    return console.export_text()
+
+
+def stage_code(program: DecoupledProgram, stage: Stage) -> str:
+    """The readable Python of one stage, with a header naming its cuts."""
+    ins = ", ".join(str(t) for t in stage.inputs)
+    outs = ", ".join(str(t) for t in stage.outputs)
+    header = (
+        f"# {stage.name} of {type(program.model).__name__}: {stage.num_nodes} nodes, {stage.num_parameters():,} parameters\n"
+        f"# inputs:  {ins}\n# outputs: {outs}\n"
+    )
+    body = textwrap.indent(stage.graph_module.code.strip("\n"), "    ")
+    return f"{header}class {type(stage.graph_module).__name__}(torch.nn.Module):\n{body}\n"

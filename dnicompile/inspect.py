@@ -1,0 +1,114 @@
+"""Inspect a DecoupledProgram: the stage table, generated code, and a drawing of the stage graph."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .describe import describe_clock, describe_optimizer, describe_synthesizer, fmt_shape, stage_code, summary_text
+from .files import write_text_atomic
+
+if TYPE_CHECKING:
+    from .program import DecoupledProgram
+
+
+def stages_dot(program: DecoupledProgram) -> str:
+    """The stage graph in Graphviz dot: stages as boxes, boundary tensors on the edges."""
+    lines = ["digraph stages {", "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fillcolor="#eef3fb"];']
+    lines.append('  input [shape=plaintext, label="input"];')
+    for s in program.stages:
+        label = f"{s.name}\\n{s.num_nodes} nodes, {s.num_parameters():,} params\\n{describe_optimizer(s)}, {describe_clock(s)}"
+        lines.append(f'  {s.name} [label="{label}"];')
+    lines.append('  loss [shape=plaintext, label="output"];')
+    first = ", ".join(str(t) for t in program.stages[0].inputs)
+    lines.append(f'  input -> stage0 [label="{first}"];')
+    for cut in program.cuts:
+        tensors = "\\n".join(f"{b.name} {fmt_shape(b.shape)}" for b in cut.boundary)
+        style = "solid" if cut.exact else "dashed"
+        label = f"{cut.name} ({describe_synthesizer(cut)})\\n{tensors}"
+        lines.append(f'  stage{cut.index} -> stage{cut.index + 1} [label="{label}", style={style}];')
+    last = program.stages[-1]
+    lines.append(f'  {last.name} -> loss [label="{", ".join(str(t) for t in last.outputs)}"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def stages_svg(program: DecoupledProgram) -> str:
+    """A self-contained SVG drawing of the stage chain with boundary tensors on the edges."""
+    box_w, box_h, gap, left = 360, 64, 120, 40
+    label_x = left + box_w + 30
+    n = len(program.stages)
+    height = 70 + n * box_h + (n - 1) * gap + 60
+    width = label_x + 520
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="12">',
+        '<defs><marker id="arrow" markerWidth="10" markerHeight="10" refX="9" refY="3" orient="auto">'
+        '<path d="M0,0 L0,6 L9,3 z" fill="#333"/></marker></defs>',
+    ]
+    first = ", ".join(f"{t.name} {fmt_shape(t.shape)}" for t in program.stages[0].inputs)
+    parts.append(f'<text x="{left}" y="20" fill="#555">input: {html.escape(first)}</text>')
+    y = 40
+    for stage in program.stages:
+        esc = html.escape
+        parts.append(
+            f'<rect x="{left}" y="{y}" width="{box_w}" height="{box_h}" rx="10" fill="#eef3fb" stroke="#36c"/>'
+        )
+        parts.append(f'<text x="{left + 12}" y="{y + 20}" font-weight="bold">{esc(stage.name)}</text>')
+        parts.append(
+            f'<text x="{left + 12}" y="{y + 38}">{stage.num_nodes} nodes, {stage.num_parameters():,} params</text>'
+        )
+        parts.append(
+            f'<text x="{left + 12}" y="{y + 54}">{esc(describe_optimizer(stage))}, {esc(describe_clock(stage))}</text>'
+        )
+        if stage.index < len(program.cuts):
+            cut = program.cuts[stage.index]
+            x = left + box_w / 2
+            dash = "" if cut.exact else ' stroke-dasharray="6,4"'
+            parts.append(
+                f'<line x1="{x}" y1="{y + box_h}" x2="{x}" y2="{y + box_h + gap - 4}" stroke="#333"{dash} '
+                'marker-end="url(#arrow)"/>'
+            )
+            ty = y + box_h + 22
+            parts.append(
+                f'<text x="{label_x}" y="{ty}" font-weight="bold">cut {esc(cut.name)}: '
+                f"{esc(describe_synthesizer(cut))}</text>"
+            )
+            for j, b in enumerate(cut.boundary[:5]):
+                parts.append(f'<text x="{label_x}" y="{ty + 16 * (j + 1)}">{esc(b.name)} {fmt_shape(b.shape)}</text>')
+            if len(cut.boundary) > 5:
+                parts.append(f'<text x="{label_x}" y="{ty + 16 * 6}">... {len(cut.boundary) - 5} more</text>')
+        y += box_h + gap
+    last = ", ".join(f"{t.name} {fmt_shape(t.shape)}" for t in program.stages[-1].outputs)
+    parts.append(f'<text x="{left}" y="{y - gap + 20}" fill="#555">output: {html.escape(last)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def write_emit(program: DecoupledProgram, out_dir: str | Path) -> list[Path]:
+    """Write stage_<i>.py, stages.dot, stages.svg and stages.html into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stage in program.stages:
+        path = out / f"stage_{stage.index}.py"
+        write_text_atomic(path, "import torch\n\n\n" + stage_code(program, stage))
+        written.append(path)
+    svg = stages_svg(program)
+    files = {
+        "stages.dot": stages_dot(program),
+        "stages.svg": svg,
+        "stages.html": (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{type(program.model).__name__} stages</title>"
+            "</head><body><h1>Stages</h1>"
+            + svg
+            + "<pre>"
+            + html.escape(summary_text(program))
+            + "</pre></body></html>\n"
+        ),
+    }
+    for name, text in files.items():
+        write_text_atomic(out / name, text)
+        written.append(out / name)
+    return written

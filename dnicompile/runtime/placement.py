@@ -1,0 +1,125 @@
+"""Placement: which contiguous run of stages each rank holds, balanced by parameters or measured time."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from ..errors import SpecError
+from ..synthesizers import one_hot_context
+
+
+# --------------------------------------------------------------------------- placement
+def plan_placement(program, world: int, config, costs: list[float] | None = None) -> list[tuple[int, int]]:
+    """(first, last) stage of each rank: from the spec's list, or balanced by parameters or time.
+
+    For `placement: time` pass the measured `costs` (see `measure_stage_costs`; every rank must use the
+    same, so one rank measures and broadcasts them); without them the placement is only checked and
+    split by parameter count."""
+    n = len(program.stages)
+    where = program.spec.where("distributed", "placement")
+    if world > n:
+        raise SpecError(f"{where}: {world} workers but the program has only {n} stages; add cuts or use --workers {n}.")
+    placement = config.placement
+    if isinstance(placement, list):
+        if len(placement) != world:
+            raise SpecError(f"{where}: placement lists {len(placement)} ranks but {world} workers were asked for.")
+        flat = [s for group in placement for s in group]
+        if flat != list(range(n)) or any(not g for g in placement):
+            raise SpecError(
+                f"{where}: placement {placement} must give each rank a non-empty run of consecutive stages, "
+                f"covering stages 0..{n - 1} once in order, e.g. {_even_split(n, world)}."
+            )
+        return [(g[0], g[-1]) for g in placement]
+    if placement == "time" and costs is not None:
+        return _balanced(costs, world)
+    return _balanced([max(1, s.num_parameters()) for s in program.stages], world)
+
+
+def _even_split(n: int, world: int) -> list[list[int]]:
+    bounds = [round(i * n / world) for i in range(world + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(world)]
+
+
+def measure_stage_costs(program, repeats: int = 3, device=None) -> list[float]:
+    """Seconds per training step of each stage on the example inputs: forward, backward, and the
+    synthetic-gradient model of its outgoing cut (forward and its own backward). The median of `repeats`
+    timed runs after one warm-up. Parameters, gradients and buffers (batch-norm statistics) are left as
+    they were."""
+    rt = program.runtime
+    saved = {k: v.detach().clone() for k, v in program.model.state_dict().items()}
+    synth_saved = [copy.deepcopy(cs.state_dict()) if cs is not None else None for cs in rt.synth]
+    values = tuple(v.to(device) if device is not None else v for v in program.example_inputs)
+    batch = program.example_batch or 1
+    context = None
+    if rt.num_classes:
+        context = one_hot_context(torch.zeros(batch, dtype=torch.long, device=values[0].device), rt.num_classes)
+    costs = []
+    try:
+        for i, stage in enumerate(program.stages):
+            cut = program.cuts[i] if i < len(program.cuts) else None
+            times, out = [], None
+            for r in range(repeats + 1):
+                ins = tuple(v.detach().requires_grad_(i > 0) if v.is_floating_point() else v for v in values)
+                start = time.perf_counter()
+                out = stage(*ins)
+                outs = out if isinstance(out, tuple) else (out,)
+                tensors = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+                if tensors:
+                    torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+                if cut is not None and not cut.exact:
+                    _time_synthesizer(rt.synth[cut.index], cut, outs, context)
+                if device is not None and torch.device(device).type == "cuda":
+                    torch.cuda.synchronize(device)
+                if r:
+                    times.append(time.perf_counter() - start)
+            costs.append(sorted(times)[len(times) // 2])
+            values = tuple(o.detach() for o in (out if isinstance(out, tuple) else (out,)))
+    finally:
+        program.model.load_state_dict(saved)
+        for cs, state in zip(rt.synth, synth_saved):
+            if cs is not None:
+                cs.load_state_dict(state)
+        for p in program.parameters():
+            p.grad = None
+        for cs in rt.synth:
+            if cs is not None:
+                for p in cs.parameters():
+                    p.grad = None
+    return costs
+
+
+def _time_synthesizer(cs, cut, outs: tuple, context) -> None:
+    """One forward and backward of the cut's synthetic-gradient models (the work they add to a stage)."""
+    for b, h in zip(cut.boundary, outs):
+        if b.name in cs.grad:
+            try:
+                cs.grad[b.name](h.detach(), context).square().sum().backward()
+            except Exception:  # a custom synthesizer that needs other inputs: leave it out of the cost
+                pass
+
+
+def _balanced(costs: list[float], world: int) -> list[tuple[int, int]]:
+    """Split the chain of stage costs into `world` contiguous runs minimising the largest run (DP)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(world + 1)]
+    cut = [[0] * (n + 1) for _ in range(world + 1)]
+    best[0][0] = 0.0
+    for k in range(1, world + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                v = max(best[k - 1][i], prefix[j] - prefix[i])
+                if v < best[k][j]:
+                    best[k][j], cut[k][j] = v, i
+    ranges, j = [], n
+    for k in range(world, 0, -1):
+        i = cut[k][j]
+        ranges.append((i, j - 1))
+        j = i
+    return ranges[::-1]
