@@ -48,14 +48,26 @@ def get_loss(name, where: str) -> Callable[[torch.Tensor, torch.Tensor], torch.T
 
 
 def load_loss_function(name: str, where: str) -> Callable:
-    """A user's loss function named 'package.module:function'."""
+    """A user's loss function named 'package.module:function'.
+
+    load_spec has refused this name unless it is a torch loss or the user allowed imports (--allow-imports)."""
     module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise SpecError(f"{where}: loss {name!r} is not of the form 'package.module:function'.")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
         raise SpecError(f"{where}: cannot load loss function {name!r}: {e}") from None
+    except Exception as e:  # the module's own code raised while importing
+        raise SpecError(
+            f"{where}: importing module {module_name!r} for loss {name!r} raised {type(e).__name__}: {e}"
+        ) from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        public = [n for n in vars(module) if not n.startswith("_")]
+        raise SpecError(f"{where}: module {module_name!r} has no loss function {attr!r}{did_you_mean(attr, public)}.")
     if not callable(fn):
-        raise SpecError(f"{where}: loss {name!r} is not callable.")
+        raise SpecError(f"{where}: loss {name!r} is a {type(fn).__name__}, not a function.")
     return fn
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -24,6 +26,16 @@ from pydantic_core import PydanticCustomError
 
 from .errors import SpecError, close_matches, did_you_mean
 
+# Bounds on what a spec may ask for: a spec is data, and reading it must take bounded time and memory.
+MAX_SPEC_BYTES = 1 << 20  # a spec file is a few hundred bytes; refuse more than 1 MiB unread
+MAX_DEPTH = 32  # nesting of mappings and lists (a spec needs about 6)
+MAX_ALIAS_NODES = 10_000  # values that YAML aliases (`*name`) may add in all, counting what they expand to
+MAX_SEED = 2**32 - 1  # what torch, numpy and random all accept
+MAX_EXAMPLE_ELEMENTS = 1 << 28  # per example input (1 GiB of float32): a small batch is enough to trace
+# torch.nn.functional losses a spec may name without --allow-imports ('torch.nn.functional:smooth_l1_loss')
+TORCH_LOSS_MODULE = "torch.nn.functional"
+ALLOW_IMPORTS_ENV = "DNICOMPILE_ALLOW_IMPORTS"  # how --allow-imports reaches worker processes
+
 DType = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"]
 
 
@@ -38,15 +50,33 @@ class TensorSpec(_Strict):
 
     shape: list[int] = Field(description="Shape of the example tensor, batch dimension first.")
     dtype: DType = Field("float32", description="Element type.")
-    low: int = Field(0, description="Smallest value drawn for integer dtypes.")
-    high: int = Field(2, description="One past the largest value drawn for integer dtypes (e.g. the vocabulary size).")
+    low: int = Field(0, ge=-(2**63), lt=2**63, description="Smallest value drawn for integer dtypes.")
+    high: int = Field(
+        2,
+        ge=-(2**63),
+        lt=2**63,
+        description="One past the largest value drawn for integer dtypes (e.g. the vocabulary size).",
+    )
 
     @field_validator("shape")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
         if not v or any(d <= 0 for d in v):
             raise ValueError(f"every dimension must be a positive integer, got {v}")
+        if math.prod(v) > MAX_EXAMPLE_ELEMENTS:
+            raise ValueError(
+                f"{v} is {math.prod(v):,} elements, more than the {MAX_EXAMPLE_ELEMENTS:,} an example input may have; "
+                "tracing needs only a small batch (e.g. 2)"
+            )
         return v
+
+    @model_validator(mode="after")
+    def _range(self) -> TensorSpec:
+        if self.low >= self.high:
+            raise ValueError(
+                f"`low` ({self.low}) must be below `high` ({self.high}): values are drawn from [low, high)"
+            )
+        return self
 
 
 class TraceConfig(_Strict):
@@ -92,7 +122,9 @@ class ClockConfig(_Strict):
     every: int = Field(1, ge=1, description="Update on every k-th step.")
     probability: float | None = Field(None, gt=0, le=1, description="Update with this probability per step.")
     offset: int = Field(0, ge=0, description="First step on which the clock may tick.")
-    seed: int | None = Field(None, description="Seed of a probability clock (default: derived from the stage index).")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed of a probability clock (default: derived from the stage index)."
+    )
 
     @model_validator(mode="after")
     def _one_rule(self) -> ClockConfig:
@@ -195,7 +227,7 @@ class TrainConfig(_Strict):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_every: int = Field(200, ge=1, description="Evaluate on the test set every N steps.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Random seed (weights, batches, clocks).")
 
 
 class DistributedConfig(_Strict):
@@ -209,7 +241,7 @@ class DistributedConfig(_Strict):
     queue_depth: int = Field(
         4, ge=1, description="Batches a stage may run ahead of the true gradients its synthesizer learns from."
     )
-    timeout_s: float = Field(30.0, gt=0, description="Seconds any rank waits for another before giving up.")
+    timeout_s: float = Field(30.0, gt=0, le=10**7, description="Seconds any rank waits for another before giving up.")
     checkpoint_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps (needs --out).")
     log_every: int = Field(50, ge=1, description="Gather per-cut statistics from all ranks every N steps.")
 
@@ -325,6 +357,7 @@ class Spec(_Strict):
 
     _origin: str = PrivateAttr("<spec>")
     _marks: dict[tuple, tuple[int, int]] = PrivateAttr(default_factory=dict)
+    _allow_imports: bool = PrivateAttr(False)
 
     @field_validator("data", mode="before")
     @classmethod
@@ -356,6 +389,46 @@ class Spec(_Strict):
             line, col = self._marks[loc]
             return f"{self._origin}:{line}:{col}"
         return self._origin
+
+    @property
+    def allows_imports(self) -> bool:
+        """Whether the user allowed this spec to import Python code (--allow-imports, load_spec(allow_imports=True))."""
+        return self._allow_imports
+
+    def configs(self, kind: type[BaseModel]) -> list[tuple[tuple, Any]]:
+        """Every `kind` (e.g. OptimizerConfig) in the spec, with its location: [(('stages', 'default',
+        'optimizer'), config), ...], in the order of the spec's fields."""
+        found: list[tuple[tuple, Any]] = []
+        stack: list[tuple[tuple, Any]] = [((), self)]
+        while stack:
+            loc, obj = stack.pop()
+            if isinstance(obj, kind):
+                found.append((loc, obj))
+            children: list[tuple[Any, Any]] = []
+            if isinstance(obj, BaseModel):
+                children = [(k, getattr(obj, k)) for k in type(obj).model_fields]
+            elif isinstance(obj, dict):
+                children = list(obj.items())
+            elif isinstance(obj, list):
+                children = list(enumerate(obj))
+            stack.extend((loc + (k,), v) for k, v in reversed(children) if isinstance(v, (BaseModel, dict, list)))
+        return found
+
+    def imports(self) -> list[tuple[tuple, str, str]]:
+        """Every name in the spec that imports a Python module and runs code from it, as (location, what, name):
+        a loss 'package.module:function' (except a torch.nn.functional loss) and synthesizer classes
+        'package.module:ClassName'."""
+        found = []
+        if isinstance(self.loss, str) and ":" in self.loss and not is_torch_loss(self.loss):
+            found.append((("loss",), "loss function", self.loss))
+        for kind, what in (
+            (SyntheticGradientConfig, "synthesizer class"),
+            (SyntheticInputConfig, "synthetic-input class"),
+        ):
+            for loc, cfg in self.configs(kind):
+                if ":" in cfg.model:
+                    found.append((loc + ("model",), what, cfg.model))
+        return found
 
     def check_stage_keys(self, num_stages: int) -> None:
         """Raise SpecError unless every key under `stages:` is `default`, a stage index < num_stages, or `stageN`.
@@ -405,12 +478,49 @@ class Spec(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-def load_spec(source: str | Path | dict | Spec) -> Spec:
-    """Read a spec from a YAML path, a YAML string, a dict or a Spec; raise SpecError with file:line:col."""
+# torch.nn.functional losses of (input, target) that a spec may name without --allow-imports
+TORCH_LOSSES = frozenset(
+    {
+        "binary_cross_entropy",
+        "binary_cross_entropy_with_logits",
+        "cross_entropy",
+        "huber_loss",
+        "kl_div",
+        "l1_loss",
+        "mse_loss",
+        "multi_margin_loss",
+        "multilabel_margin_loss",
+        "multilabel_soft_margin_loss",
+        "nll_loss",
+        "poisson_nll_loss",
+        "smooth_l1_loss",
+        "soft_margin_loss",
+    }
+)
+
+
+def is_torch_loss(name: str) -> bool:
+    """'torch.nn.functional:mse_loss' and the like: a torch loss, which a spec may name without allowing imports."""
+    module, _, attr = name.partition(":")
+    return module == TORCH_LOSS_MODULE and attr in TORCH_LOSSES
+
+
+def imports_allowed_by_environment() -> bool:
+    """True where `DNICOMPILE_ALLOW_IMPORTS=1`: how `--allow-imports` reaches the worker processes it starts."""
+    return os.environ.get(ALLOW_IMPORTS_ENV) == "1"
+
+
+def load_spec(source: str | Path | dict | Spec, allow_imports: bool | None = None) -> Spec:
+    """Read a spec from a YAML path, a YAML string, a dict or a Spec; raise SpecError with file:line:col.
+
+    A spec that names Python code to import (a loss 'package.module:function', a synthesizer
+    'package.module:ClassName') is refused unless `allow_imports` is true (the command line's --allow-imports;
+    None: allowed where the environment has DNICOMPILE_ALLOW_IMPORTS=1, or where the Spec was allowed already).
+    """
     if isinstance(source, Spec):
-        return source
+        return _check_imports(source, allow_imports)
     if isinstance(source, dict):
-        return _validate(source, origin="<dict>", marks={})
+        return _check_imports(_validate(source, origin="<dict>", marks={}), allow_imports)
     if isinstance(source, Path) or (isinstance(source, str) and _looks_like_path(source)):
         path = Path(source)
         if path.is_dir():
@@ -420,13 +530,54 @@ def load_spec(source: str | Path | dict | Spec) -> Spec:
             hint = f" (did you mean {str(path.parent / close[0])!r}?)" if close else ""
             raise SpecError(f"spec file {str(path)!r} not found{hint}; pass the path of a YAML file with --spec.")
         try:
-            text = path.read_text()
+            with path.open("rb") as f:
+                raw = f.read(MAX_SPEC_BYTES + 1)  # never more, whatever the file claims to be
+            _check_size(len(raw), str(path))
+            text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise SpecError(f"cannot read spec file {str(path)!r}: {e}") from e
-        return _parse(text, origin=str(path))
+        return _check_imports(_parse(text, origin=str(path)), allow_imports)
     if isinstance(source, str):
-        return _parse(source, origin="<yaml>")
+        _check_size(len(source.encode("utf-8", "replace")), "<yaml>")
+        return _check_imports(_parse(source, origin="<yaml>"), allow_imports)
     raise SpecError(f"a spec is a path, a YAML string, a dict or a Spec, not {type(source).__name__}")
+
+
+def _check_size(size: int, origin: str) -> None:
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"{origin}: the spec is more than {MAX_SPEC_BYTES:,} bytes; a spec is a short YAML file (the examples in "
+            "specs/ are under 2 KB). Pass the spec's path with --spec, not a data or model file."
+        )
+
+
+def _check_imports(spec: Spec, allow: bool | None) -> Spec:
+    """Refuse a spec that would import Python code unless the user allowed it; record the allowance."""
+    if allow is None:
+        allow = spec._allow_imports or imports_allowed_by_environment()
+    found = sorted(spec.imports(), key=lambda item: spec._marks.get(item[0], (0, 0)))
+    if found and not allow:
+        lines = []
+        for loc, what, name in found:
+            module = name.partition(":")[0]
+            builtin = (
+                "the built-in losses (cross_entropy, nll, mse, or a torch loss as 'torch.nn.functional:smooth_l1_loss')"
+                if what == "loss function"
+                else "the built-in synthesizers (linear, mlp" + (", conv)" if what == "synthesizer class" else ")")
+            )
+            lines.append(
+                f"{spec.where(*loc)}: `{_dotted(loc)}: {name}` names a {what}: using it imports module `{module}` and "
+                f"runs its code. Use one of {builtin}, or allow imports."
+            )
+        how = (
+            "A spec runs no code unless you allow it: if you trust this spec and the modules it names, pass "
+            "--allow-imports on the command line (from Python: load_spec(path, allow_imports=True))."
+        )
+        if len(lines) == 1:
+            raise SpecError(f"{lines[0]} {how}")
+        raise SpecError("the spec names Python code to import:\n  " + "\n  ".join(lines) + "\n  " + how)
+    spec._allow_imports = bool(allow)
+    return spec
 
 
 def _siblings(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -442,11 +593,14 @@ def _looks_like_path(s: str) -> bool:
 
 
 def _parse(text: str, origin: str) -> Spec:
+    _check_events(text, origin)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError(_yaml_message(e, origin)) from None
+    except RecursionError:  # not reached after _check_events; kept so that no input gives a traceback
+        raise SpecError(f"{origin}: the spec is nested too deeply to read (at most {MAX_DEPTH} levels).") from None
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
         raise SpecError(
@@ -455,6 +609,97 @@ def _parse(text: str, origin: str) -> Spec:
     marks: dict[tuple, tuple[int, int]] = {}
     _collect_marks(root, (), marks, origin)
     return _validate(data, origin=origin, marks=marks)
+
+
+_SAFE_TAGS = {"!", *(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map"))}
+
+
+def _check_events(text: str, origin: str) -> None:
+    """Walk the YAML events (the parser's stream, before anything is built) and refuse, at their line, what
+    could make reading the spec unbounded or unsafe: nesting deeper than MAX_DEPTH, aliases that expand to
+    more than MAX_ALIAS_NODES values (a "billion laughs" bomb), and tags that would build Python objects.
+    Syntax errors are left to the composer, which reports them with their context."""
+
+    def at(mark: Any) -> str:
+        return f"{origin}:{mark.line + 1}:{mark.column + 1}"
+
+    frames: list[list] = []  # open mappings and lists: [anchor, values inside, levels below]
+    anchors: dict[str, tuple[int, int]] = {}  # anchor -> (values it expands to, levels it spans)
+    alias_values = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            tag = getattr(event, "tag", None)
+            if tag is not None and tag not in _SAFE_TAGS:
+                shown = "!!" + tag.removeprefix("tag:yaml.org,2002:") if tag.startswith("tag:yaml.org,2002:") else tag
+                if "python/" in tag:
+                    raise SpecError(
+                        f"{at(event.start_mark)}: unsafe YAML tag `{shown}`: a spec is data and cannot create Python "
+                        "objects or call functions. Remove the tag and write a plain value."
+                    )
+                raise SpecError(
+                    f"{at(event.start_mark)}: unsupported YAML tag `{shown}`; remove it and write a plain value "
+                    "(a string, number, true/false, null, list or mapping)."
+                )
+            if isinstance(event, yaml.AliasEvent):
+                if event.anchor not in anchors:
+                    continue  # undefined or recursive: the composer says so
+                values, levels = anchors[event.anchor]
+                alias_values += values
+                if alias_values > MAX_ALIAS_NODES:
+                    raise SpecError(
+                        f"{at(event.start_mark)}: the YAML aliases in this spec (`*{event.anchor}` here) expand to more "
+                        f'than {MAX_ALIAS_NODES:,} values, far more than any spec needs: an alias bomb ("billion '
+                        'laughs")? Write the values out instead of repeating `*name`.'
+                    )
+                if len(frames) + levels > MAX_DEPTH:
+                    raise SpecError(_too_deep(at(event.start_mark)))
+                if frames:
+                    frames[-1][1] += values
+                    frames[-1][2] = max(frames[-1][2], levels)
+            elif isinstance(event, yaml.ScalarEvent):
+                if event.anchor:
+                    anchors[event.anchor] = (1, 0)
+                if frames:
+                    frames[-1][1] += 1
+            elif isinstance(event, yaml.CollectionStartEvent):
+                if len(frames) >= MAX_DEPTH:
+                    raise SpecError(_too_deep(at(event.start_mark)))
+                frames.append([event.anchor, 1, 0])
+            elif isinstance(event, yaml.CollectionEndEvent) and frames:
+                anchor, values, levels = frames.pop()
+                if anchor:
+                    anchors[anchor] = (values, levels + 1)
+                if frames:
+                    frames[-1][1] += values
+                    frames[-1][2] = max(frames[-1][2], levels + 1)
+    except yaml.YAMLError:
+        return  # a syntax error: _parse reports it with its context
+
+
+def _too_deep(where: str) -> str:
+    return (
+        f"{where}: the spec nests lists and mappings more than {MAX_DEPTH} levels deep; a spec needs about 6. "
+        "Flatten the value (or pass large structures to your model some other way)."
+    )
+
+
+def _check_values(data: Any, origin: str, marks: dict) -> None:
+    """Refuse non-finite numbers (`.inf`, `.nan`) anywhere in the spec, and nesting deeper than MAX_DEPTH
+    (a spec given as a dict is not parsed, so its depth is checked here)."""
+    stack: list[tuple[tuple, Any]] = [((), data)]
+    while stack:
+        loc, value = stack.pop()
+        if len(loc) > MAX_DEPTH:
+            raise SpecError(_too_deep(_where(loc, origin, marks)))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SpecError(
+                f"{_where(loc, origin, marks)}: `{_dotted(loc) or '(top level)'}` is {value}, not a finite number; "
+                "a spec's numbers must be finite (an infinite or NaN learning rate or scale trains to NaN)."
+            )
+        if isinstance(value, dict):
+            stack.extend((loc + (k,), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((loc + (i,), v) for i, v in enumerate(value))
 
 
 def _yaml_message(e: yaml.YAMLError, origin: str) -> str:
@@ -467,6 +712,8 @@ def _yaml_message(e: yaml.YAMLError, origin: str) -> str:
     problem = getattr(e, "problem", None) or str(e)
     context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
     started = f" ({context} that starts at {at(context_mark)})" if context and context_mark is not None else ""
+    if isinstance(e, yaml.constructor.ConstructorError):  # valid syntax, but not a value a spec can hold
+        return f"{at(mark)}: YAML error: {problem}{started}. Write a plain value (string, number, list or mapping)."
     if "'\\t'" in problem:  # PyYAML shows the tab as its repr
         hint = "YAML indents with spaces only: replace the tab with spaces."
     elif "expected <block end>" in problem or "expected <block mapping start>" in problem:
@@ -520,6 +767,7 @@ def _key_value(key_node: yaml.Node) -> Any:
 
 
 def _validate(data: dict, origin: str, marks: dict) -> Spec:
+    _check_values(data, origin, marks)
     try:
         spec = Spec.model_validate(data)
     except ValidationError as e:

@@ -106,17 +106,35 @@ class Synthesizer(nn.Module):
 
 
 def _import_class(path: str, where: str):
+    """The user's class named 'package.module:ClassName' (load_spec has refused it unless imports are allowed)."""
     module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise SpecError(f"{where}: synthesizer {path!r} is not of the form 'package.module:ClassName'.")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise SpecError(f"{where}: cannot import synthesizer module {module_name!r}: {e}") from None
+    except Exception as e:  # the module's own code raised while importing
+        raise SpecError(
+            f"{where}: importing synthesizer module {module_name!r} raised {type(e).__name__}: {e}"
+        ) from None
     if not hasattr(module, attr):
         raise SpecError(
             f"{where}: module {module_name!r} has no class {attr!r}"
             f"{did_you_mean(attr, [n for n in vars(module) if not n.startswith('_')])}."
         )
-    return getattr(module, attr)
+    cls = getattr(module, attr)
+    if not callable(cls):
+        raise SpecError(f"{where}: synthesizer {path!r} is a {type(cls).__name__}, not a class.")
+    return cls
+
+
+def _built(module, path: str, shape, where: str) -> nn.Module:
+    if not isinstance(module, nn.Module):
+        raise SpecError(
+            f"{where}: synthesizer {path}{tuple(shape)} returned a {type(module).__name__}, not a torch.nn.Module."
+        )
+    return module
 
 
 def build_synthetic_gradient(
@@ -127,11 +145,12 @@ def build_synthetic_gradient(
     if ":" in cfg.model:
         cls = _import_class(cfg.model, where)
         try:
-            return cls(tuple(shape), ctx, cfg)
+            built = cls(tuple(shape), ctx, cfg)
         except Exception as e:
             raise SpecError(
                 f"{where}: building synthesizer {cfg.model}{tuple(shape)} raised {type(e).__name__}: {e}"
             ) from None
+        return _built(built, cfg.model, shape, where)
     if cfg.model not in BUILTIN:
         raise SpecError(
             f"{where}: unknown synthesizer model {cfg.model!r}{did_you_mean(cfg.model, BUILTIN)}; use linear, mlp, "
@@ -149,7 +168,14 @@ def build_synthetic_input(cfg: SyntheticInputConfig, in_shape: tuple[int, ...], 
     """A synthetic-input model I(x) from the program input's per-sample shape to the boundary tensor's."""
     if ":" in cfg.model:
         cls = _import_class(cfg.model, where)
-        return cls(tuple(in_shape), tuple(out_shape), cfg)
+        try:
+            built = cls(tuple(in_shape), tuple(out_shape), cfg)
+        except Exception as e:
+            raise SpecError(
+                f"{where}: building synthetic-input model {cfg.model}{tuple(in_shape)} -> {tuple(out_shape)} raised "
+                f"{type(e).__name__}: {e}"
+            ) from None
+        return _built(built, cfg.model, in_shape, where)
     if cfg.model not in ("linear", "mlp"):
         raise SpecError(f"{where}: unknown synthetic-input model {cfg.model!r}{did_you_mean(cfg.model, BUILTIN[:2])}.")
     return Synthesizer(cfg.model, in_shape, out_shape, 0, cfg, flat=True)
