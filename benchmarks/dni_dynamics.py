@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     for cut in program.cuts:
         if cut.exact:
             continue
-        for synth in runtime.synth[cut.index].grad.values():
+        for synth in runtime.interfaces[cut.index].models.grad.values():
 
             def hook(_m, _inp, out, key=cut.name):
                 pred_norm[key] = float(out.detach().flatten(1).square().sum(1).mean().sqrt())  # RMS over samples
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         if step not in args.report_at:
             continue
         stages = []
-        for opt in runtime.optimizers:
+        for opt in (s.optimizer for s in runtime.stages):
             beta1, beta2 = opt.param_groups[0]["betas"]
             ms, vs = [], []
             for state in opt.state.values():
@@ -166,7 +166,8 @@ def frozen_fit(program, x_all, y_all, gen, args, window: int = 50) -> dict:
             online.setdefault(name, []).append(cos)
     program.model.load_state_dict(saved[0])
     runtime.load_state_dict(saved[1])
-    step_stages, schedulers = runtime.step_stages, dict(runtime.synth_schedulers)
+    step_stages = runtime.step_stages
+    schedulers = {i: iface.scheduler for i, iface in enumerate(runtime.interfaces) if not iface.exact}
     runtime.step_stages = lambda stages, ticks: None  # the stages stand still
     out = {}
     try:
@@ -177,11 +178,11 @@ def frozen_fit(program, x_all, y_all, gen, args, window: int = 50) -> dict:
             for other in program.cuts:
                 if other.exact or other.index == cut.index:
                     continue
-                opt = runtime.synth_optimizers[other.index][0]
+                opt = runtime.interfaces[other.index].optimizer
                 lrs[other.index] = [g["lr"] for g in opt.param_groups]
                 for g in opt.param_groups:
                     g["lr"] = 0.0
-                runtime.synth_schedulers[other.index] = (None, None)
+                runtime.interfaces[other.index].scheduler = None
             cos = []
             for _ in range(args.frozen_fit):
                 idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen)
@@ -193,9 +194,10 @@ def frozen_fit(program, x_all, y_all, gen, args, window: int = 50) -> dict:
             program.model.load_state_dict(saved[0])
             runtime.load_state_dict(saved[1])
             for i, groups in lrs.items():
-                for g, lr in zip(runtime.synth_optimizers[i][0].param_groups, groups):
+                for g, lr in zip(runtime.interfaces[i].optimizer.param_groups, groups):
                     g["lr"] = lr
-            runtime.synth_schedulers.update(schedulers)
+            for i, sched in schedulers.items():
+                runtime.interfaces[i].scheduler = sched
     finally:
         runtime.step_stages = step_stages
     return out

@@ -5,7 +5,8 @@ benchmarks/dni_dynamics.py --frozen-fit shows the inner cuts' synthesizers can f
 target that jitters with the synthesizer behind them. Here each synthesizer still learns online, but the
 gradient it sends into its stage (and so into the bootstrapped target of the cut before) comes from an
 exponential moving average of its weights (torch.optim.swa_utils.AveragedModel), a "target network" as in
-temporal-difference learning. The runtime is patched in this process only; nothing in dnicompile changes.
+temporal-difference learning. It is a small subclass of the synthetic interface, set on the program's cuts
+through `program.interface_classes`.
 
     python benchmarks/dni_synth_ema.py --decay 0.9 --depth 4 --out results.jsonl
 """
@@ -16,55 +17,60 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
+import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from dnicompile.interfaces import SyntheticInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import feedforward_table as ft  # noqa: E402
 
 
-def patch(decay: float, which: str) -> None:
-    """Make LocalRuntime send each synthesizer's EMA prediction into the stage; the online one still learns."""
-    from dnicompile.runtime import local
+class EMASyntheticInterface(SyntheticInterface):
+    """A synthetic interface whose stage steps with an exponential moving average of each synthesizer (decay
+    `decay`); the online synthesizers still make the predictions that learn, and the averages follow them."""
 
-    cls = local.LocalRuntime
-    apply_orig, update_orig = cls.apply_synthetic_gradient, cls.update_synthetic_gradient
+    decay = 0.9
 
-    def averaged(self, cut) -> dict:
-        """The cut's averaged synthesizers, made on first use; {} where this run does not average the cut."""
-        store = self.__dict__.setdefault("_ema", {})
-        if cut.index not in store:
-            last = max(c.index for c in self.program.cuts if not c.exact)
-            store[cut.index] = {}
-            if which == "all" or (which == "last") == (cut.index == last):
-                for name, m in self.synth[cut.index].grad.items():
-                    avg = AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
-                    store[cut.index][name] = avg.train().requires_grad_(False)
-        return store[cut.index]
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.averaged = nn.ModuleDict(
+            {
+                name: AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=False)
+                .train()
+                .requires_grad_(False)
+                for name, m in self.models.grad.items()
+            }
+        )
 
-    def apply_synthetic_gradient(self, cut, outputs, ctx, open_group):
-        ema = averaged(self, cut)
-        if not ema:
-            return apply_orig(self, cut, outputs, ctx, open_group)
-        cs = self.synth[cut.index]
-        self.synth[cut.index] = SimpleNamespace(grad=ema)  # the stage follows the averaged synthesizers
-        try:
-            apply_orig(self, cut, outputs, ctx, open_group)
-        finally:
-            self.synth[cut.index] = cs
-        # the online synthesizers make the predictions that learn from the target
-        return {
-            b.name: cs.grad[b.name](h.detach(), ctx.context) for b, h in zip(cut.boundary, outputs) if b.name in ema
-        }
+    def modules(self) -> list[nn.Module]:
+        return [*super().modules(), self.averaged]
 
-    def update_synthetic_gradient(self, cut, preds, deltas, batch, result):
-        update_orig(self, cut, preds, deltas, batch, result)
-        for name, avg in averaged(self, cut).items():
-            avg.update_parameters(self.synth[cut.index].grad[name])
+    def train(self, mode: bool = True) -> None:
+        self.models.train(mode)  # the averages stay in training mode, as the synthesizers they stand in for
 
-    cls.apply_synthetic_gradient = apply_synthetic_gradient
-    cls.update_synthetic_gradient = update_synthetic_gradient
+    def gradient(self, h, context, preds, batch):
+        scale = self.scale / batch
+        return {name: self.averaged[name](h[name].detach(), context).detach() * scale for name in preds}
+
+    def learned(self, h, context) -> None:
+        for name, avg in self.averaged.items():
+            avg.update_parameters(self.models.grad[name])
+
+
+def configure(decay: float, which: str):
+    """Set the EMA interface on all synthetic cuts, the inner ones, or the last one."""
+    cls = type("EMASynthetic", (EMASyntheticInterface,), {"decay": decay})
+
+    def apply(program) -> None:
+        synthetic = [c for c in program.cuts if not c.exact]
+        last = synthetic[-1].name
+        for cut in synthetic:
+            if which == "all" or (which == "last") == (cut.name == last):
+                program.interface_classes[cut.name] = cls
+
+    return apply
 
 
 def main(argv=None) -> int:
@@ -77,7 +83,6 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(ft.DEFAULT_DATA))
     p.add_argument("--out", required=True, help="JSON-lines file the record is appended to")
     args = p.parse_args(argv)
-    patch(args.decay, args.cuts)
     ft._init_worker(args.data)
     job = {
         "row": f"mlp{args.depth}",
@@ -90,7 +95,7 @@ def main(argv=None) -> int:
         "spec": ft.build_spec("mlp", args.depth, "dni", args.steps, ft.BATCH_SIZE),
         "eval_every": 1000,
     }
-    rec = ft.run_one(job)
+    rec = ft.run_one(job, configure=configure(args.decay, args.cuts))
     name = f"ema{args.decay}_{args.cuts}"
     keep = ("row", "method", "seed", "test_error", "final_train_loss", "cosine_last", "elapsed_s", "curve")
     with open(args.out, "a") as f:

@@ -197,8 +197,9 @@ def _init_worker(data_dir: str) -> None:
     _DATA = load_fashion_mnist(data_dir)
 
 
-def run_one(job: dict) -> dict:
-    """Train one (row, method, seed) and return its record (test accuracy, curve, synthesizer cosines)."""
+def run_one(job: dict, configure=None) -> dict:
+    """Train one (row, method, seed) and return its record (test accuracy, curve, synthesizer cosines).
+    `configure(program)`, if given, runs after compiling and before training (e.g. to set interface classes)."""
     import torch
 
     from dnicompile import compile_decoupled
@@ -210,6 +211,8 @@ def run_one(job: dict) -> dict:
     torch.manual_seed(job["seed"])
     model = module.build_model(**spec["model_args"])
     program = compile_decoupled(model, spec)
+    if configure is not None:
+        configure(program)
     opts = TrainOptions(
         steps=job["steps"], batch_size=job["batch_size"], eval_every=job["eval_every"], seed=job["seed"], log_every=50
     )
@@ -224,7 +227,7 @@ def run_one(job: dict) -> dict:
     for r in last:
         for k, v in r["cosine"].items():
             cosine.setdefault(k, []).append(v)
-    ticks = [c.ticks for c in program.runtime.clocks]
+    ticks = [s.clock.ticks for s in program.runtime.stages]
     return {
         "row": job["row"],
         "method": job["method"],

@@ -109,6 +109,7 @@ class DecoupledProgram:
         self.example_batch = traced.example_inputs[0].shape[0] if traced.example_inputs else None
         self.input_names = part.input_names
         self._runtime = None
+        self.interface_classes: dict[str, type] = {}
 
     # ---------------------------------------------------------------- running
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -133,11 +134,12 @@ class DecoupledProgram:
 
     @property
     def runtime(self):
-        """The local runtime (synthesizers, optimizers, clocks), built on first use."""
+        """The local runtime (a StageState per stage, an interface per cut), built on first use, with
+        `interface_classes` (kind or cut name -> Interface subclass) in place of the default interfaces."""
         if self._runtime is None:
             from .runtime.local import LocalRuntime
 
-            self._runtime = LocalRuntime(self)
+            self._runtime = LocalRuntime(self, self.interface_classes)
         return self._runtime
 
     def train_step(self, *inputs: torch.Tensor, target: torch.Tensor | None = None):

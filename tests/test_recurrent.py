@@ -134,7 +134,7 @@ def hand_tbptt(model: nn.Module, x, y, mask, T: int, lr: float):
 def program_segment_grads(program):
     """Record the model's gradients at every optimizer step of the program's core."""
     grads = []
-    opt = program.runtime.optimizers[0]
+    opt = program.runtime.stages[0].optimizer
     names = {id(p): n for n, p in program.model.named_parameters()}
 
     def hook(optimizer, args, kwargs):
@@ -188,7 +188,7 @@ def test_synthetic_gradient_enters_the_segment_backward():
     reference = copy.deepcopy(model)
     x, y, mask = copy_batch(bits=4, n=1, batch=3)  # 3 steps, T = 3: one segment, continued (end=False)
     program = compile_recurrent(model, spec_yaml(sg="{model: linear, scale: 0.5}", truncation=3))
-    synth = program.runtime.synth
+    synth = program.runtime.boundary.models.grad["state"]
     with torch.no_grad():
         synth.net[-1].bias.copy_(torch.linspace(-1, 1, 8, dtype=synth.net[-1].bias.dtype))
     synth.double()
@@ -226,14 +226,14 @@ def test_synthesizer_target_bootstraps_the_next_prediction(scale, discount):
     runtime = program.runtime
     bias = torch.linspace(-1, 1, 8, dtype=torch.float64)
     with torch.no_grad():
-        runtime.synth.net[-1].bias.copy_(bias)  # a constant prediction g at every boundary
-    runtime.synth.double()
+        runtime.boundary.models.grad["state"].net[-1].bias.copy_(bias)  # a constant prediction g at every boundary
+    runtime.boundary.models.double()
     targets = []
-    learn = runtime._learn
-    runtime._learn = lambda m, o, inputs, delta, b, stats: (
-        targets.append(delta * b),
-        learn(m, o, inputs, delta, b, stats),
-    )
+    learn = runtime.boundary.learn
+    runtime.boundary.learn = lambda h, context, delta, b, **kw: (
+        targets.append(delta["state"] * b),
+        learn(h, context, delta, b, **kw),
+    )[1]
     program.train_step(x, y, mask)
     assert len(targets) == 2  # the predictions at s_3 and s_6 learn from segments 2 and 3
 
@@ -292,7 +292,7 @@ def test_linear_synthesizer_learns_true_future_gradient_of_linear_rnn():
 
     for _ in range(250):
         program.train_step(*batch())
-    assert program.runtime.optimizers[0].state == {}  # never stepped
+    assert program.runtime.stages[0].optimizer.state == {}  # never stepped
 
     # reference: full BPTT over the whole sequence; the gradient reaching each boundary state is its future's
     x, y = batch()
@@ -305,7 +305,7 @@ def test_linear_synthesizer_learns_true_future_gradient_of_linear_rnn():
             states[t + 1] = h
     loss = ((model.readout(torch.stack(outs, 1)) - y) ** 2).sum(-1).sum(1).mean() / T
     loss.backward()
-    synth = program.runtime.synth
+    synth = program.runtime.boundary.models.grad["state"]
     synth.eval()
     with torch.no_grad():
         pred = torch.cat([synth(s.detach()) for s in states.values()])
@@ -358,7 +358,7 @@ def test_hierarchical_clocks_tick_as_declared_and_upper_changes_only_on_ticks():
     declared = [t for t in range(30) if t >= 1 and (t - 1) % 3 == 0]
     assert ticks == declared
     assert changed == declared
-    assert program.runtime.clocks[1].ticks == len(declared)
+    assert program.runtime.stages[1].clock.ticks == len(declared)
 
 
 def test_hierarchical_exact_interface_every_step_updates_both_every_step():

@@ -128,7 +128,7 @@ def test_synthesizer_converges_to_true_gradient_on_linear_regression():
     y = x @ w_true
     h = model.body(x)
     true = 2 * (model.head(h) - y) @ model.head.weight / 32
-    synth = program.runtime.synth[0].grad[program.cuts[0].boundary[0].name]
+    synth = program.runtime.interfaces[0].models.grad[program.cuts[0].boundary[0].name]
     synth.eval()
     with torch.no_grad():
         predicted = synth(h, y) / 32
@@ -196,7 +196,7 @@ def test_scheduler_and_optimizer_arguments():
     )
     program.train_step(*_batch())
     program.train_step(*_batch())
-    opt = program.runtime.optimizers[0]
+    opt = program.runtime.stages[0].optimizer
     assert opt.param_groups[0]["momentum"] == 0.9
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
 
@@ -235,7 +235,7 @@ def test_conv_synthesizer_with_labels_and_token_synthesizer():
     for _ in range(3):
         result = program.train_step(x, y)
     assert set(result.synth_loss) == {"c1"}
-    synth = program.runtime.synth[0].grad["c1"]
+    synth = program.runtime.interfaces[0].models.grad["c1"]
     assert synth.net[0].in_channels == 4 + 3 and synth.net[-1].out_channels == 4
 
 
@@ -285,6 +285,6 @@ def test_synthesizer_has_its_own_scheduler():
     program = compile_decoupled(MLP(), _spec(3, sg=sg))
     for s in range(4):
         program.train_step(*_batch(seed=s))
-    g_opt, _ = program.runtime.synth_optimizers[0]
+    g_opt = program.runtime.interfaces[0].optimizer
     assert g_opt.param_groups[0]["lr"] == pytest.approx(1e-4)
-    assert program.runtime.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1)  # stages keep theirs
+    assert program.runtime.stages[0].optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # stages keep theirs

@@ -36,14 +36,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..clock import Clock
 from ..compile.unroll import flat_state
 from ..errors import DNIError
+from ..interfaces import BoundaryInterface, SyntheticInterface
 from ..losses import get_step_loss
-from ..optim import build_optimizer
-from ..synthesizers import build_synthetic_gradient
+from .state import FORMAT, StageState, upgrade_state
 
 
 @dataclass
@@ -62,25 +60,6 @@ class RecurrentStepResult:
     updates: list[tuple[int, int]] = field(default_factory=list)  # (stage, time step) of each optimizer step
 
 
-class _Stats:
-    """Sums for a chunk's synthesizer loss and cosine."""
-
-    def __init__(self):
-        self.loss, self.n, self.dot, self.pp, self.tt = 0.0, 0, 0.0, 0.0, 0.0
-
-    def add(self, loss: float, pred: torch.Tensor, target: torch.Tensor) -> None:
-        p, t = pred.detach().flatten().double(), target.detach().flatten().double()
-        self.loss += loss
-        self.n += 1
-        self.dot += float(p @ t)
-        self.pp += float(p @ p)
-        self.tt += float(t @ t)
-
-    def cosine(self) -> float:
-        d = (self.pp * self.tt) ** 0.5
-        return self.dot / d if d > 0 else 0.0
-
-
 class BPTTRuntime:
     """Trains a RecurrentProgram: optimizers, clocks, the boundary synthesizer, the aux head, the upper core."""
 
@@ -90,31 +69,31 @@ class BPTTRuntime:
         cfg = spec.bptt
         self.T = cfg.truncation
         self.loss_fn = get_step_loss(spec.loss, spec.where("loss"))
-        self.optimizers, self.schedulers, self.clocks = [], [], []
-        for i, (opt_cfg, clock_cfg) in enumerate(program.stage_configs):
-            opt, sched = build_optimizer(program.stage_parameters(i), opt_cfg, spec.where("stages"))
-            self.optimizers.append(opt)
-            self.schedulers.append(sched)
-            self.clocks.append(Clock(clock_cfg, i))
-        where = spec.where("bptt", "synthetic_gradient")
+        self.stages = [
+            StageState(i, program.stage_parameters(i), opt_cfg, clock_cfg, spec.where("stages"))
+            for i, (opt_cfg, clock_cfg) in enumerate(program.stage_configs)
+        ]
         d = sum(program.core.state_sizes())
         self.sg = cfg.synthetic_gradient
-        self.synth = self.aux = self.synth_opt = self.aux_opt = None
+        self.boundary: BoundaryInterface | None = None  # the truncation boundary's interface
         if self.sg is not None:
-            self.synth = build_synthetic_gradient(self.sg, (d,), 0, where)
-            self.synth_opt = build_optimizer(self.synth.parameters(), self.sg.optimizer, where)[0]
-            if cfg.aux:
-                self.aux = _aux_head(self.sg, self._output_size(), d, spec.where("bptt", "aux"))
-                self.aux_opt = build_optimizer(self.aux.parameters(), self.sg.optimizer, spec.where("bptt", "aux"))[0]
+            self.boundary = BoundaryInterface(
+                "bptt",
+                d,
+                self.sg,
+                spec.where("bptt", "synthetic_gradient"),
+                cfg.discount,
+                aux_input=self._output_size() if cfg.aux else None,
+                aux_where=spec.where("bptt", "aux"),
+            )
         self.aux_weight = cfg.aux_weight
         self.discount = cfg.discount
         self.upper = program.upper
-        self.iface = self.iface_opt = None
+        self.iface: SyntheticInterface | None = None  # between the lower core and the upper, when synthetic
         if self.upper is not None and self.upper.config.synthetic_gradient is not None:
             isg = self.upper.config.synthetic_gradient
             w = spec.where("recurrent", "upper", "synthetic_gradient")
-            self.iface = build_synthetic_gradient(isg, (self._output_size(),), 0, w)
-            self.iface_opt = build_optimizer(self.iface.parameters(), isg.optimizer, w)[0]
+            self.iface = SyntheticInterface("upper", [("message", (self._output_size(),))], isg, 0, w)
         param = next(iter(program.core.module.parameters()), None)
         if param is not None:  # the synthesizers live where the core does, in its precision
             for m in self.modules():
@@ -129,6 +108,10 @@ class BPTTRuntime:
         self.segments = 0  # segments trained: the lower clock's steps
         self._upper_sum, self._upper_n = 0.0, 0
 
+    @property
+    def interfaces(self) -> list:
+        return [i for i in (self.boundary, self.iface) if i is not None]
+
     def _output_size(self) -> int:
         core = self.program.core
         with torch.no_grad():
@@ -136,7 +119,7 @@ class BPTTRuntime:
 
     # ---------------------------------------------------------------- modes and devices
     def modules(self) -> list[nn.Module]:
-        return [m for m in (self.synth, self.aux, self.iface) if m is not None]
+        return [m for iface in self.interfaces for m in iface.modules()]
 
     def train(self, mode: bool = True) -> None:
         for m in self.modules():
@@ -174,13 +157,12 @@ class BPTTRuntime:
                 + (f", and {need - length} more for the upper core's look-ahead" if need > length else "")
                 + "."
             )
-        stats, istats = _Stats(), _Stats()
+        self._reset_stats()
         losses, outputs = [], []
-        aux_sum, aux_n = 0.0, 0
         result = RecurrentStepResult(loss=float("nan"), step_losses=torch.empty(0), output=torch.empty(0))
         if start or self.state is None:
             if self.upper_segment:  # a stream that starts over: the upper's open segment still learns
-                self._flush_upper(self.upper_segment[-1][1].shape[0], istats, result)
+                self._flush_upper(self.upper_segment[-1][1].shape[0], result)
             self.reset()
             self.time = 0
             self.state = core.init_state(b, device=x.device)
@@ -198,45 +180,37 @@ class BPTTRuntime:
             loss = per_step.sum(1).mean() / self.T
             roots, grads = [loss], [torch.ones_like(loss)]
             # the upper core: ticks within this segment
-            ticks = self._upper_forward(out, target, a, b, roots, grads, result, istats)
+            ticks = self._upper_forward(out, target, a, b, roots, grads, result)
             boundary = None
-            if self.synth is not None and not (last and end):
+            if self.boundary is not None and not (last and end):
                 boundary = flat_state(s1)
                 with torch.no_grad():
-                    g = self.synth(boundary.detach())
+                    g = self.boundary.predict({"state": boundary}, None)["state"]
                 roots.append(boundary)
                 grads.append(g * (self.sg.scale / b))
-            for o in self.optimizers:
-                if o is not None:
-                    o.zero_grad(set_to_none=True)
+            for stage in self.stages:
+                stage.zero_grad()
             rest_weight = self.discount - self.sg.scale if boundary is not None else 0.0
-            keep = boundary is not None and (self.aux is not None or rest_weight != 0.0)
+            aux = self.boundary is not None and self.boundary.aux is not None
+            keep = boundary is not None and (aux or rest_weight != 0.0)
             torch.autograd.backward(roots, grads, retain_graph=keep)
             delta = flat_state(tuple(s.grad if s.grad is not None else torch.zeros_like(s) for s in s0))
             if rest_weight != 0.0:
                 # `scale` is how far the segment trusts the prediction; `discount` is how much of it the target
                 # carries: the segment's backward sent J^T g * scale, the target wants J^T g * discount
-                rest = torch.autograd.grad(
-                    boundary, s0, g * (rest_weight / b), retain_graph=self.aux is not None, allow_unused=True
-                )
+                rest = torch.autograd.grad(boundary, s0, g * (rest_weight / b), retain_graph=aux, allow_unused=True)
                 delta = delta + flat_state(tuple(r if r is not None else torch.zeros_like(s) for r, s in zip(rest, s0)))
-            if self.aux is not None and boundary is not None:
-                a_pred = self.aux(out[:, 0])
-                a_loss = F.mse_loss(a_pred, g.detach())
-                (self.aux_weight * a_loss).backward()
-                self.aux_opt.step()
-                self.aux_opt.zero_grad(set_to_none=True)
-                aux_sum += float(a_loss.detach())
-                aux_n += 1
-            if self.clocks[0].tick(self.segments):
+            if aux and boundary is not None:
+                self.boundary.learn_aux(out[:, 0], g, self.aux_weight)
+            if self.stages[0].tick(self.segments):
                 self._step_stage(0, result, self.time + e - a - 1)
             self.segments += 1
             # the prediction made at s_k learns from delta_k
-            if self.pending is not None and self.synth is not None:
-                self._learn(self.synth, self.synth_opt, self.pending, delta, b, stats)
+            if self.pending is not None and self.boundary is not None:
+                self.boundary.learn({"state": self.pending}, None, {"state": delta}, b)
             self.pending = boundary.detach() if boundary is not None else None
             # the upper core's own segments end on its ticks
-            self._upper_backward(ticks, b, istats, result)
+            self._upper_backward(ticks, b, result)
             losses.append(per_step.detach())
             outputs.append(y.detach())
             state = tuple(s.detach() for s in s1)
@@ -245,19 +219,17 @@ class BPTTRuntime:
         self.state = None if end else state
         if end:
             self.pending = None
-            self._flush_upper(b, istats, result)
+            self._flush_upper(b, result)
         result.step_losses = torch.cat(losses, 1)
         counted = float(mask.sum()) if mask is not None else float(b * length)
         result.loss = float(result.step_losses.sum()) / max(counted, 1.0)
         result.output = torch.cat(outputs, 1)
-        if stats.n:
-            result.synth_loss["bptt"] = stats.loss / stats.n
-            result.cosine["bptt"] = stats.cosine()
-        if istats.n:
-            result.synth_loss["upper"] = istats.loss / istats.n
-            result.cosine["upper"] = istats.cosine()
-        if aux_n:
-            result.aux_loss = aux_sum / aux_n
+        for iface in self.interfaces:
+            if iface.stats.count:
+                result.synth_loss[iface.name] = iface.stats.loss
+                result.cosine[iface.name] = iface.stats.cosine
+        if self.boundary is not None and self.boundary.aux_stats.count:
+            result.aux_loss = self.boundary.aux_stats.loss
         if self._upper_n:
             result.upper_loss = self._upper_sum / self._upper_n
         self._upper_sum, self._upper_n = 0.0, 0
@@ -265,26 +237,18 @@ class BPTTRuntime:
         return result
 
     def _step_stage(self, stage: int, result: RecurrentStepResult, time: int) -> None:
-        opt = self.optimizers[stage]
-        if opt is None:
-            return
-        opt.step()
-        if self.schedulers[stage] is not None:
-            self.schedulers[stage].step()
-        result.updates.append((stage, time))
+        if self.stages[stage].step():
+            result.updates.append((stage, time))
 
-    def _learn(self, model, opt, inputs: torch.Tensor, delta: torch.Tensor, batch: int, stats: _Stats) -> None:
-        """One step of ||M(s) - batch * delta||^2."""
-        pred = model(inputs)
-        target = delta.detach() * batch
-        loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        stats.add(float(loss.detach()), pred, target)
+    def _reset_stats(self) -> None:
+        """Start the statistics of a chunk (the result reports each interface's over the chunk)."""
+        for iface in self.interfaces:
+            iface.stats.reset()
+        if self.boundary is not None:
+            self.boundary.aux_stats.reset()
 
     # ---------------------------------------------------------------- the upper core
-    def _upper_forward(self, out, target, a: int, b: int, roots: list, grads: list, result, istats) -> list:
+    def _upper_forward(self, out, target, a: int, b: int, roots: list, grads: list, result) -> list:
         """Run the upper core on its ticks in this lower segment; returns [(time, message leaf)] of the ticks."""
         upper = self.upper
         if upper is None:
@@ -298,7 +262,7 @@ class BPTTRuntime:
         exact = self.iface is None
         for j in range(out.shape[1]):
             t = self.time + j
-            if not self.clocks[1].tick(t):
+            if not self.stages[1].tick(t):
                 continue
             result.upper_ticks.append(t)
             h = out[:, j]
@@ -307,7 +271,7 @@ class BPTTRuntime:
             else:
                 message = h.detach().requires_grad_(True)
                 with torch.no_grad():
-                    g = self.iface(h.detach())
+                    g = self.iface.predict({"message": h}, None)["message"]
                 roots.append(h)
                 grads.append(g * (upper.config.synthetic_gradient.scale / b))
             pred, self.upper_state = upper.step(message, self.upper_state)
@@ -328,30 +292,30 @@ class BPTTRuntime:
             ticks.append(t)
             if not exact and len(self.upper_segment) >= upper.config.truncation:
                 # a synthetic interface decouples the upper: its segment ends on this tick
-                self._end_upper_segment(t, b, istats, result, backward=True)
+                self._end_upper_segment(t, b, result, backward=True)
         return ticks
 
-    def _upper_backward(self, ticks: list, b: int, istats: _Stats, result) -> None:
+    def _upper_backward(self, ticks: list, b: int, result) -> None:
         """After the lower segment: end the upper's segment when it holds `truncation` ticks."""
         if self.upper is None or not ticks or self.iface is not None:
             return
         # exact interface: the upper's loss went back with the lower segment; its segment ends with the lower's
-        self._end_upper_segment(ticks[-1], b, istats, result, backward=False)
+        self._end_upper_segment(ticks[-1], b, result, backward=False)
 
-    def _flush_upper(self, b: int, istats: _Stats, result) -> None:
+    def _flush_upper(self, b: int, result) -> None:
         if self.upper is not None and self.upper_segment:
-            self._end_upper_segment(self.upper_segment[-1][2], b, istats, result, backward=self.iface is not None)
+            self._end_upper_segment(self.upper_segment[-1][2], b, result, backward=self.iface is not None)
         self.upper_state = self.upper_start = None
         self.upper_segment = []
 
-    def _end_upper_segment(self, time: int, b: int, istats: _Stats, result, backward: bool) -> None:
+    def _end_upper_segment(self, time: int, b: int, result, backward: bool) -> None:
         if backward:
-            self.optimizers[1].zero_grad(set_to_none=True)
+            self.stages[1].zero_grad()
             total = torch.stack([loss for loss, _, _ in self.upper_segment]).sum()
             total.backward()
             for _, message, _ in self.upper_segment:
                 delta = message.grad if message.grad is not None else torch.zeros_like(message)
-                self._learn(self.iface, self.iface_opt, message.detach(), delta, b, istats)
+                self.iface.learn({"message": message.detach()}, None, {"message": delta}, b)
         # the upper's clock ticked on every step of its segment: it updates at the segment's last tick
         self._step_stage(1, result, time)
         self.upper_segment = []
@@ -361,49 +325,17 @@ class BPTTRuntime:
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         return {
+            "format": FORMAT,
             "step": self.step,
             "time": self.time,
-            "optimizers": [o.state_dict() if o is not None else None for o in self.optimizers],
-            "schedulers": [s.state_dict() if s is not None else None for s in self.schedulers],
-            "clocks": [c.state_dict() for c in self.clocks],
-            "synthesizers": {
-                n: m.state_dict() for n, m in (("bptt", self.synth), ("aux", self.aux), ("upper", self.iface)) if m
-            },
-            "synth_optimizers": {
-                n: o.state_dict()
-                for n, o in (("bptt", self.synth_opt), ("aux", self.aux_opt), ("upper", self.iface_opt))
-                if o is not None
-            },
+            "stages": [s.state_dict() for s in self.stages],
+            "interfaces": {i.name: i.state_dict() for i in self.interfaces},
         }
 
     def load_state_dict(self, state: dict) -> None:
+        state = upgrade_state(state, [])
         self.step, self.time = state["step"], state["time"]
-        for o, s in zip(self.optimizers, state["optimizers"]):
-            if o is not None:
-                o.load_state_dict(s)
-        for o, s in zip(self.schedulers, state["schedulers"]):
-            if o is not None:
-                o.load_state_dict(s)
-        for c, s in zip(self.clocks, state["clocks"]):
-            c.load_state_dict(s)
-        models = {"bptt": self.synth, "aux": self.aux, "upper": self.iface}
-        opts = {"bptt": self.synth_opt, "aux": self.aux_opt, "upper": self.iface_opt}
-        for n, s in state["synthesizers"].items():
-            models[n].load_state_dict(s)
-        for n, s in state["synth_optimizers"].items():
-            opts[n].load_state_dict(s)
-
-
-def _aux_head(cfg, d_in: int, d_out: int, where: str) -> nn.Module:
-    """The aux head: from the core's output after a segment's first step (H) to the boundary's gradient (D)."""
-    from ..errors import SpecError
-    from ..synthesizers import BUILTIN, Synthesizer
-
-    if cfg.model not in BUILTIN[:2]:
-        raise SpecError(
-            f"{where}: `aux: true` builds its head like the synthesizer, which must then be `linear` or `mlp` "
-            f"(got {cfg.model!r})."
-        )
-    head = Synthesizer(cfg.model, (d_in,), (d_out,), 0, cfg, flat=True)
-    head.zero_last_layer()
-    return head
+        for stage, s in zip(self.stages, state["stages"]):
+            stage.load_state_dict(s)
+        for iface in self.interfaces:
+            iface.load_state_dict(state["interfaces"][iface.name])

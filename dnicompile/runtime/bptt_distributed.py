@@ -25,7 +25,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .bptt import BPTTRuntime, _Stats
+from ..losses import get_step_loss
+from .bptt import BPTTRuntime
+from .state import StageState
+from .transport import P2P
 
 TAG_MESSAGE, TAG_DELTA, TAG_PARAMS, TAG_STATS = 11, 12, 13, 14
 
@@ -39,40 +42,36 @@ class LowerRuntime(BPTTRuntime):
         self.timeout = timeout
         self.depth = max(program.spec.distributed.queue_depth, program.upper.config.truncation)
         self.awaiting: deque = deque()  # (h_t detached, delta buffer, irecv work, time)
-        self.sends: deque = deque()
-        self.istats = _Stats()
+        self.p2p = P2P(0, "lower core", timeout)
 
-    def _wait(self, work, what: str) -> None:
-        try:
-            work.wait(self.timeout)
-        except Exception as e:
-            raise RuntimeError(
-                f"rank 0 (lower core) timed out or failed waiting for {what} after "
-                f"{self.timeout.total_seconds():.0f}s: {e}"
-            ) from None
+    def _reset_stats(self) -> None:
+        """The upper interface's statistics run from one log line to the next (the loop reads and resets them)."""
+        if self.boundary is not None:
+            self.boundary.stats.reset()
+            self.boundary.aux_stats.reset()
 
-    def _upper_forward(self, out, target, a, b, roots, grads, result, istats) -> list:
+    def _upper_forward(self, out, target, a, b, roots, grads, result) -> list:
         scale = self.upper.config.synthetic_gradient.scale
         for j in range(out.shape[1]):
             t = self.time + j
-            if not self.clocks[1].tick(t):
+            if not self.stages[1].tick(t):
                 continue
             result.upper_ticks.append(t)
             h = out[:, j]
             message = h.detach().contiguous()
-            self.sends.append((dist.isend(message, 1, tag=TAG_MESSAGE), message))
+            self.p2p.send([message], 1, tag=TAG_MESSAGE)
             with torch.no_grad():
-                g = self.iface(message)
+                g = self.iface.predict({"message": message}, None)["message"]
             roots.append(h)
             grads.append(g * (scale / b))
             buf = torch.empty_like(message)
-            self.awaiting.append((message, buf, dist.irecv(buf, 1, tag=TAG_DELTA), t))
+            self.awaiting.append((message, buf, self.p2p.irecv(buf, 1, tag=TAG_DELTA), t))
         return []
 
-    def _upper_backward(self, ticks, b, istats, result) -> None:
+    def _upper_backward(self, ticks, b, result) -> None:
         self.use_deltas(block_beyond=self.depth)
 
-    def _flush_upper(self, b, istats, result) -> None:
+    def _flush_upper(self, b, result) -> None:
         pass  # rank 1 closes the upper's segments
 
     def use_deltas(self, block_beyond: int) -> None:
@@ -81,20 +80,16 @@ class LowerRuntime(BPTTRuntime):
         while self.awaiting:
             message, buf, work, t = self.awaiting[0]
             if len(self.awaiting) > block_beyond:
-                self._wait(work, f"the upper's gradient for the state sent at step {t}")
+                self.p2p.wait(work, f"the upper's gradient for the state sent at step {t}")
             elif not work.is_completed():
                 break
             self.awaiting.popleft()
-            self._learn(self.iface, self.iface_opt, message, buf, message.shape[0], self.istats)
-        while len(self.sends) > 4 * self.depth + 8:
-            work, _ = self.sends.popleft()
-            self._wait(work, "a send to rank 1")
+            self.iface.learn({"message": message}, None, {"message": buf}, message.shape[0])
+        self.p2p.settle(4 * self.depth + 8, "a send to rank 1")
 
     def drain(self) -> None:
         self.use_deltas(block_beyond=0)
-        while self.sends:
-            work, _ = self.sends.popleft()
-            self._wait(work, "a send to rank 1")
+        self.p2p.flush()
 
 
 # --------------------------------------------------------------------------- rank 1: the upper core
@@ -102,31 +97,17 @@ class UpperWorker:
     """Runs the upper core on the messages from rank 0, on its clock's ticks."""
 
     def __init__(self, program, timeout: timedelta):
-        from ..clock import Clock
-        from ..losses import get_step_loss
-        from ..optim import build_optimizer
-
         self.program, self.upper, self.timeout = program, program.upper, timeout
         spec = program.spec
         opt_cfg, clock_cfg = program.stage_configs[1]
-        self.optimizer, self.scheduler = build_optimizer(program.stage_parameters(1), opt_cfg, spec.where("stages"))
-        self.clock = Clock(clock_cfg, 1)
+        self.stage = StageState(1, program.stage_parameters(1), opt_cfg, clock_cfg, spec.where("stages"))
         self.loss_fn = get_step_loss(spec.loss, spec.where("loss"))
         self.state = None
         self.segment: list = []  # (weighted loss, message leaf)
         self.time = 0
         self.updates: list[int] = []
         self.loss_sum, self.loss_n = 0.0, 0
-        self.sends: deque = deque()
-
-    def _wait(self, work, what: str) -> None:
-        try:
-            work.wait(self.timeout)
-        except Exception as e:
-            raise RuntimeError(
-                f"rank 1 (upper core) timed out or failed waiting for {what} after "
-                f"{self.timeout.total_seconds():.0f}s: {e}"
-            ) from None
+        self.p2p = P2P(1, "upper core", timeout)
 
     def step(self, y: torch.Tensor, length: int, batch: int, start: bool) -> None:
         """Mirror one chunk of the stream: receive on the ticks, learn at the ends of the upper's segments."""
@@ -139,10 +120,10 @@ class UpperWorker:
             self.state = u.core.init_state(batch)
         for j in range(length):
             t = self.time + j
-            if not self.clock.tick(t):
+            if not self.stage.tick(t):
                 continue
             message = torch.empty(batch, self._width(), dtype=self._dtype())
-            self._wait(dist.irecv(message, 0, tag=TAG_MESSAGE), f"the lower core's state at step {t}")
+            self.p2p.recv(message, 0, f"the lower core's state at step {t}", tag=TAG_MESSAGE)
             message.requires_grad_(True)
             pred, self.state = u.step(message, self.state)
             tgt = y[:, j : j + u.horizon]
@@ -159,21 +140,16 @@ class UpperWorker:
         self.time += length
 
     def _end_segment(self, t: int | None = None) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.stage.zero_grad()
         torch.stack([loss for loss, _ in self.segment]).sum().backward()
         for _, message in self.segment:
             delta = message.grad if message.grad is not None else torch.zeros_like(message)
-            delta = delta.detach().contiguous()
-            self.sends.append((dist.isend(delta, 0, tag=TAG_DELTA), delta))
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+            self.p2p.send([delta], 0, tag=TAG_DELTA)
+        self.stage.step()
         self.updates.append(t if t is not None else self.time)
         self.segment = []
         self.state = tuple(s.detach() for s in self.state)
-        while len(self.sends) > 64:
-            work, _ = self.sends.popleft()
-            self._wait(work, "a send to rank 0")
+        self.p2p.settle(64, "a send to rank 0")
 
     def _width(self) -> int:
         core = self.program.core
@@ -185,9 +161,7 @@ class UpperWorker:
         return p.dtype
 
     def drain(self) -> None:
-        while self.sends:
-            work, _ = self.sends.popleft()
-            self._wait(work, "a send to rank 0")
+        self.p2p.flush()
 
 
 # --------------------------------------------------------------------------- parameters and statistics

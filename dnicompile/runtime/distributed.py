@@ -34,12 +34,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..errors import DNIError
 from ..files import save_atomic
 from .local import LocalRuntime, StepResult
+from .state import FORMAT
 from .tied import TiedReplicas
+from .transport import P2P
 
 STATS_TAG = 7  # p2p tag of the per-rank statistics sent to the driver (activations and gradients use 0)
 
@@ -82,13 +83,13 @@ class RankWorker:
         self.tied = TiedReplicas(program, rank, placement, self.rt)  # tied tensors shared with other ranks
         self.depth = program.spec.distributed.queue_depth
         self.awaiting: deque[_Awaiting] = deque()
-        self.sends: deque = deque()
         self.stats = RankStats()
         self.prefetched: tuple[int, list, list] | None = None  # (step, buffers, works) of posted activation irecvs
         n = len(program.stages)
         self.in_cut = program.cuts[self.first - 1] if self.first > 0 else None
         self.out_cut = program.cuts[self.last] if self.last < n - 1 else None
         self.is_driver = rank == world - 1
+        self.p2p = P2P(rank, self.stage_names, self.timeout)
 
     @property
     def stage_names(self) -> str:
@@ -99,31 +100,18 @@ class RankWorker:
         example_batch = self.program.example_batch
         return (batch, *b.shape[1:]) if b.shape and b.shape[0] == example_batch else tuple(b.shape)
 
-    def _wait(self, work, what: str) -> None:
-        try:
-            work.wait(self.timeout)
-        except Exception as e:
-            raise RuntimeError(
-                f"rank {self.rank} ({self.stage_names}) timed out or failed waiting for {what} "
-                f"after {self.timeout.total_seconds():.0f}s: {e}"
-            ) from None
-
     def send(self, tensors, dst: int, tag: int = 0) -> None:
-        for t in tensors:
-            t = t.detach().contiguous()
-            self.sends.append((dist.isend(t, dst, tag=tag), t))
-        while len(self.sends) > 4 * max(1, len(tensors)) * self.depth:
-            work, _ = self.sends.popleft()
-            self._wait(work, f"a send to rank {dst}")
+        """Send without waiting; at most 4 * queue_depth batches' sends in flight (see P2P.send)."""
+        self.p2p.send(tensors, dst, tag, keep=4 * max(1, len(tensors)) * self.depth)
 
     def post_recv(self, cut, batch: int, src: int) -> tuple[list, list]:
         bufs = [torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device) for b in cut.boundary]
-        return bufs, [dist.irecv(buf, src) for buf in bufs]
+        return bufs, [self.p2p.irecv(buf, src) for buf in bufs]
 
     def recv(self, cut, batch: int, src: int, what: str) -> tuple[torch.Tensor, ...]:
         bufs, works = self.post_recv(cut, batch, src)
         for b, work in zip(cut.boundary, works):
-            self._wait(work, f"{what} of `{b.name}` from rank {src}")
+            self.p2p.wait(work, f"{what} of `{b.name}` from rank {src}")
         return tuple(bufs)
 
     def recv_activations(self, step: int, batch: int) -> tuple[torch.Tensor, ...]:
@@ -137,7 +125,7 @@ class RankWorker:
         else:
             bufs, works = self.post_recv(self.in_cut, batch, self.rank - 1)
         for b, work in zip(self.in_cut.boundary, works):
-            self._wait(work, f"activations of batch {step} (`{b.name}`) from rank {self.rank - 1}")
+            self.p2p.wait(work, f"activations of batch {step} (`{b.name}`) from rank {self.rank - 1}")
         return tuple(bufs)
 
     def float_boundary(self, cut):
@@ -189,7 +177,7 @@ class RankWorker:
         grads = {}
         for b in self.float_boundary(cut):
             buf = torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
-            self._wait(dist.irecv(buf, self.rank + 1), f"{what} (`{b.name}`) from rank {self.rank + 1}")
+            self.p2p.recv(buf, self.rank + 1, f"{what} (`{b.name}`) from rank {self.rank + 1}")
             grads[b.name] = buf
         return grads
 
@@ -197,7 +185,7 @@ class RankWorker:
         deltas, works = {}, []
         for b in self.float_boundary(self.out_cut):
             buf = torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
-            works.append(dist.irecv(buf, self.rank + 1))
+            works.append(self.p2p.irecv(buf, self.rank + 1))
             deltas[b.name] = buf
         h = {b.name: t.detach() for b, t in zip(self.out_cut.boundary, outputs) if b.name in preds}
         self.awaiting.append(_Awaiting(step, batch, h, context, works, deltas))
@@ -211,51 +199,29 @@ class RankWorker:
             if not must_wait and not all(w.is_completed() for w in head.works):
                 return
             for w in head.works:
-                self._wait(w, f"the true gradient of batch {head.step} from rank {self.rank + 1}")
+                self.p2p.wait(w, f"the true gradient of batch {head.step} from rank {self.rank + 1}")
             self.awaiting.popleft()
             self.stats.staleness.append(self.rt.step - head.step)
             self.learn_from_delta(head, stats)
 
     def learn_from_delta(self, head: _Awaiting, stats: bool) -> None:
-        """One step of ||M(h_t, c_t) - batch * delta_t||^2 with the synthesizer as it is now (the local
-        runtime's update_synthetic_gradient on a kept batch); cosine and loss only when `stats`.
-
-        M(h_t, c_t) is computed again rather than kept from step t with its graph: back-propagating a
-        prediction of the older M into the current one (a delayed gradient) learned far worse in the
-        measurements (synthesizer loss about 10x higher, cosine near 0 on examples/wide_mlp.py, queue 4)."""
-        cut, rt = self.out_cut, self.rt
-        cs = rt.synth[cut.index]
-        preds = {name: cs.grad[name](h, head.context) for name, h in head.h.items()}
-        if not preds:
-            return
-        targets = {name: head.deltas[name] * head.batch for name in preds}
-        losses = [F.mse_loss(pred, targets[name]) for name, pred in preds.items()]
-        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-        g_opt = rt.synth_optimizers[cut.index][0]
-        g_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        g_opt.step()
-        schedulers = getattr(rt, "synth_schedulers", None)
-        if schedulers is not None and schedulers[cut.index][0] is not None:
-            schedulers[cut.index][0].step()
+        """The outgoing cut's interface learns from the true gradient of a kept batch, with its models as they
+        are now (the prediction is made again: see SyntheticInterface.learn); cosine and loss only when
+        `stats`, the latest one reported."""
+        iface = self.rt.interfaces[self.out_cut.index]
         if stats:
-            dots = torch.zeros(3, dtype=torch.float64)
-            for name, pred in preds.items():
-                p, t = pred.detach().flatten(), targets[name].flatten()
-                dots += torch.stack([p @ t, p @ p, t @ t]).double()
-            dot, pred_sq, true_sq = dots.tolist()
-            denom = math.sqrt(pred_sq * true_sq)
-            self.stats.cosine[cut.name] = dot / denom if denom > 0 else 0.0
-            self.stats.synth_loss[cut.name] = float(loss.detach())
+            iface.stats.reset()
+        loss = iface.learn(head.h, head.context, head.deltas, head.batch, stats=stats)
+        if stats and loss is not None:
+            self.stats.cosine[iface.name] = iface.stats.cosine
+            self.stats.synth_loss[iface.name] = loss
 
     def drain(self) -> None:
         """Use every outstanding true gradient and finish every send (before evaluation and checkpoints)."""
         self.use_deltas(block=True)
         if self.prefetched is not None:
             raise RuntimeError(f"rank {self.rank}: a receive for batch {self.prefetched[0]} is still posted")
-        while self.sends:
-            work, _ = self.sends.popleft()
-            self._wait(work, "a send")
+        self.p2p.flush()
 
     # ---------------------------------------------------------------- statistics
     def reported_cuts(self, rank: int | None = None) -> list:
@@ -296,7 +262,7 @@ class RankWorker:
         vectors = {self.rank: mine}
         for r in range(self.world - 1):
             buf = torch.empty(3 + 2 * len(self.reported_cuts(r)), dtype=torch.float64)
-            self._wait(dist.irecv(buf, r, tag=STATS_TAG), f"the statistics of rank {r}")
+            self.p2p.recv(buf, r, f"the statistics of rank {r}", tag=STATS_TAG)
             vectors[r] = buf
         stale_sum = sum(float(v[0]) for v in vectors.values())
         stale_n = sum(float(v[1]) for v in vectors.values())
@@ -350,36 +316,44 @@ class RankWorker:
         return state
 
     def runtime_state(self) -> dict:
-        """Optimizer, scheduler, clock and synthesizer state of this rank's stages and cuts."""
-        full = self.rt.state_dict()
+        """The state of this rank's stages (optimizer, scheduler, clock) and of its cuts' interfaces."""
         mine = range(self.first, self.last + 1)
+        rt = self.rt
         return {
-            "optimizers": {s: full["optimizers"][s] for s in mine},
-            "schedulers": {s: full["schedulers"][s] for s in mine},
-            "clocks": {s: full["clocks"][s] for s in mine},
-            "synthesizers": {c: full["synthesizers"][c] for c in mine if c < len(self.program.cuts)},
-            "synth_optimizers": {c: full["synth_optimizers"][c] for c in mine if c < len(self.program.cuts)},
+            "format": FORMAT,
+            "stages": {s: rt.stages[s].state_dict() for s in mine},
+            "interfaces": {
+                rt.interfaces[c].name: rt.interfaces[c].state_dict() for c in mine if c < len(self.program.cuts)
+            },
             "tied": self.tied.state_dict(),
         }
 
     def load_runtime_state(self, state: dict) -> None:
         rt = self.rt
+        if state.get("format", 1) == 1:  # [Note: checkpoint format]
+            names = {c: (None if rt.interfaces[c].exact else rt.interfaces[c].name) for c in state["synthesizers"]}
+            state = {
+                "stages": {
+                    s: {"optimizer": state["optimizers"][s], "scheduler": state["schedulers"][s], "clock": c}
+                    for s, c in state["clocks"].items()
+                },
+                "interfaces": {
+                    names[c]: {
+                        "models": m,
+                        "optimizer": state["synth_optimizers"][c][0],
+                        "input_optimizer": state["synth_optimizers"][c][1],
+                    }
+                    for c, m in state["synthesizers"].items()
+                    if names[c] is not None and m is not None
+                },
+                "tied": state.get("tied", []),
+            }
         self.tied.load_state_dict(state.get("tied", []))
-        for s, v in state["optimizers"].items():
-            if rt.optimizers[s] is not None:
-                rt.optimizers[s].load_state_dict(v)
-        for s, v in state["schedulers"].items():
-            if rt.schedulers[s] is not None:
-                rt.schedulers[s].load_state_dict(v)
-        for s, v in state["clocks"].items():
-            rt.clocks[s].load_state_dict(v)
-        for c, v in state["synthesizers"].items():
-            if rt.synth[c] is not None:
-                rt.synth[c].load_state_dict(v)
-        for c, pair in state["synth_optimizers"].items():
-            for opt, v in zip(rt.synth_optimizers[c], pair):
-                if opt is not None:
-                    opt.load_state_dict(v)
+        for s, v in state["stages"].items():
+            rt.stages[s].load_state_dict(v)
+        for iface in rt.interfaces:
+            if iface.name in state["interfaces"]:
+                iface.load_state_dict(state["interfaces"][iface.name])
 
 
 # --------------------------------------------------------------------------- checkpoints

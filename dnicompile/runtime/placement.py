@@ -50,7 +50,7 @@ def measure_stage_costs(program, repeats: int = 3, device=None) -> list[float]:
     they were."""
     rt = program.runtime
     saved = {k: v.detach().clone() for k, v in program.model.state_dict().items()}
-    synth_saved = [copy.deepcopy(cs.state_dict()) if cs is not None else None for cs in rt.synth]
+    synth_saved = [copy.deepcopy(m.state_dict()) for m in rt.modules()]
     values = tuple(v.to(device) if device is not None else v for v in program.example_inputs)
     batch = program.example_batch or 1
     context = None
@@ -70,7 +70,7 @@ def measure_stage_costs(program, repeats: int = 3, device=None) -> list[float]:
                 if tensors:
                     torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
                 if cut is not None and not cut.exact:
-                    _time_synthesizer(rt.synth[cut.index], cut, outs, context)
+                    _time_synthesizer(rt.interfaces[cut.index], cut, outs, context)
                 if device is not None and torch.device(device).type == "cuda":
                     torch.cuda.synchronize(device)
                 if r:
@@ -79,26 +79,24 @@ def measure_stage_costs(program, repeats: int = 3, device=None) -> list[float]:
             values = tuple(o.detach() for o in (out if isinstance(out, tuple) else (out,)))
     finally:
         program.model.load_state_dict(saved)
-        for cs, state in zip(rt.synth, synth_saved):
-            if cs is not None:
-                cs.load_state_dict(state)
+        for m, state in zip(rt.modules(), synth_saved):
+            m.load_state_dict(state)
         for p in program.parameters():
             p.grad = None
-        for cs in rt.synth:
-            if cs is not None:
-                for p in cs.parameters():
-                    p.grad = None
+        for m in rt.modules():
+            for p in m.parameters():
+                p.grad = None
     return costs
 
 
-def _time_synthesizer(cs, cut, outs: tuple, context) -> None:
-    """One forward and backward of the cut's synthetic-gradient models (the work they add to a stage)."""
-    for b, h in zip(cut.boundary, outs):
-        if b.name in cs.grad:
-            try:
-                cs.grad[b.name](h.detach(), context).square().sum().backward()
-            except Exception:  # a custom synthesizer that needs other inputs: leave it out of the cost
-                pass
+def _time_synthesizer(iface, cut, outs: tuple, context) -> None:
+    """One forward and backward of the cut's interface models (the work they add to a stage)."""
+    h = {b.name: t for b, t in zip(cut.boundary, outs)}
+    try:
+        for pred in iface.predict(h, context).values():
+            pred.square().sum().backward()
+    except Exception:  # a custom synthesizer that needs other inputs: leave it out of the cost
+        pass
 
 
 def _balanced(costs: list[float], world: int) -> list[tuple[int, int]]:

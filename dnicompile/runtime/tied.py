@@ -45,7 +45,8 @@ class TiedReplicas:
             tensor = program.model.get_parameter(tied.names[0])
             for s in tied.stages:  # no stage optimizer on this rank updates it: its own optimizer does
                 program.stages[s].borrowed |= {id(tensor)}
-            _remove_from(runtime.optimizers, tensor)
+            for stage in runtime.stages:
+                stage.release(tensor)
             config = program.stages[tied.owner].optimizer_config
             optimizer, scheduler = build_optimizer([tensor], config, program.spec.where("stages"))
             self.replicas.append(_Replica(tensor, tied.owner, group, optimizer, scheduler))
@@ -76,13 +77,3 @@ class TiedReplicas:
             r.optimizer.load_state_dict(s["optimizer"])
             if r.scheduler is not None and s["scheduler"] is not None:
                 r.scheduler.load_state_dict(s["scheduler"])
-
-
-def _remove_from(optimizers, tensor: torch.Tensor) -> None:
-    """Take `tensor` out of already-built optimizers (and their state)."""
-    for opt in optimizers:
-        if opt is None:
-            continue
-        for group in opt.param_groups:
-            group["params"] = [p for p in group["params"] if p is not tensor]
-        opt.state.pop(tensor, None)

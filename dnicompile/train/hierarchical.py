@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DNIError, SpecError
-from ..runtime.bptt import _Stats
 from ..runtime.bptt_distributed import TAG_STATS, LowerRuntime, UpperWorker, recv_upper, send_upper
 
 
@@ -94,6 +93,7 @@ def train_rank(rank: int, cfg: HierarchicalRunConfig) -> dict | None:
     metrics = MetricsWriter(Path(cfg.metrics_path) if cfg.metrics_path else None)
     summary = {"task": "text", "steps_done": 0, "interrupted": False, "bpc": None, "workers": 2}
     start = time.perf_counter()
+    upper = runtime.iface.stats  # the upper interface's learning since the last log line
     try:
         for step in range(1, cfg.steps + 1):
             x, y, first = streams.next()
@@ -110,14 +110,14 @@ def train_rank(rank: int, cfg: HierarchicalRunConfig) -> dict | None:
                     "train_bpc": result.loss / LN2,
                     "chars_per_s": x.numel() / train_s if train_s > 0 else 0.0,
                     "elapsed_s": time.perf_counter() - start,
-                    "cosine": {**result.cosine, **({"upper": runtime.istats.cosine()} if runtime.istats.n else {})},
+                    "cosine": {**result.cosine, **({"upper": upper.cosine} if upper.count else {})},
                     "synth_loss": result.synth_loss,
                     "upper_updates": int(stats[2]),
                     "queued": len(runtime.awaiting),
                 }
                 if stats[1] > 0:
                     row["upper_train_bpc"] = float(stats[0] / stats[1]) / LN2
-                runtime.istats = _Stats()
+                upper.reset()
                 metrics.write(row)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 recv_upper(program)
