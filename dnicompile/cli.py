@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -31,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="Python file defining the model (`model`, `build_model`, or the spec's `model:`)")
     p.add_argument("--spec", required=True, help="YAML file of cut points (see specs/)")
+    p.add_argument(
+        "--allow-imports",
+        action="store_true",
+        help="let the spec name Python code to import and run: a loss 'package.module:function' or a synthesizer "
+        "'package.module:ClassName' (refused without it; see README, Security)",
+    )
     inspect = p.add_argument_group("inspect")
     inspect.add_argument("--code", action="store_true", help="print each stage's generated Python")
     inspect.add_argument("--nodes", action="store_true", help="list the fx nodes and module paths you can cut after")
@@ -43,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=_positive_int, help="training steps (default: the spec's train.steps)")
     train.add_argument("--batch-size", type=_positive_int, help="batch size (default: the spec's train.batch_size)")
     train.add_argument("--eval-every", type=_positive_int, help="evaluate on the test set every N steps")
-    train.add_argument("--seed", type=int, help="random seed (default: the spec's train.seed)")
+    train.add_argument("--seed", type=_seed, help="random seed (default: the spec's train.seed)")
     train.add_argument("--metrics", metavar="FILE.jsonl", help="write one JSON object per line of metrics")
     train.add_argument("--out", metavar="DIR", help="write learning curves (PNG), metrics and final weights here")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -66,6 +74,79 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to {MAX_SEED}, got {value}")
+    return value
+
+
+MAX_SEED = 2**32 - 1  # as the spec's train.seed (dnicompile.spec.MAX_SEED)
+
+# errors of the file system, not of dnicompile: a full disk, a read-only mount, a path that is a directory
+_OS_REASONS = {
+    errno.ENOSPC: ("no space left on the device", "free some space or write somewhere else"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write somewhere else"),
+    errno.EROFS: ("read-only file system", "choose a path on a writable file system"),
+    errno.EACCES: ("permission denied", "choose a path you may write to"),
+    errno.EPERM: ("operation not permitted", "choose a path you may write to"),
+    errno.EISDIR: ("is a directory", "give the path of a file"),
+    errno.ENOTDIR: ("a part of the path is a file, not a directory", "check the path"),
+    errno.EEXIST: ("already exists", "choose another path or remove it"),
+    errno.ENOENT: ("no such file or directory", "check the path"),
+    errno.EFBIG: ("file too large", "write somewhere else"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
+    errno.EIO: ("input/output error", "check the disk"),
+}
+
+
+def _os_error_message(e: OSError, args: argparse.Namespace | None) -> str | None:
+    """`--out DIR: PATH: read-only file system; choose ...` for an OSError about a file, else None (a bug)."""
+    if e.filename is None and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO):
+        return None
+    reason, hint = _OS_REASONS.get(e.errno, (e.strerror or str(e), "check the path"))
+    path = os.fsdecode(e.filename) if e.filename is not None else None
+    flag = ""
+    for name in ("out", "metrics", "emit", "data", "resume", "spec", "model"):
+        value = getattr(args, name, None) if args is not None else None
+        if value and path is not None and _within(path, value):
+            flag = f"--{name} {value}: " if name not in ("spec", "model") else ""
+            break
+    where = f"{path}: " if path is not None else ""
+    return f"{flag}{where}{reason}; {hint}."
+
+
+def _within(path: str, top: str) -> bool:
+    try:
+        p, t = Path(path).resolve(), Path(top).resolve()
+    except (OSError, RuntimeError):
+        return False
+    return p == t or t in p.parents
+
+
+@contextlib.contextmanager
+def _imports_allowed(allow: bool):
+    """With --allow-imports, let the worker processes this run starts load the spec with imports allowed too
+    (they inherit DNICOMPILE_ALLOW_IMPORTS=1); the variable is restored afterwards."""
+    from .spec import ALLOW_IMPORTS_ENV
+
+    if not allow:
+        yield
+        return
+    before = os.environ.get(ALLOW_IMPORTS_ENV)
+    os.environ[ALLOW_IMPORTS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ALLOW_IMPORTS_ENV, None)
+        else:
+            os.environ[ALLOW_IMPORTS_ENV] = before
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["schema"]:
@@ -78,21 +159,42 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a bad flag (2): argparse has printed the message
         return int(e.code or 0)
     try:
-        return _run(args)
+        with _imports_allowed(args.allow_imports):
+            return _run(args)
     except DNIError as e:
         sys.stderr.write(f"dnicompile: error: {e}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         sys.stderr.write("dnicompile: interrupted\n")
         return 130
-    except Exception as e:  # a bug of ours: say so plainly, traceback on request
-        if args.traceback:
-            traceback.print_exc()
-        sys.stderr.write(
-            f"dnicompile: internal error: {type(e).__name__}: {e}\n"
-            "This is a bug in dnicompile; rerun with --traceback and report it with your model and spec.\n"
-        )
-        return 1
+    except OSError as e:  # the file system said no: name the path and why
+        message = _os_error_message(e, args)
+        if message is None:
+            return _internal_error(e, args)
+        sys.stderr.write(f"dnicompile: error: {message}\n")
+        return EXIT_BAD_INPUT
+    except RuntimeError as e:
+        if "PytorchStreamWriter failed" in str(e) or "file write failed" in str(e):  # torch.save on a full disk
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            sys.stderr.write(
+                f"dnicompile: error: writing a file failed ({first}); is the disk full? Free some space or write "
+                "somewhere else (--out, --metrics).\n"
+            )
+            return EXIT_BAD_INPUT
+        return _internal_error(e, args)
+    except Exception as e:
+        return _internal_error(e, args)
+
+
+def _internal_error(e: BaseException, args: argparse.Namespace) -> int:
+    """A bug of ours: say so plainly, traceback on request."""
+    if args.traceback:
+        traceback.print_exception(type(e), e, e.__traceback__)
+    sys.stderr.write(
+        f"dnicompile: internal error: {type(e).__name__}: {e}\n"
+        "This is a bug in dnicompile; rerun with --traceback and report it with your model and spec.\n"
+    )
+    return 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -104,15 +206,26 @@ def _run(args: argparse.Namespace) -> int:
     from .program import compile_decoupled
     from .spec import load_spec
 
-    spec = load_spec(Path(args.spec))
+    _check_flags(args)
+    spec = load_spec(Path(args.spec), allow_imports=True if args.allow_imports else None)
+    _check_spec(spec)  # optimizers, schedulers, the loss: before the model file runs
+    _note_imports(spec)
     if args.train:  # the same initial weights in this process and in every distributed worker
         torch.manual_seed(spec.train.seed if args.seed is None else args.seed)
     model = build_model(args.model, spec.model, spec.model_args, where=spec.where)
     if spec.recurrent is not None or spec.bptt is not None:  # cut in time, not in the graph
         from .train.recurrent import run_recurrent_cli
 
+        if not args.train:  # check all that training would build (it builds its own program)
+            from .recurrent import compile_recurrent
+
+            compile_recurrent(model, spec).runtime  # noqa: B018 - built for its checks
         return run_recurrent_cli(model, spec, args)
     program = compile_decoupled(model, spec)
+    if not args.train:
+        # build what --train builds (synthesizers against the boundary tensors, optimizers, the loss), so that
+        # checking a spec finds every error training would; training builds it itself, after seeding
+        program.runtime  # noqa: B018 - built for its checks
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if args.nodes:
         _print_nodes(program, out)
@@ -136,7 +249,51 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flags that name files, and numbers the parser cannot judge alone: fail before any work starts."""
+    if args.emit:
+        emit = Path(args.emit)
+        if emit.exists() and not emit.is_dir():
+            raise DNIError(
+                f"--emit {emit}: exists and is not a directory; give a directory to write the stage files to."
+            )
+    if args.metrics and Path(args.metrics).is_dir():
+        raise DNIError(
+            f"--metrics {args.metrics}: is a directory; give the path of a file to write "
+            f"(e.g. {Path(args.metrics) / 'metrics.jsonl'})."
+        )
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise DNIError(f"--out {args.out}: exists and is not a directory; give a directory for the run's files.")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and args.threads > 4 * cores:
+        raise DNIError(
+            f"--threads {args.threads}: this machine has {cores} core{'s' if cores != 1 else ''}; use at most "
+            f"{4 * cores} (more threads than cores only slow each step down)."
+        )
+
+
+def _check_spec(spec) -> None:
+    """What can be checked from the spec alone: every optimizer and scheduler, and the loss's name (a
+    'module:function' is imported later, with the model file's folder on the path, when the runtime is built)."""
+    from .losses import get_loss, get_step_loss
+    from .optim import check_optimizers
+
+    check_optimizers(spec)
+    if isinstance(spec.loss, str) and ":" not in spec.loss:
+        recurrent = spec.recurrent is not None or spec.bptt is not None
+        (get_step_loss if recurrent else get_loss)(spec.loss, spec.where("loss"))
+
+
+def _note_imports(spec) -> None:
+    """Say, once, which code an allowed spec imports and runs."""
+    found = spec.imports()
+    if found and spec.allows_imports:
+        listed = "; ".join(f"{what} {name!r} ({spec.where(*loc)})" for loc, what, name in found)
+        sys.stderr.write(f"dnicompile: note: imports allowed: the spec runs code from {listed}\n")
+
+
 def _print_nodes(program, out: Console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="cut points (fx nodes in program order)")
@@ -147,7 +304,7 @@ def _print_nodes(program, out: Console) -> None:
             continue
         stack = node.meta.get("nn_module_stack") or {}
         path = next(reversed(stack.values()))[0] if stack else (node.target if node.op == "call_module" else "")
-        table.add_row(node.name, node.op, str(path), str(program.partition.stage_of[node.name]))
+        table.add_row(*(escape(str(v)) for v in (node.name, node.op, path, program.partition.stage_of[node.name])))
     out.print(table)
 
 

@@ -7,6 +7,7 @@ import textwrap
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -52,9 +53,13 @@ def describe_clock(stage: Stage) -> str:
 
 
 def summary_table(program: DecoupledProgram) -> Table:
+    """The stage table. Names come from the user's model and spec, so every cell is escaped: a cut named
+    `[/x]` is shown as written, never read as rich markup."""
     table = Table(
-        title=f"{type(program.model).__name__}: {len(program.stages)} stages, {len(program.cuts)} cuts "
-        f"(front end: {program.frontend}{', ' + program.frontend_reason if program.frontend_reason else ''})",
+        title=escape(
+            f"{type(program.model).__name__}: {len(program.stages)} stages, {len(program.cuts)} cuts "
+            f"(front end: {program.frontend}{', ' + program.frontend_reason if program.frontend_reason else ''})"
+        ),
         show_lines=True,
     )
     for col in ("stage", "nodes", "params", "inputs", "outputs", "outgoing cut", "optimizer", "clock"):
@@ -62,7 +67,7 @@ def summary_table(program: DecoupledProgram) -> Table:
     for stage in program.stages:
         cut = program.cuts[stage.index] if stage.index < len(program.cuts) else None
         outgoing = f"{cut.name}: {describe_synthesizer(cut)}" if cut else "(loss)"
-        table.add_row(
+        cells = (
             stage.name,
             str(stage.num_nodes),
             f"{stage.num_parameters():,}",
@@ -72,11 +77,31 @@ def summary_table(program: DecoupledProgram) -> Table:
             describe_optimizer(stage),
             describe_clock(stage),
         )
-    tied = getattr(program.partition, "tied", ())
-    if tied:
-        table.caption = "\n".join(describe_tied(t) for t in tied)
+        table.add_row(*(escape(c) for c in cells))
+    notes = [describe_tied(t) for t in getattr(program.partition, "tied", ())]
+    notes += describe_imports(program.spec)
+    if notes:
+        table.caption = escape("\n".join(notes))
         table.caption_justify = "left"
     return table
+
+
+def describe_imports(spec) -> list[str]:
+    """One line per piece of Python code the spec imports and runs (allowed with --allow-imports)."""
+    if spec is None or not spec.allows_imports:
+        return []
+    return [
+        f"imports allowed: {_dotted(loc)} = {name!r} ({what}, {spec.where(*loc)}) runs code from module "
+        f"{name.partition(':')[0]}"
+        for loc, what, name in spec.imports()
+    ]
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
 
 
 def describe_tied(tied) -> str:

@@ -7,29 +7,51 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .describe import describe_clock, describe_optimizer, describe_synthesizer, fmt_shape, stage_code, summary_text
+from .errors import DNIError
 from .files import write_text_atomic
 
 if TYPE_CHECKING:
     from .program import DecoupledProgram
 
 
+def dot_string(text: str) -> str:
+    """`text` as a double-quoted Graphviz string: backslashes, quotes and line breaks escaped, so that a name
+    from the spec or the model (a cut named `a" ; x -> y ; "`) stays one label and never adds statements."""
+    escaped = str(text).replace("\\", "\\\\").replace('"', '\\"')
+    escaped = escaped.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _lines(*parts: str) -> str:
+    """Several lines of one label: each escaped, joined by Graphviz's line break."""
+    return dot_string("\n".join(parts))
+
+
 def stages_dot(program: DecoupledProgram) -> str:
-    """The stage graph in Graphviz dot: stages as boxes, boundary tensors on the edges."""
+    """The stage graph in Graphviz dot: stages as boxes, boundary tensors on the edges. Every identifier and
+    label is a quoted, escaped string (dot_string)."""
     lines = ["digraph stages {", "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fillcolor="#eef3fb"];']
-    lines.append('  input [shape=plaintext, label="input"];')
+    lines.append('  "input" [shape=plaintext, label="input"];')
     for s in program.stages:
-        label = f"{s.name}\\n{s.num_nodes} nodes, {s.num_parameters():,} params\\n{describe_optimizer(s)}, {describe_clock(s)}"
-        lines.append(f'  {s.name} [label="{label}"];')
-    lines.append('  loss [shape=plaintext, label="output"];')
+        label = _lines(
+            s.name,
+            f"{s.num_nodes} nodes, {s.num_parameters():,} params",
+            f"{describe_optimizer(s)}, {describe_clock(s)}",
+        )
+        lines.append(f"  {dot_string(s.name)} [label={label}];")
+    lines.append('  "loss" [shape=plaintext, label="output"];')
     first = ", ".join(str(t) for t in program.stages[0].inputs)
-    lines.append(f'  input -> stage0 [label="{first}"];')
+    lines.append(f'  "input" -> {dot_string(program.stages[0].name)} [label={dot_string(first)}];')
     for cut in program.cuts:
-        tensors = "\\n".join(f"{b.name} {fmt_shape(b.shape)}" for b in cut.boundary)
         style = "solid" if cut.exact else "dashed"
-        label = f"{cut.name} ({describe_synthesizer(cut)})\\n{tensors}"
-        lines.append(f'  stage{cut.index} -> stage{cut.index + 1} [label="{label}", style={style}];')
+        label = _lines(
+            f"{cut.name} ({describe_synthesizer(cut)})", *(f"{b.name} {fmt_shape(b.shape)}" for b in cut.boundary)
+        )
+        head, tail = program.stages[cut.index].name, program.stages[cut.index + 1].name
+        lines.append(f"  {dot_string(head)} -> {dot_string(tail)} [label={label}, style={style}];")
     last = program.stages[-1]
-    lines.append(f'  {last.name} -> loss [label="{", ".join(str(t) for t in last.outputs)}"];')
+    outputs = ", ".join(str(t) for t in last.outputs)
+    lines.append(f'  {dot_string(last.name)} -> "loss" [label={dot_string(outputs)}];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -89,6 +111,8 @@ def stages_svg(program: DecoupledProgram) -> str:
 def write_emit(program: DecoupledProgram, out_dir: str | Path) -> list[Path]:
     """Write stage_<i>.py, stages.dot, stages.svg and stages.html into `out_dir`."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DNIError(f"--emit {out}: exists and is not a directory; give a directory to write the stage files to.")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for stage in program.stages:
@@ -100,7 +124,8 @@ def write_emit(program: DecoupledProgram, out_dir: str | Path) -> list[Path]:
         "stages.dot": stages_dot(program),
         "stages.svg": svg,
         "stages.html": (
-            f"<!doctype html><html><head><meta charset='utf-8'><title>{type(program.model).__name__} stages</title>"
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(type(program.model).__name__)} "
+            "stages</title>"
             "</head><body><h1>Stages</h1>"
             + svg
             + "<pre>"

@@ -7,8 +7,11 @@ or `model.py:LINE`), the offending name and, for near-misses, a "did you mean".
 
 from __future__ import annotations
 
+import gzip
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +19,9 @@ import pytest
 
 from dnicompile.cli import main
 from dnicompile.errors import SpecError
-from dnicompile.spec import load_spec
+from dnicompile.spec import ALLOW_IMPORTS_ENV, load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # ----------------------------------------------------------------------------- models
 
@@ -71,7 +76,7 @@ class Net(nn.Module):
         self.l2 = nn.Linear(8, 8)
 
     def forward(self, x):
-        n = x.size(1)
+        n = x.argmax().item()  # a size (x.size(1)) is read again behind the cut; this depends on x's values
         h = self.l1(x)
         return self.l2(h) * n
 
@@ -173,6 +178,437 @@ class Row:
     args: list[str] = field(default_factory=lambda: ["{model}", "--spec", "{spec}"])
     model_name: str = "model.py"  # where the model source is written
     marks: tuple = ()
+    setup: Callable[[Path], None] | None = None  # writes other files into the temporary folder
+    absent: list[str] = field(default_factory=list)  # substrings stderr must not have
+
+
+# ----------------------------------------------------------------------------- issue 19: hostile and unchecked input
+
+BILLION_LAUGHS = """\
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+cuts: *i
+"""
+
+SYS_EXIT = """\
+import sys
+import torch.nn as nn
+
+model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+sys.exit(0)
+"""
+
+INTERRUPTS = """\
+import torch.nn as nn
+
+model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+raise KeyboardInterrupt
+"""
+
+FACTORY_EXITS = """\
+import sys
+import torch.nn as nn
+
+
+def build_model():
+    sys.exit("no GPU")
+"""
+
+RNN = """\
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.core = nn.GRU(4, 8, batch_first=True)
+        self.readout = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.readout(self.core(x)[0])
+
+
+model = Net()
+"""
+
+RNN_SPEC = """\
+inputs:
+  x: {shape: [2, 6, 4]}
+recurrent: {core: core, output: readout}
+bptt: {truncation: 3, synthetic_gradient: {model: linear}}
+"""
+
+
+def sg_spec(sg: str) -> str:
+    """The MLP spec with one synthetic cut whose synthesizer mapping is `sg`."""
+    return spec_with(f"  - after: layers.1\n    synthetic_gradient: {sg}\n")
+
+
+def files(contents: dict[str, str]) -> Callable[[Path], None]:
+    """A Row.setup that writes files ({name: text}) into the temporary folder."""
+
+    def setup(tmp: Path) -> None:
+        for name, text in contents.items():
+            (tmp / name).write_text(text)
+
+    return setup
+
+
+def idx(shape: tuple[int, ...], body: bytes | None = None) -> bytes:
+    """An IDX file of unsigned bytes: magic, dimensions, data (zeros unless given)."""
+    size = 1
+    for d in shape:
+        size *= d
+    head = bytes([0, 0, 8, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape)
+    return head + (bytes(size) if body is None else body)
+
+
+def small_fashion_mnist(tmp: Path, train_images: bytes | None = None) -> None:
+    """A tiny Fashion-MNIST in tmp/data (128 train, 64 test images); `train_images` replaces that file."""
+    data = tmp / "data"
+    data.mkdir(exist_ok=True)
+    parts = {
+        "train-images-idx3-ubyte.gz": train_images or gzip.compress(idx((128, 28, 28))),
+        "train-labels-idx1-ubyte.gz": gzip.compress(idx((128,))),
+        "t10k-images-idx3-ubyte.gz": gzip.compress(idx((64, 28, 28))),
+        "t10k-labels-idx1-ubyte.gz": gzip.compress(idx((64,))),
+    }
+    for name, blob in parts.items():
+        (data / name).write_bytes(blob)
+
+
+def gzip_bomb(declared: tuple[int, ...] = (60000, 28, 28), gib: float = 1.0) -> bytes:
+    """About 1 MiB of gzip that holds an IDX header and `gib` GiB of zeros: gzip members, one after another,
+    each 16 MiB of zeros (a reader sees one stream)."""
+    head = idx(declared, body=b"")
+    zeros = gzip.compress(bytes(1 << 24), compresslevel=9)
+    return gzip.compress(head) + zeros * int(gib * 64)
+
+
+MLP_TRAIN = ["{root}/examples/mlp.py", "--spec", "{root}/specs/mlp_cdni.yaml", "--train", "--steps", "1"]
+
+SECURITY_ROWS = [
+    # --- bounded parsing
+    Row(
+        "yaml-billion-laughs",
+        MLP,
+        BILLION_LAUGHS,
+        ["spec.yaml:", "aliases", "billion laughs", "Write the values out"],
+    ),
+    Row(
+        "yaml-deep-nesting",
+        MLP,
+        "cuts: " + "[" * 5000 + "]" * 5000 + "\n",
+        ["spec.yaml:1:", "more than 32 levels deep"],
+        absent=["RecursionError"],
+    ),
+    Row(
+        "yaml-python-tag",
+        MLP,
+        SPEC + "loss: !!python/object/apply:os.system ['echo pwned']\n",
+        ["spec.yaml:6:7", "unsafe YAML tag `!!python/object/apply:os.system`", "plain value"],
+        absent=["syntax error", "pwned"],
+    ),
+    Row(
+        "yaml-binary-tag",
+        MLP,
+        SPEC + "model_args: {blob: !!binary aGVsbG8=}\n",
+        ["spec.yaml:6:20", "unsupported YAML tag `!!binary`"],
+        absent=["syntax error"],
+    ),
+    Row(
+        "spec-file-too-large",
+        MLP,
+        SPEC + "# " + "x" * (1 << 20) + "\n",
+        ["spec.yaml", "more than 1,048,576 bytes"],
+    ),
+    Row(
+        "data-gzip-bomb",
+        None,
+        "cuts: []\n",  # not used: the row trains examples/mlp.py with specs/mlp_cdni.yaml
+        ["train-images-idx3-ubyte.gz", "header says shape (60000, 28, 28)", "holds more"],
+        args=[*MLP_TRAIN, "--data", "{tmp}/data"],
+        setup=lambda tmp: small_fashion_mnist(tmp, gzip_bomb()),
+    ),
+    Row(
+        "data-idx-header-too-large",
+        None,
+        "cuts: []\n",
+        ["train-images-idx3-ubyte.gz", "(4294967295, 28, 28)", "more than"],
+        args=[*MLP_TRAIN, "--data", "{tmp}/data"],
+        setup=lambda tmp: small_fashion_mnist(tmp, gzip.compress(idx((2**32 - 1, 28, 28), body=b""))),
+    ),
+    Row(
+        "data-idx-wrong-dimensions",
+        None,
+        "cuts: []\n",
+        ["train-images-idx3-ubyte.gz", "header says 1 dimensions", "should have 3"],
+        args=[*MLP_TRAIN, "--data", "{tmp}/data"],
+        setup=lambda tmp: small_fashion_mnist(tmp, gzip.compress(idx((784,)))),
+    ),
+    # --- no code runs from a spec unless allowed
+    Row(
+        "loss-imports-without-allow",
+        MLP,
+        SPEC + "loss: os:system\n",
+        ["spec.yaml:6:1", "`loss: os:system`", "imports module `os`", "--allow-imports"],
+    ),
+    Row(
+        "synthesizer-class-without-allow",
+        MLP,
+        sg_spec("{model: 'mysynth:Synth'}"),
+        ["spec.yaml:6:26", "cuts[0].synthetic_gradient.model: mysynth:Synth", "--allow-imports"],
+        setup=files({"mysynth.py": "raise SystemExit('this module must not be imported')\n"}),
+    ),
+    Row(
+        "synthetic-input-class-without-allow",
+        MLP,
+        spec_with(
+            "  - after: layers.1\n    synthetic_gradient: {model: linear}\n    synthetic_input: {model: 'a.b:C'}\n"
+        ),
+        ["spec.yaml:7:23", "synthetic-input class", "--allow-imports"],
+    ),
+    Row(
+        "step-loss-imports-without-allow",
+        RNN,
+        RNN_SPEC + "loss: mylosses:per_step\n",
+        ["spec.yaml:5:1", "`loss: mylosses:per_step`", "--allow-imports"],
+    ),
+    Row(
+        "synthesizer-module-raises-on-import",
+        MLP,
+        sg_spec("{model: 'badsynth_19:Synth'}"),
+        ["spec.yaml:5:5", "importing synthesizer module 'badsynth_19'", "ZeroDivisionError"],
+        args=["{model}", "--spec", "{spec}", "--allow-imports"],
+        setup=files({"badsynth_19.py": "x = 1 / 0\n"}),
+    ),
+    Row(
+        "synthetic-input-class-raises",
+        MLP,
+        spec_with(
+            "  - after: layers.1\n    synthetic_gradient: {model: linear}\n"
+            "    synthetic_input: {model: 'badinput_19:Input'}\n"
+        ),
+        ["spec.yaml:5:5", "building synthetic-input model badinput_19:Input", "ValueError", "no inputs today"],
+        args=["{model}", "--spec", "{spec}", "--allow-imports"],
+        setup=files(
+            {
+                "badinput_19.py": "class Input:\n    def __init__(self, *args):\n        raise ValueError('no inputs today')\n"
+            }
+        ),
+    ),
+    Row(
+        "loss-module-missing-with-allow",
+        MLP,
+        SPEC + "loss: nosuchmodule_19:loss\n",
+        ["spec.yaml:6:1", "cannot load loss function 'nosuchmodule_19:loss'"],
+        args=["{model}", "--spec", "{spec}", "--allow-imports"],
+    ),
+    # --- checking a spec without --train checks all that --train would use
+    Row(
+        "optimizer-unknown",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: Adamm}\n",
+        ["spec.yaml:8:17", "unknown optimizer 'Adamm'", "did you mean 'Adam'"],
+    ),
+    Row(
+        "optimizer-betas-not-a-list",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: Adam, betas: 5}\n",
+        ["spec.yaml:8:29", "`betas: 5`", "list of 2 numbers", "[0.9, 0.999]"],
+        absent=["subscriptable"],
+    ),
+    Row(
+        "optimizer-betas-out-of-range",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: Adam, betas: [5, 0.9]}\n",
+        ["spec.yaml:8:5", "optimizer Adam", "Invalid beta parameter"],
+    ),
+    Row(
+        "optimizer-unknown-argument",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: SGD, lr: 0.1, momentun: 0.9}\n",
+        ["spec.yaml:8:37", "takes no argument 'momentun'", "did you mean 'momentum'"],
+    ),
+    Row(
+        "optimizer-argument-wrong-type",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: SGD, lr: 0.1, nesterov: 3}\n",
+        ["spec.yaml:8:37", "`nesterov: 3`", "true or false"],
+    ),
+    Row(
+        "optimizer-lbfgs",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: LBFGS}\n",
+        ["spec.yaml:8:17", "LBFGS needs a closure"],
+    ),
+    Row(
+        "optimizer-unknown-in-synthesizer",
+        MLP,
+        sg_spec("{model: linear, optimizer: {name: Adamm}}"),
+        ["spec.yaml:6:53", "unknown optimizer 'Adamm'"],
+    ),
+    Row(
+        "optimizer-unknown-in-recurrent",
+        RNN,
+        RNN_SPEC + "stages:\n  default: {optimizer: {name: Adamm}}\n",
+        ["spec.yaml:6:", "unknown optimizer 'Adamm'"],
+    ),
+    Row(
+        "scheduler-unknown",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: Adam, scheduler: {name: StepLr, step_size: 10}}\n",
+        ["spec.yaml:8:41", "unknown lr scheduler 'StepLr'", "did you mean 'StepLR'"],
+    ),
+    Row(
+        "scheduler-reduce-on-plateau",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: Adam, scheduler: {name: ReduceLROnPlateau}}\n",
+        ["spec.yaml:8:41", "ReduceLROnPlateau steps on a metric"],
+    ),
+    Row(
+        "scheduler-missing-argument",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: Adam, scheduler: {name: StepLR}}\n",
+        ["spec.yaml:8:29", "scheduler StepLR needs the argument step_size"],
+    ),
+    Row(
+        "scheduler-argument-wrong-type",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: Adam, scheduler: {name: StepLR, step_size: ten}}\n",
+        ["spec.yaml:8:55", '`step_size: "ten"`', "must be an integer"],
+    ),
+    Row(
+        "scheduler-bad-value",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: Adam, scheduler: {name: LinearLR, start_factor: 5}}\n",
+        ["spec.yaml:8:29", "scheduler LinearLR", "multiplicative factor"],
+    ),
+    Row(
+        "loss-unknown",
+        MLP,
+        SPEC + "loss: cross_entropyy\n",
+        ["spec.yaml:6:1", "unknown loss 'cross_entropyy'", "did you mean 'cross_entropy'"],
+    ),
+    Row(
+        "step-loss-unknown",
+        RNN,
+        RNN_SPEC + "loss: nll\n",
+        ["spec.yaml:5:1", "unknown loss 'nll' for a recurrent program"],
+    ),
+    Row(
+        "synthesizer-unknown",
+        MLP,
+        sg_spec("{model: mlpp}"),
+        ["spec.yaml:5:5", "unknown synthesizer model 'mlpp'", "did you mean 'mlp'"],
+    ),
+    Row(
+        "synthesizer-conv-on-flat-tensor",
+        MLP,
+        sg_spec("{model: conv}"),
+        ["spec.yaml:5:5", "conv synthesizer needs a (C, H, W) feature map", "[16]"],
+    ),
+    Row(
+        "synthesizer-conv-on-recurrent-state",
+        RNN,
+        RNN_SPEC.replace("{model: linear}", "{model: conv}"),
+        ["spec.yaml:4:", "conv synthesizer needs a (C, H, W) feature map"],
+    ),
+    Row(
+        "lr-infinite",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: Adam, lr: .inf}\n",
+        ["spec.yaml:8:29", "`stages.default.optimizer.lr` is inf", "finite"],
+    ),
+    Row(
+        "scale-nan",
+        MLP,
+        sg_spec("{model: linear, scale: .nan}"),
+        ["spec.yaml:6:41", "`cuts[0].synthetic_gradient.scale` is nan", "finite"],
+    ),
+    Row(
+        "optimizer-argument-nan",
+        MLP,
+        SPEC + "stages:\n  default:\n    optimizer: {name: SGD, lr: 0.1, momentum: .nan}\n",
+        ["spec.yaml:8:37", "`stages.default.optimizer.momentum` is nan"],
+    ),
+    Row(
+        "seed-overflows",
+        MLP,
+        SPEC + "train: {seed: 100000000000000000000000}\n",
+        ["spec.yaml:6:9", "`train.seed`", "less than or equal to 4294967295"],
+    ),
+    Row(
+        "flag-seed-overflows",
+        MLP,
+        SPEC,
+        ["--seed", "0 to 4294967295"],
+        args=["{model}", "--spec", "{spec}", "--seed", "100000000000000000000000"],
+    ),
+    Row(
+        "shape-overflows",
+        MLP,
+        "inputs:\n  x: {shape: [100000000000, 8]}\ncuts:\n  - after: layers.1\n",
+        ["spec.yaml:2:7", "inputs.x.shape", "small batch"],
+    ),
+    Row(
+        "int-input-low-not-below-high",
+        TIED,
+        "inputs:\n  tokens: {shape: [2, 5], dtype: int64, low: 50, high: 50}\ncuts:\n  - after: emb\n",
+        ["spec.yaml:2:3", "`low` (50) must be below `high` (50)"],
+    ),
+    Row(
+        "flag-threads-too-many",
+        MLP,
+        SPEC,
+        ["--threads 100000", "core"],
+        args=["{model}", "--spec", "{spec}", "--threads", "100000"],
+    ),
+    # --- files that cannot be written: the path and the cause, not an internal error
+    Row(
+        "emit-onto-a-file",
+        MLP,
+        SPEC,
+        ["--emit", "taken.txt", "not a directory"],
+        args=["{model}", "--spec", "{spec}", "--emit", "{tmp}/taken.txt"],
+        setup=files({"taken.txt": "mine\n"}),
+    ),
+    Row(
+        "emit-under-a-file",
+        MLP,
+        SPEC,
+        ["--emit {tmp}/taken.txt/out", "a part of the path is a file"],
+        args=["{model}", "--spec", "{spec}", "--emit", "{tmp}/taken.txt/out"],
+        setup=files({"taken.txt": "mine\n"}),
+    ),
+    Row(
+        "metrics-is-a-directory",
+        MLP,
+        SPEC,
+        ["--metrics", "is a directory", "metrics.jsonl"],
+        args=[*MLP_TRAIN, "--data", "{tmp}/data", "--metrics", "{tmp}/data"],
+        setup=small_fashion_mnist,
+    ),
+    Row(
+        "out-under-a-file",
+        None,
+        "cuts: []\n",
+        ["--out {tmp}/taken.txt/run", "a part of the path is a file, not a directory"],
+        args=[*MLP_TRAIN, "--data", "{tmp}/data", "--out", "{tmp}/taken.txt/run"],
+        setup=lambda tmp: (small_fashion_mnist(tmp), files({"taken.txt": "mine\n"})(tmp)),
+    ),
+    # --- a model file is imported: script code at its top level is reported, not obeyed
+    Row("model-calls-sys-exit", SYS_EXIT, SPEC, ["model.py:5", "called sys.exit(0)", "__main__"]),
+    Row("model-raises-keyboard-interrupt", INTERRUPTS, SPEC, ["model.py:4", "KeyboardInterrupt"]),
+    Row("factory-calls-sys-exit", FACTORY_EXITS, SPEC, ["model.py:6", "`build_model()` called sys.exit('no GPU')"]),
+]
 
 
 ROWS = [
@@ -345,7 +781,7 @@ ROWS = [
         "non-tensor-crosses-cut",
         NON_TENSOR,
         "inputs:\n  x: {shape: [2, 8]}\ncuts:\n  - after: l1\n",
-        ["spec.yaml:4:5", "int value crosses", "`size`", "Only tensors"],
+        ["spec.yaml:4:5", "int value crosses", "`item`", "values in a tensor", "Only tensors", "keep it a tensor"],
     ),
     # --- tracing and shapes
     Row(
@@ -475,6 +911,7 @@ ROWS = [
         SPEC + "stages:\n  stage9: {optimizer: {name: SGD, lr: 0.1}}\n",
         ["spec.yaml:7:3", "`stage9`", "2 stages", "stage0 or stage1"],
     ),
+    *SECURITY_ROWS,
 ]
 
 
@@ -485,7 +922,9 @@ def _write(tmp_path: Path, row: Row) -> list[str]:
         model.write_text(row.model)
     if row.spec is not None:
         spec.write_text(row.spec)
-    return [a.format(model=model, spec=spec, tmp=tmp_path) for a in row.args]
+    if row.setup is not None:
+        row.setup(tmp_path)
+    return [a.format(model=model, spec=spec, tmp=tmp_path, root=ROOT) for a in row.args]
 
 
 def _run_main(argv: list[str]) -> int:
@@ -503,9 +942,13 @@ def test_bad_input(row: Row, tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert code == 2, f"exit code {code}\nstdout:\n{out}\nstderr:\n{err}"
     assert "Traceback" not in err and "Traceback" not in out
     assert "dnicompile: error:" in err
-    assert "internal error" not in err
-    missing = [s for s in row.expect if s not in err]
+    assert "internal error" not in err and "bug" not in err
+    expect = [s.format(tmp=tmp_path) for s in row.expect]
+    missing = [s for s in expect if s not in err]
     assert not missing, f"stderr lacks {missing}:\n{err}"
+    present = [s for s in row.absent if s in err or s in out]
+    assert not present, f"output has {present}:\n{err}"
+    assert os.environ.get(ALLOW_IMPORTS_ENV) is None, "--allow-imports leaked into this process's environment"
 
 
 def test_table_is_large_enough() -> None:

@@ -96,7 +96,23 @@ def load_module(path: str | Path) -> ModuleType:
     except Exception as e:  # the user's module body raised
         where = user_frame(e.__traceback__, {str(path.resolve())}) or str(path)
         raise ModelError(f"importing model file {str(path)!r} failed at {where}: {type(e).__name__}: {e}") from None
+    except (SystemExit, KeyboardInterrupt) as e:  # script code at the top level: sys.exit(), or an interrupt
+        where = user_frame(e.__traceback__, {str(path.resolve())}) or str(path)
+        raise ModelError(f"importing model file {str(path)!r} {_stopped(e)} at {where}. {_SCRIPT_HINT}") from None
     return module
+
+
+_SCRIPT_HINT = (
+    "dnicompile imports the model file, so code at its top level runs; put script code (argument parsing, "
+    "training, sys.exit) under `if __name__ == '__main__':`."
+)
+
+
+def _stopped(e: BaseException) -> str:
+    """'called sys.exit(3)' or 'was interrupted (KeyboardInterrupt)'."""
+    if isinstance(e, SystemExit):
+        return f"called sys.exit({e.code!r})" if e.code is not None else "called sys.exit()"
+    return "was interrupted (KeyboardInterrupt raised)"
 
 
 def _def_site(obj: Any, path: str | Path) -> str:
@@ -178,6 +194,11 @@ def build_model(
     except Exception as e:
         raised_at = user_frame(e.__traceback__) or site
         raise ModelError(f"{path}: `{name}()` raised at {raised_at}: {type(e).__name__}: {e}") from None
+    except (SystemExit, KeyboardInterrupt) as e:
+        raised_at = user_frame(e.__traceback__) or site
+        raise ModelError(
+            f"{path}: `{name}()` {_stopped(e)} at {raised_at}; a model factory must return the model."
+        ) from None
     if not isinstance(built, nn.Module):
         raise ModelError(
             f"{site}: `{name}()` returned a {type(built).__name__}; it must return a torch.nn.Module "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,22 +35,74 @@ class Dataset:
     source: str
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzipped or not) as a uint8 array of its declared shape."""
+# An IDX file declares its shape before its data; nothing is read past what it declares, and no file may
+# declare more than this (Fashion-MNIST's largest file is 47 MB), so a gzip bomb fails after its header.
+MAX_IDX_BYTES = 1 << 30
+
+
+def read_idx(path: Path, ndim: int | None = None, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """An IDX file (gzipped or not) as a uint8 array of its declared shape.
+
+    The header is checked first (magic number, `ndim` dimensions when given, a size of at most `max_bytes`),
+    then exactly the declared number of bytes is decompressed into an array of that size, and a file with
+    more data than that is refused: memory and time stay bounded by what the header declares."""
+    path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
+            head = _read_exactly(f, 4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number {head.hex()}).")
+            if ndim is not None and head[3] != ndim:
+                raise DataError(f"{path}: the header says {head[3]} dimensions; this file should have {ndim}.")
+            raw_dims = _read_exactly(f, 4 * head[3])
+            if len(raw_dims) < 4 * head[3]:
+                raise DataError(f"{path}: the file ends inside its header; it is truncated, download it again.")
+            dims = struct.unpack(f">{head[3]}I", raw_dims)
+            size = math.prod(dims)
+            if size > max_bytes:
+                raise DataError(
+                    f"{path}: the header says shape {dims} ({size:,} bytes), more than the {max_bytes:,} an IDX "
+                    "file here may hold; the file is corrupt or not a data set of this kind."
+                )
+            body = np.empty(size, dtype=np.uint8)
+            got = _read_into(f, memoryview(body))
+            if got < size:
+                raise DataError(
+                    f"{path}: the header says shape {dims} ({size:,} bytes) but the file holds only {got:,}; it is "
+                    "truncated, download it again."
+                )
+            if f.read(1):
+                raise DataError(
+                    f"{path}: the header says shape {dims} ({size:,} bytes) but the file holds more; it is "
+                    "corrupt (or a decompression bomb), download it again."
+                )
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read IDX file ({e}); the file may be truncated, download it again.") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number {data[:4].hex()}).")
-    ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes) but the file has {body.size}.")
     return body.reshape(dims)
+
+
+def _read_exactly(f, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = f.read(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _read_into(f, view: memoryview, chunk: int = 1 << 20) -> int:
+    """Fill `view` from `f` in chunks of at most `chunk` bytes; the number of bytes read."""
+    pos = 0
+    while pos < len(view):
+        n = f.readinto(view[pos : pos + chunk])
+        if not n:
+            break
+        pos += n
+    return pos
 
 
 def _find(directory: Path, stem: str) -> Path | None:
@@ -85,7 +139,9 @@ def load_fashion_mnist(directory: str | None) -> Dataset:
 @functools.lru_cache(maxsize=2)
 def _load_fashion_mnist(d: Path) -> Dataset:
     """Decoding the gzipped files takes seconds: keep the last data set in memory (tensors are not mutated)."""
-    arrays = {k: read_idx(_find(d, stem)) for k, stem in FASHION_MNIST_FILES.items()}
+    arrays = {
+        k: read_idx(_find(d, stem), ndim=3 if k.endswith("images") else 1) for k, stem in FASHION_MNIST_FILES.items()
+    }
     for split in ("train", "test"):
         n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
         if n_img != n_lab:
