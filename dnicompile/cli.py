@@ -119,6 +119,33 @@ def _os_error_message(e: OSError, args: argparse.Namespace | None) -> str | None
     return f"{flag}{where}{reason}; {hint}."
 
 
+# what torch.save's C++ writer raises when the file system refuses a write (a full disk)
+_SAVE_FAILURES = ("PytorchStreamWriter failed", "file write failed", "iostream error", "inline_container.cc")
+
+
+def _save_error_message(e: RuntimeError, args: argparse.Namespace | None) -> str | None:
+    """`--out DIR: writing a file failed (...): the disk is full` for torch.save's own write errors, else None."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 5:
+        chain.append(str(seen))
+        seen = seen.__context__
+    if not any(marker in text for text in chain for marker in _SAVE_FAILURES):
+        return None
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    out = getattr(args, "out", None) if args is not None else None
+    where = f"--out {out}: " if out else ""
+    free = ""
+    if out:
+        import shutil
+
+        with contextlib.suppress(OSError):
+            free = f" ({shutil.disk_usage(out).free:,} bytes free there)"
+    return (
+        f"{where}writing a file failed ({first}){free}; the disk is probably full: free some space or write "
+        "somewhere else."
+    )
+
+
 def _within(path: str, top: str) -> bool:
     try:
         p, t = Path(path).resolve(), Path(top).resolve()
@@ -174,14 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"dnicompile: error: {message}\n")
         return EXIT_BAD_INPUT
     except RuntimeError as e:
-        if "PytorchStreamWriter failed" in str(e) or "file write failed" in str(e):  # torch.save on a full disk
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            sys.stderr.write(
-                f"dnicompile: error: writing a file failed ({first}); is the disk full? Free some space or write "
-                "somewhere else (--out, --metrics).\n"
-            )
-            return EXIT_BAD_INPUT
-        return _internal_error(e, args)
+        message = _save_error_message(e, args)
+        if message is None:
+            return _internal_error(e, args)
+        sys.stderr.write(f"dnicompile: error: {message}\n")
+        return EXIT_BAD_INPUT
     except Exception as e:
         return _internal_error(e, args)
 

@@ -247,3 +247,57 @@ def test_every_example_spec_checks_clean(spec: str, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert code == 0, err
     assert "error" not in err
+
+
+# ----------------------------------------------------------------------------- files that cannot be written
+
+
+def test_disk_full_while_saving_names_the_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save on a full disk raises its C++ writer's RuntimeError (checked by hand on a 300 KiB tmpfs: "[enforce
+    fail at inline_container.cc:672] . unexpected pos 3008 vs 2902", from "basic_ios::clear: iostream error")."""
+    import torch
+
+    def full(*args, **kwargs):
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3008 vs 2902") from None
+
+    small_fashion_mnist(tmp_path)
+    monkeypatch.setattr(torch, "save", full)
+    argv = [str(ROOT / "examples/mlp.py"), "--spec", str(ROOT / "specs/mlp_cdni.yaml"), "--train", "--steps", "1"]
+    argv += ["--batch-size", "32", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'run'}: writing a file failed" in err and "disk is probably full" in err
+    assert "internal error" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("error", "expect"),
+    [
+        (
+            OSError(30, "Read-only file system", "/mnt/ro/run/model.pt"),
+            "--out /mnt/ro/run: /mnt/ro/run/model.pt: read-only",
+        ),
+        (OSError(28, "No space left on device"), "no space left on the device"),
+        (OSError(21, "Is a directory", "/tmp/m"), "/tmp/m: is a directory; give the path of a file"),
+        (OSError(13, "Permission denied", "/etc/x"), "/etc/x: permission denied"),
+    ],
+    ids=["read-only", "disk-full", "is-a-directory", "permission"],
+)
+def test_os_errors_name_the_path_and_the_cause(error: OSError, expect: str) -> None:
+    from argparse import Namespace
+
+    from dnicompile.cli import _os_error_message
+
+    message = _os_error_message(error, Namespace(out="/mnt/ro/run", metrics=None, emit=None, data=None))
+    assert message is not None and expect in message, message
+
+
+def test_other_os_errors_stay_internal() -> None:
+    from dnicompile.cli import _os_error_message
+
+    assert _os_error_message(ConnectionResetError(104, "Connection reset by peer"), None) is None
