@@ -137,9 +137,16 @@ class DecoupledProgram:
         """The local runtime (a StageState per stage, an interface per cut), built on first use, with
         `interface_classes` (kind or cut name -> Interface subclass) in place of the default interfaces."""
         if self._runtime is None:
-            from .runtime.local import LocalRuntime
+            self.build_runtime()
+        return self._runtime
 
-            self._runtime = LocalRuntime(self, self.interface_classes)
+    def build_runtime(self):
+        """A fresh local runtime (replacing any before). [Note: seeds] Its interfaces' models are drawn from
+        torch's global generator: every training loop seeds it with the run's seed right before building the
+        runtime, so one worker and several start from the same synthesizers."""
+        from .runtime.local import LocalRuntime
+
+        self._runtime = LocalRuntime(self, self.interface_classes)
         return self._runtime
 
     def train_step(self, *inputs: torch.Tensor, target: torch.Tensor | None = None):

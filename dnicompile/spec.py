@@ -239,7 +239,10 @@ class DistributedConfig(_Strict):
         "(`params`) or by measured forward+backward time (`time`).",
     )
     queue_depth: int = Field(
-        4, ge=1, description="Batches a stage may run ahead of the true gradients its synthesizer learns from."
+        4,
+        ge=0,
+        description="Batches a stage may run ahead of the true gradients its synthesizer learns from (0: none, "
+        "every rank waits for the true gradient of its batch before the next: the local runtime's updates).",
     )
     timeout_s: float = Field(30.0, gt=0, le=10**7, description="Seconds any rank waits for another before giving up.")
     checkpoint_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps (needs --out).")

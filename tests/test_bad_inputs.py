@@ -604,6 +604,14 @@ SECURITY_ROWS = [
         args=[*MLP_TRAIN, "--data", "{tmp}/data", "--out", "{tmp}/taken.txt/run"],
         setup=lambda tmp: (small_fashion_mnist(tmp), files({"taken.txt": "mine\n"})(tmp)),
     ),
+    Row(
+        "data-path-relative-not-found",
+        None,
+        "model: build_model\ninputs:\n  x: {shape: [2, 784]}\ncuts:\n  - after: layers.0\n"
+        "data: {name: fashion-mnist, path: no/such/fm}\n",
+        ["Fashion-MNIST not found in no/such/fm (that is, ", "data.path", "working directory"],
+        args=["{root}/examples/mlp.py", "--spec", "{spec}", "--train", "--steps", "1"],
+    ),
     # --- a model file is imported: script code at its top level is reported, not obeyed
     Row("model-calls-sys-exit", SYS_EXIT, SPEC, ["model.py:5", "called sys.exit(0)", "__main__"]),
     Row("model-raises-keyboard-interrupt", INTERRUPTS, SPEC, ["model.py:4", "KeyboardInterrupt"]),

@@ -118,7 +118,8 @@ def find_fashion_mnist(explicit: str | None) -> Path:
     for d in candidates:
         if all(_find(d, stem) for stem in FASHION_MNIST_FILES.values()):
             return d
-    looked = ", ".join(str(d) for d in candidates)
+    # a relative path is taken from the working directory (whether it came from --data or the spec's data.path)
+    looked = ", ".join(str(d) if d.is_absolute() else f"{d} (that is, {d.absolute()})" for d in candidates)
     missing = ""
     if explicit and Path(explicit).is_dir():
         absent = [s + ".gz" for s in FASHION_MNIST_FILES.values() if not _find(Path(explicit), s)]
@@ -126,7 +127,8 @@ def find_fashion_mnist(explicit: str | None) -> Path:
     elif explicit:
         missing = " (no such directory)"
     raise DataError(
-        f"Fashion-MNIST not found in {looked}{missing}. Pass --data DIR with the four IDX files "
+        f"Fashion-MNIST not found in {looked}{missing}. Pass --data DIR (or set the spec's data.path; a relative "
+        "path is taken from the working directory) with the four IDX files "
         f"({', '.join(s + '.gz' for s in FASHION_MNIST_FILES.values())}), or install Debian's package "
         "`dataset-fashion-mnist` (apt-get install dataset-fashion-mnist)."
     )

@@ -27,9 +27,9 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
     data = load_dataset(spec.data.name, cfg.data_dir or spec.data.path)
     program.to(device)
     program.train()
-    program.runtime.to(device)
+    torch.manual_seed(cfg.seed)  # as fit() does, right before the interfaces are built [Note: seeds]
+    program.build_runtime().to(device)
     worker = RankWorker(program, rank, world, placement, device, dcfg.timeout_s)
-    torch.manual_seed(cfg.seed)  # as the local runtime's fit() does
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     start = 0
     if cfg.resume:

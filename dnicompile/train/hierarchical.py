@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch.distributed as dist
 
 from ..errors import DNIError, SpecError
 from ..runtime.bptt_distributed import TAG_STATS, LowerRuntime, UpperWorker, recv_upper, send_upper
+from .launch import free_port, report_failure, run_workers, write_report
 
 
 @dataclass
@@ -152,10 +151,7 @@ def _entry(rank: int, cfg: HierarchicalRunConfig) -> None:
             (Path(cfg.error_dir) / "summary.json").write_text(json.dumps(final))
     except BaseException as e:
         if cfg.error_dir:
-            kind = "bad-input" if isinstance(e, DNIError) else "error"
-            message = str(e) if isinstance(e, DNIError) else f"{type(e).__name__}: {e}"
-            record = {"rank": rank, "kind": kind, "message": message, "detail": traceback.format_exc()}
-            (Path(cfg.error_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+            write_report(Path(cfg.error_dir), rank, "lower core" if rank == 0 else "upper core", e)
         raise
     finally:
         if dist.is_initialized():
@@ -167,8 +163,6 @@ def _entry(rank: int, cfg: HierarchicalRunConfig) -> None:
 
 def launch(cfg: HierarchicalRunConfig) -> tuple[int, dict | None]:
     """Start the two ranks on this host and wait: (exit code, rank 0's summary)."""
-    from .launch import free_port, run_workers
-
     cfg.master_port = cfg.master_port or free_port()
     with tempfile.TemporaryDirectory(prefix="dnicompile-hier-") as box:
         cfg.error_dir = box
@@ -178,14 +172,4 @@ def launch(cfg: HierarchicalRunConfig) -> tuple[int, dict | None]:
         if not failed:
             path = Path(box) / "summary.json"
             return 0, json.loads(path.read_text()) if path.exists() else None
-        errors = [json.loads(p.read_text()) for p in sorted(Path(box).glob("rank*.json"))]
-        errors.sort(key=lambda e: ("timed out or failed waiting" in e["message"], e["rank"]))
-        if not errors:
-            sys.stderr.write("dnicompile: error: a worker died without a report (killed by the system?)\n")
-            return 1, None
-        e = errors[0]
-        core = "lower" if e["rank"] == 0 else "upper"
-        sys.stderr.write(f"dnicompile: error: rank {e['rank']} ({core} core) failed: {e['message']}\n")
-        if e["kind"] != "bad-input" and os.environ.get("DNICOMPILE_TRACEBACK"):
-            sys.stderr.write(e["detail"])
-        return (2 if e["kind"] == "bad-input" else 1), None
+        return report_failure(Path(box)), None

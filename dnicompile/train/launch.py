@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DNIError
+from ..files import write_text_atomic
 from ..runtime.distributed import find_checkpoint
 from ..runtime.placement import measure_stage_costs, plan_placement
+from ..runtime.transport import PeerError
 from .data import find_fashion_mnist
 from .outputs import OUT_FILES, cli_schedule, resolve_device
 
@@ -138,13 +140,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> None:
         train_rank(program, rank, world, placement, device, cfg)
     except BaseException as e:
         if cfg.error_dir:
-            kind = "bad-input" if isinstance(e, DNIError) else "error"
-            message = str(e) if isinstance(e, DNIError) else f"{type(e).__name__}: {e}"
-            detail = "" if isinstance(e, DNIError) else traceback.format_exc()
-            path = Path(cfg.error_dir) / f"rank{rank}.json"
-            path.write_text(
-                json.dumps({"rank": rank, "stages": stage_desc, "kind": kind, "message": message, "detail": detail})
-            )
+            write_report(Path(cfg.error_dir), rank, stage_desc, e)
         raise
     finally:
         if dist.is_initialized():
@@ -209,7 +205,6 @@ def launch(cfg: RunConfig, workers: int) -> int:
     """Start `workers` processes on this host and wait; returns the exit code. If any rank fails,
     the others are stopped and the first error is printed, naming the rank and its stages. Ctrl-C
     (SIGINT) or SIGTERM stops every worker; the exit code is then 130 or 143."""
-    import sys
 
     cfg.master_port = cfg.master_port or free_port()
     with tempfile.TemporaryDirectory(prefix="dnicompile-errors-") as error_dir:
@@ -219,17 +214,52 @@ def launch(cfg: RunConfig, workers: int) -> int:
             return stop_code
         if not failed:
             return 0
-        reports = sorted(Path(error_dir).glob("rank*.json"))
-        errors = [json.loads(p.read_text()) for p in reports]
-        # the root cause is the first rank that failed for a reason other than waiting on another rank
-        errors.sort(
-            key=lambda e: ("timed out or failed waiting" in e["message"], "Connection" in e["message"], e["rank"])
-        )
-        if not errors:
-            sys.stderr.write("dnicompile: error: a worker died without a report (killed by the system?)\n")
-            return 1
-        e = errors[0]
-        sys.stderr.write(f"dnicompile: error: rank {e['rank']} ({e['stages']}) failed: {e['message']}\n")
-        if e["kind"] != "bad-input" and os.environ.get("DNICOMPILE_TRACEBACK"):
-            sys.stderr.write(e["detail"])
-        return 2 if e["kind"] == "bad-input" else 1
+        return report_failure(Path(error_dir))
+
+
+# [Note: failure reports] Each rank that fails writes rank<N>.json (atomically) with the kind of its failure,
+# decided by the exception's type: "bad-input" (a DNIError: exit 2), "peer" (it was waiting on another rank:
+# transport.PeerError or torch.distributed's own DistError, such as a connection reset by a dead peer), or
+# "error". The launcher reports the root cause: the lowest rank that failed for a reason of its own, else the
+# lowest that failed at all.
+def failure_kind(e: BaseException) -> str:
+    if isinstance(e, DNIError):
+        return "bad-input"
+    if isinstance(e, (PeerError, dist.DistError)):
+        return "peer"
+    return "error"
+
+
+def write_report(folder: Path, rank: int, where: str, e: BaseException) -> None:
+    kind = failure_kind(e)
+    message = str(e) if kind == "bad-input" else f"{type(e).__name__}: {e}"
+    detail = "" if kind == "bad-input" else traceback.format_exc()
+    record = {"rank": rank, "stages": where, "kind": kind, "message": message, "detail": detail}
+    write_text_atomic(folder / f"rank{rank}.json", json.dumps(record))
+
+
+def read_reports(folder: Path) -> list[dict]:
+    """The ranks' failure reports, root cause first; a report that cannot be read is left out."""
+    errors = []
+    for path in sorted(folder.glob("rank*.json")):
+        try:
+            errors.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    errors.sort(key=lambda e: (e.get("kind") == "peer", e.get("rank", 0)))
+    return errors
+
+
+def report_failure(folder: Path) -> int:
+    """Print the root cause of a failed run and return its exit code (2 for bad input, else 1)."""
+    import sys
+
+    errors = read_reports(folder)
+    if not errors:
+        sys.stderr.write("dnicompile: error: a worker died without a report (killed by the system?)\n")
+        return 1
+    e = errors[0]
+    sys.stderr.write(f"dnicompile: error: rank {e['rank']} ({e['stages']}) failed: {e['message']}\n")
+    if e["kind"] != "bad-input" and os.environ.get("DNICOMPILE_TRACEBACK"):
+        sys.stderr.write(e["detail"])
+    return 2 if e["kind"] == "bad-input" else 1
