@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import is_dataclass
 
 import torch
 import torch.fx as fx
@@ -36,7 +37,7 @@ def get_loss(name, where: str) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     {from_output: i} (the model returns its loss: picked out of the output, the target is not used)."""
     if not isinstance(name, str):
         key = name.from_output
-        return lambda output, target: output[key]
+        return lambda output, target: output_value(output, key)
     if name in LOSSES:
         return LOSSES[name]
     if ":" in name:
@@ -71,24 +72,58 @@ def load_loss_function(name: str, where: str) -> Callable:
     return fn
 
 
+def output_value(output, key: int | str):
+    """`loss: {from_output: key}`: the loss in the model's output, as the program's last stage returns it (a
+    dataclass or `ModelOutput` the model returns arrives there as the dict of its fields).
+
+    A name is a key of a dict or a field of a dataclass, `ModelOutput` or namedtuple; a number is a position in a
+    tuple or list, or, in a dict, a position among the values that are not None (as a `ModelOutput` indexes:
+    `out[0]` is `out.loss` when the labels are given, `out.logits` when not). Works on the fx output structure
+    of a graph as well (its constant None values are None)."""
+    if isinstance(key, str):
+        if isinstance(output, Mapping):
+            return output[key]
+        if isinstance(output, tuple) and hasattr(output, "_fields") or is_dataclass(output):
+            try:
+                return getattr(output, key)
+            except AttributeError:
+                raise KeyError(key) from None
+        raise KeyError(key)
+    if isinstance(output, Mapping):
+        if key in output:
+            return output[key]
+        return [v for v in output.values() if v is not None][key]
+    if isinstance(output, (tuple, list)):
+        return output[key]
+    raise TypeError(f"cannot index {type(output).__name__}")
+
+
 def check_output_loss(program, where: str) -> int | None:
-    """For `loss: {from_output: i, labels: name}`: check that the model's output has a scalar at `i` and that
-    `name` is a program input; return that input's index (None without `labels`)."""
+    """For `loss: {from_output: key, labels: name}`: check that the model's output has a scalar at `key` (a
+    position, a key or a field name, see output_value) and that `name` is a program input; return that input's
+    index (None without `labels`)."""
     cfg = program.spec.loss
     gm = program.stages[-1].graph_module
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    if isinstance(out, fx.Node) and out.op == "call_function" and hasattr(out.target, "_fields") and not out.kwargs:
+        out = out.target(*out.args)  # a namedtuple the graph builds by a call of its class
     try:
-        value = out[cfg.from_output]
+        value = output_value(out, cfg.from_output)
     except (IndexError, KeyError, TypeError):
-        kind = f"a tuple of {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
-        if isinstance(out, dict):
-            kind = f"a dict with keys {sorted(out)}"
-        elif isinstance(out, fx.Node):
+        output_type = getattr(program, "output_type", None)
+        if isinstance(out, fx.Node):
             kind = "a single tensor"
+        elif output_type is not None and output_type.kind != "leaf":
+            kind = output_type.describe()
+        elif isinstance(out, dict):
+            kind = f"a dict with keys {list(out)}"
+        else:
+            kind = f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
         raise SpecError(
             f"{where}: `loss: {{from_output: {cfg.from_output!r}}}`, but the model returns {kind}, which has no "
             "element there. Give the position of the loss in what forward() returns (e.g. 1 for `return logits, "
-            "loss`), or use a loss function by name (cross_entropy, ...)."
+            "loss`), its key or field name (e.g. `loss` for a ModelOutput), or use a loss function by name "
+            "(cross_entropy, ...)."
         ) from None
     meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
     if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 0:

@@ -107,22 +107,32 @@ class DecoupledProgram:
         self.example_inputs = traced.example_inputs
         # boundary tensors whose first dimension is this size are batch-major; others are batch-independent
         self.example_batch = traced.example_inputs[0].shape[0] if traced.example_inputs else None
-        self.input_names = part.input_names
+        self.input_names = tuple(traced.input_names)  # forward()'s arguments the program takes, in order
+        self.output_type = traced.output_type  # the model's output type, rebuilt from the last stage's output
         self._runtime = None
         self.interface_classes: dict[str, type] = {}
 
     # ---------------------------------------------------------------- running
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the stages on the inputs (in the order of `input_names`, or by name, as the model takes them) and
+        return what the model returns, of its type: a dataclass, namedtuple or `ModelOutput` the model returns
+        comes back as one (the last stage returns it as plain dicts and tuples)."""
         if kwargs:
             args = self._bind(args, kwargs)
         out = self.stages[0](*args)
         for stage in self.stages[1:]:
             out = stage(*out)
-        return out
+        return self.output_type.restore(out)
 
     forward = __call__
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple:
+        if len(args) > len(self.input_names):
+            raise TypeError(f"{len(args)} inputs given; the program takes {list(self.input_names)}")
+        twice = [n for n in self.input_names[: len(args)] if n in kwargs]
+        if twice:
+            raise TypeError(f"input {twice[0]!r} given twice, by position and by name")
+        kwargs = dict(kwargs)
         values = list(args)
         for name in self.input_names[len(args) :]:
             if name not in kwargs:

@@ -24,6 +24,8 @@ import logging
 import operator
 import sys
 import traceback
+from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +63,19 @@ def dropout_p(p: float, training: bool) -> float:
 
 
 def call_arguments(model: nn.Module, input_names: list[str], examples: tuple, constants: dict) -> tuple[tuple, dict]:
-    """How to call forward() with the example inputs: positionally, but keyword-only arguments by name."""
+    """How to call forward() with the example inputs: positionally up to the first argument the inputs skip
+    (it takes its default), the rest and keyword-only arguments by name, in forward()'s order."""
     params = inspect.signature(model.forward).parameters
-    keyword_only = {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY}
-    args = tuple(t for n, t in zip(input_names, examples) if n not in keyword_only)
-    kwargs = {n: t for n, t in zip(input_names, examples) if n in keyword_only} | dict(constants)
-    return args, kwargs
+    given = dict(zip(input_names, examples))
+    args, kwargs = [], {}
+    for i, (name, p) in enumerate(params.items()):
+        if name not in given:
+            continue
+        if not kwargs and p.kind != p.KEYWORD_ONLY and len(args) == i:
+            args.append(given[name])
+        else:
+            kwargs[name] = given[name]
+    return tuple(args), kwargs | dict(constants)
 
 
 def export_model(model: nn.Module, input_names: list[str], examples: tuple, constants: dict) -> Any:
@@ -144,7 +153,7 @@ def to_graph_module(model: nn.Module, ep: Any) -> fx.GraphModule:
                 f"the exported graph has a {spec.kind.name.lower()} output (`{spec.arg.name}`), which dnicompile "
                 "does not support: forward() must not modify its inputs in place."
             )
-    output.args = (pytree.tree_unflatten(user_outputs, ep.call_spec.out_spec),)
+    output.args = (_namedtuple_calls(graph, output, pytree.tree_unflatten(user_outputs, ep.call_spec.out_spec)),)
 
     if _follow_mode(graph):
         attrs["training"] = True
@@ -161,6 +170,20 @@ def to_graph_module(model: nn.Module, ep: Any) -> fx.GraphModule:
         if leaf in owner._buffers and (name.startswith("_export_constant_") or _non_persistent(model, name)):
             owner._non_persistent_buffers_set.add(leaf)
     return gm
+
+
+def _namedtuple_calls(graph: fx.Graph, output: fx.Node, value: Any) -> Any:
+    """The output structure with each namedtuple built by a call of its class (as torch.fx does for one inside
+    a container): the generated code of a graph cannot spell one inside a dict or another namedtuple."""
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        items = tuple(_namedtuple_calls(graph, output, v) for v in value)
+        with graph.inserting_before(output):
+            return graph.call_function(type(value), items)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_namedtuple_calls(graph, output, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _namedtuple_calls(graph, output, v) for k, v in value.items()}
+    return value
 
 
 def _non_persistent(model: nn.Module, name: str) -> bool:
@@ -263,7 +286,7 @@ def check_eval_mode(
         gm.train(was_training)
     names = [n for n, _ in model.named_buffers()]
     problems = []
-    leaves_e, leaves_g = pytree.tree_leaves(expected), pytree.tree_leaves(got)
+    leaves_e, leaves_g = _tensors(expected), _tensors(got)
     if len(leaves_e) != len(leaves_g):
         problems.append(f"it returns {len(leaves_g)} values where the model returns {len(leaves_e)}")
     for i, (e, g) in enumerate(zip(leaves_e, leaves_g)):
@@ -281,6 +304,24 @@ def check_eval_mode(
             "nn.Dropout / F.dropout(x, p, training=self.training), or use `trace: {frontend: fx}` if fx can "
             "trace the model."
         )
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in an output, in order: in containers, dataclasses (a ModelOutput too) and namedtuples."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if is_dataclass(value) and not isinstance(value, type):
+        if isinstance(value, Mapping):
+            items = list(value.values())
+        else:
+            items = [getattr(value, f.name) for f in fields(value) if f.init]
+    elif isinstance(value, Mapping):
+        items = list(value.values())
+    elif isinstance(value, (tuple, list)):
+        items = list(value)
+    else:
+        return []
+    return [t for v in items for t in _tensors(v)]
 
 
 # ----------------------------------------------------------------------------- symbolic sizes

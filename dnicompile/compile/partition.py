@@ -11,20 +11,26 @@ Everything here is linear in the size of the graph (plus a log factor in the num
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import networkx as nx
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
 
 from ..errors import PartitionError, did_you_mean
 from ..spec import Spec
-from .trace import gc_paused
+from .trace import gc_paused, symbolic_values
 
 COMPUTE_OPS = ("call_module", "call_function", "call_method")
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -125,31 +131,22 @@ def _partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
     cut_pos = [p for p, _ in resolved]
 
     # 2. stage of every node: how many cuts come before it in program order
-    stage_of: dict[str, int] = {}
-    shared: dict[str, tuple[int, ...]] = {}
-    output_node = nodes[-1]
-    for node in nodes:
-        if node.op == "get_attr":
-            continue
-        stage_of[node.name] = bisect.bisect_left(cut_pos, pos[node]) if node is not output_node else len(cut_pos)
-    for node in nodes:
-        if node.op == "get_attr":
-            users = sorted({stage_of[u.name] for u in node.users if u.op != "get_attr"})
-            shared[node.name] = tuple(users) or (bisect.bisect_left(cut_pos, pos[node]),)
-            stage_of[node.name] = shared[node.name][0]
+    stage_of, shared, stage_nodes = _assign(nodes, pos, cut_pos)
     num_stages = len(cut_pos) + 1
-    stage_nodes: list[list[str]] = [[] for _ in range(num_stages)]
-    for node in nodes:
-        if node.op == "get_attr":
-            for s in shared[node.name]:
-                stage_nodes[s].append(node.name)
-        else:
-            stage_nodes[stage_of[node.name]].append(node.name)
 
     # 3. every stage must compute something, or its cut does not separate the graph
     for s in range(num_stages):
         if not any(by_name[n].op in COMPUTE_OPS for n in stage_nodes[s]):
             _raise_empty_stage(s, resolved, spec, nodes)
+
+    # sizes and other non-tensor values a later stage reads are computed again there (nothing more crosses)
+    cut_nodes = [nodes[p] for p in cut_pos]
+    if _recompute_non_tensors(gm, cut_nodes, [i for _, i in resolved], spec):
+        nodes = list(gm.graph.nodes)
+        pos = {n: i for i, n in enumerate(nodes)}
+        resolved = [(pos[n], i) for n, (_, i) in zip(cut_nodes, resolved)]
+        cut_pos = [p for p, _ in resolved]
+        stage_of, shared, stage_nodes = _assign(nodes, pos, cut_pos)
 
     # 4. boundary tensors: values defined at or before a cut and used after it
     crossing: list[list[fx.Node]] = [[] for _ in cut_pos]
@@ -187,6 +184,30 @@ def _partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
         input_names=tuple(n.name for n in nodes if n.op == "placeholder"),
         tied=tied,
     )
+
+
+def _assign(nodes: list[fx.Node], pos: dict, cut_pos: list[int]):
+    """Stage of every node (how many cuts come before it), the stages reading each get_attr, each stage's nodes."""
+    stage_of: dict[str, int] = {}
+    shared: dict[str, tuple[int, ...]] = {}
+    output_node = nodes[-1]
+    for node in nodes:
+        if node.op == "get_attr":
+            continue
+        stage_of[node.name] = bisect.bisect_left(cut_pos, pos[node]) if node is not output_node else len(cut_pos)
+    for node in nodes:
+        if node.op == "get_attr":
+            users = sorted({stage_of[u.name] for u in node.users if u.op != "get_attr"})
+            shared[node.name] = tuple(users) or (bisect.bisect_left(cut_pos, pos[node]),)
+            stage_of[node.name] = shared[node.name][0]
+    stage_nodes: list[list[str]] = [[] for _ in range(len(cut_pos) + 1)]
+    for node in nodes:
+        if node.op == "get_attr":
+            for s in shared[node.name]:
+                stage_nodes[s].append(node.name)
+        else:
+            stage_nodes[stage_of[node.name]].append(node.name)
+    return stage_of, shared, stage_nodes
 
 
 def _module_paths(node: fx.Node) -> list[str]:
@@ -274,6 +295,291 @@ def _boundary_tensor(v: fx.Node, c: int, spec: Spec, spec_index: int, stage_of, 
         )
     producer = -1 if v.op == "placeholder" else stage_of[v.name]
     return BoundaryTensor(name=v.name, shape=tuple(meta.shape), dtype=meta.dtype, producer=producer)
+
+
+# ----------------------------------------------------------------------------- non-tensor values behind a cut
+
+_SIZE_METHODS = ("size", "dim", "numel")
+_SIZE_FUNCTIONS = (
+    getattr,
+    operator.getitem,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.floordiv,
+    operator.mod,
+    operator.neg,
+    torch.Size,
+    aten.sym_size.int,
+    aten.sym_numel.default,
+)
+
+
+class _NotRecomputable(Exception):
+    """Why a non-tensor value cannot be computed again behind a cut."""
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and hasattr(meta, "shape")
+
+
+def _holds_tensors(node: fx.Node) -> bool:
+    """A tuple, list or dict of tensors (a module that returns several)."""
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and not hasattr(meta, "shape")
+
+
+def _positions(graph: fx.Graph, cut_nodes: list[fx.Node]):
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    cut_pos = [pos[n] for n in cut_nodes]
+
+    def stage(n: fx.Node) -> int:
+        return len(cut_pos) if n.op == "output" else bisect.bisect_left(cut_pos, pos[n])
+
+    return nodes, pos, cut_pos, stage
+
+
+def _crossing(nodes: list[fx.Node], stage) -> list[fx.Node]:
+    """Values that are not tensors and that a later stage reads."""
+    out = []
+    for v in nodes:
+        if v.op in ("get_attr", "output") or _is_tensor(v) or not v.users:
+            continue
+        s = stage(v)
+        if any(stage(u) > s for u in v.users):
+            out.append(v)
+    return out
+
+
+def _recompute_non_tensors(gm: fx.GraphModule, cut_nodes: list[fx.Node], spec_indices: list[int], spec: Spec) -> bool:
+    """Let no value but tensors cross a cut; True if the graph changed (`cut_nodes` may change too).
+
+    - an element of a tuple of tensors (a module that returns several) that a later stage reads is taken out
+      of the tuple before the cut, and crosses as a tensor;
+    - a size (`x.size(0)`, `x.shape[:-1]`, `B * T`, a SymInt of an exported graph) is read again, in the stage
+      that uses it, from a tensor that stage receives or computes before the use, and that has that size in
+      its shape (the sizes are matched symbolically, each input dimension its own symbol, so the batch
+      dimension stays dynamic); sizes the model fixes, and other constants (None, bools, dtypes), are written in
+      as they are; a device is read from a tensor the stage has.
+    Nothing else crosses, no tensor is added to a boundary. A value that cannot be rebuilt raises PartitionError
+    with the reason (its value depends on the data in a tensor, or no tensor the stage has carries that size).
+    """
+    graph = gm.graph
+    changed = False
+    while True:  # elements of tuples, first (an element that is not a tensor is then rebuilt below)
+        nodes, pos, cut_pos, stage = _positions(graph, cut_nodes)
+        crossing = _crossing(nodes, stage)
+        if not crossing:
+            return changed
+        hoisted = False
+        for v in crossing:
+            if not _holds_tensors(v):
+                continue
+            anchor = v
+            for u in list(v.users):
+                if (
+                    stage(u) > stage(v)
+                    and u.op == "call_function"
+                    and u.target is operator.getitem
+                    and u.args[0] is v
+                    and not isinstance(u.args[1], fx.Node)
+                    and u not in cut_nodes
+                ):
+                    anchor.append(u)
+                    anchor = u
+            if anchor is not v:
+                hoisted = changed = True
+                if v in cut_nodes:  # the cut after a module that returns a tuple comes after its elements
+                    cut_nodes[cut_nodes.index(v)] = anchor
+        if not hoisted:
+            break
+
+    sym = symbolic_values(gm)
+    export_style = any(n.op == "placeholder" and "val" in n.meta for n in nodes)
+    live = _live_tensors(nodes, pos, cut_pos)
+    cache: dict = {}
+    replaced: list[fx.Node] = []
+    for v in crossing:
+        by_stage: dict[int, list[fx.Node]] = {}
+        for u in v.users:
+            if stage(u) > stage(v):
+                by_stage.setdefault(stage(u), []).append(u)
+        for s, users in sorted(by_stage.items()):
+            first = min(users, key=pos.__getitem__)
+            local = [t for t in nodes[cut_pos[s - 1] + 1 : pos[first]] if _is_tensor(t)]
+            emitter = _Emitter(graph, first, pos[first], s, live[s - 1] + local, sym, export_style, cache, v)
+            try:
+                if v not in sym.values:
+                    raise _NotRecomputable(sym.failed.get(v) or "it has no symbolic value")
+                new = emitter.value(sym.values[v])
+            except _NotRecomputable as e:
+                c = stage(v)
+                raise PartitionError(_crossing_message(v, users[0], spec, spec_indices[c], str(e))) from None
+            for u in users:
+                u.args = fx.node.map_arg(u.args, lambda n, v=v, new=new: new if n is v else n)
+                u.kwargs = fx.node.map_arg(u.kwargs, lambda n, v=v, new=new: new if n is v else n)
+        replaced.append(v)
+    _erase_dead_sizes(graph, replaced, set(cut_nodes))
+    gm.recompile()
+    return True
+
+
+def _live_tensors(nodes: list[fx.Node], pos: dict, cut_pos: list[int]) -> list[list[fx.Node]]:
+    """The tensors that cross each cut, in program order."""
+    live: list[list[fx.Node]] = [[] for _ in cut_pos]
+    for node in nodes:
+        if node.op in ("get_attr", "output") or not node.users or not _is_tensor(node):
+            continue
+        last_use = max(pos[u] for u in node.users)
+        for c in range(bisect.bisect_left(cut_pos, pos[node]), bisect.bisect_left(cut_pos, last_use)):
+            live[c].append(node)
+    return live
+
+
+def _erase_dead_sizes(graph: fx.Graph, candidates: list[fx.Node], keep: set[fx.Node]) -> None:
+    """Erase the size computations no one reads any more."""
+    work = list(candidates)
+    while work:
+        node = work.pop()
+        if node.users or node in keep or node.graph is not graph or node.op == "placeholder":
+            continue
+        pure = (node.op == "call_method" and node.target in _SIZE_METHODS) or (
+            node.op == "call_function" and node.target in _SIZE_FUNCTIONS
+        )
+        if not pure or _is_tensor(node):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        work.extend(inputs)
+
+
+class _Emitter:
+    """Builds a non-tensor value in stage `stage`, before node `before`, from the shapes of `tensors`."""
+
+    def __init__(self, graph, before, before_pos, stage, tensors, sym, export_style, cache, value_node):
+        self.graph, self.before, self.before_pos, self.stage = graph, before, before_pos, stage
+        self.tensors, self.sym, self.export_style, self.cache = tensors, sym, export_style, cache
+        self.value_node = value_node
+        self.dims: dict[fx.Node, list] = {}
+
+    def value(self, val: Any) -> Any:
+        """An fx argument (a node, a constant, or a tuple or list of them) that computes `val`."""
+        if isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat)):
+            if free_unbacked_symbols(val):
+                raise _NotRecomputable("its value depends on the values in a tensor, not only on shapes")
+            expr = _simplify(val)
+            if expr.is_number:
+                return {torch.SymInt: int, torch.SymBool: bool, torch.SymFloat: float}[type(val)](expr)
+            if isinstance(val, torch.SymInt):
+                return self.expr(expr)
+            raise _NotRecomputable(f"it is a symbolic {type(val).__name__[3:].lower()} ({expr}) computed from sizes")
+        if val is None or val is Ellipsis or isinstance(val, (bool, int, float, str)):
+            return val
+        if isinstance(val, (torch.dtype, torch.layout, torch.memory_format)):
+            return val
+        if isinstance(val, torch.Size):
+            return self.node("call_function", torch.Size, (tuple(self.value(v) for v in val),))
+        if type(val) in (tuple, list):
+            return type(val)(self.value(v) for v in val)
+        if isinstance(val, slice):
+            return slice(self.value(val.start), self.value(val.stop), self.value(val.step))
+        if isinstance(val, torch.device):
+            if not self.tensors:
+                raise _NotRecomputable("it is a device, and the stage has no tensor to read it from")
+            return self.node("call_function", getattr, (self.tensors[0], "device"))
+        if isinstance(val, torch.Tensor):
+            raise _NotRecomputable("it holds tensors: only a tensor itself can cross a cut")
+        raise _NotRecomputable(f"dnicompile cannot rebuild a {type(val).__name__} behind a cut")
+
+    def expr(self, e) -> Any:
+        """A node computing the integer sympy expression `e` from the sizes of the stage's tensors."""
+        if e.is_Integer:
+            return int(e)
+        key = (self.stage, e)
+        hit = self.cache.get(key)
+        if hit is not None and hit[1] <= self.before_pos:
+            return hit[0]
+        found = self.find(e)
+        if found is not None:
+            t, d, size = found
+            if self.export_style:
+                node = self.node("call_function", aten.sym_size.int, (t, d), val=size)
+            else:
+                node = self.node("call_method", "size", (t, d))
+        elif isinstance(e, (sympy.Add, sympy.Mul)):
+            op = operator.add if isinstance(e, sympy.Add) else operator.mul
+            parts = [self.expr(a) for a in e.args]
+            node = parts[0]
+            for part in parts[1:]:
+                node = self.node("call_function", op, (node, part))
+        elif isinstance(e, (FloorDiv, Mod, PythonMod)):
+            op = operator.floordiv if isinstance(e, FloorDiv) else operator.mod
+            node = self.node("call_function", op, (self.expr(e.args[0]), self.expr(e.args[1])))
+        else:
+            names = ", ".join(f"`{t.name}`" for t in self.tensors[:6]) + (", ..." if len(self.tensors) > 6 else "")
+            what = self.sym.inputs.get(e)
+            raise _NotRecomputable(
+                f"it is (or is computed from) the size {e}"
+                + (f", {what}," if what else "")
+                + f" and no tensor that stage {self.stage} receives or computes before its use "
+                + (f"({names}) " if names else "")
+                + "has that size in its shape"
+            )
+        if isinstance(node, fx.Node):
+            self.cache[key] = (node, self.before_pos)
+        return node
+
+    def find(self, e):
+        for t in self.tensors:
+            dims = self.dims.get(t)
+            if dims is None:
+                val = self.sym.values.get(t)
+                shape = val.shape if isinstance(val, torch.Tensor) else ()
+                dims = self.dims[t] = [(_simplify(d) if isinstance(d, torch.SymInt) else None, d) for d in shape]
+            for d, (expr, size) in enumerate(dims):
+                if expr is not None and expr == e:
+                    return t, d, size
+        return None
+
+    def node(self, op: str, target: Any, args: tuple, val: Any = None) -> fx.Node:
+        with self.graph.inserting_before(self.before):
+            node = self.graph.create_node(op, target, args)
+        node.meta["nn_module_stack"] = dict(self.before.meta.get("nn_module_stack") or {})
+        if self.value_node.meta.get("user_site"):
+            node.meta["user_site"] = self.value_node.meta["user_site"]
+        if val is not None:
+            node.meta["val"] = val
+        return node
+
+
+def _simplify(v):
+    expr = v.node.expr
+    env = getattr(v.node, "shape_env", None)
+    return env.simplify(expr) if env is not None else expr
+
+
+def _crossing_message(v: fx.Node, user: fx.Node, spec: Spec, spec_index: int, reason: str) -> str:
+    kind = getattr(v.meta.get("type"), "__name__", "non-tensor")
+    stack = _module_paths(v)
+    inside = f" in module `{stack[-1]}`" if stack else ""
+    made = v.meta.get("user_site") or v.format_node()
+    used = f" ({user.meta['user_site']})" if user.meta.get("user_site") else ""
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    hint = (
+        "keep it a tensor (no .item(), .tolist() or int() on it) so that it crosses as one, or move the cut so "
+        f"that `{v.name}` and its users are on the same side."
+    )
+    if kind in ("tuple", "list", "dict") and _holds_tensors(v):
+        hint = (
+            f"move the cut so that `{v.name}` and its users are on the same side, or read its elements before the cut."
+        )
+    return (
+        f"{spec.where('cuts', spec_index, 'after')}: {article} {kind} value crosses the cut after "
+        f"`{spec.cuts[spec_index].after}`: node `{v.name}` ({made}){inside} is used by `{user.name}`{used} behind "
+        f"the cut, and it cannot be computed again there: {reason}. Only tensors cross a cut: {hint}"
+    )
 
 
 def _tied_tensors(nodes, stage_of, shared, gm: fx.GraphModule, model: nn.Module) -> tuple[TiedTensor, ...]:

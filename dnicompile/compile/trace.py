@@ -7,16 +7,19 @@ modules a node was computed in.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import inspect
 import io
 import linecache
 import logging
+import operator
 import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import CodeType
 from typing import Any
@@ -39,6 +42,136 @@ from .model_file import user_frame
 
 
 @dataclass(frozen=True)
+class OutputType:
+    """The type and structure of what the model returns, and how to rebuild it from what the graph returns.
+
+    The graph (and so the program's last stage) returns plain containers: tuples, lists, dicts and namedtuples
+    of tensors and constants. A dataclass the model returns (a Hugging Face `ModelOutput` too) comes out of
+    the graph as the dict of its fields, a dict subclass (OrderedDict) as a dict; `restore` gives back the
+    model's own types.
+    """
+
+    kind: str = "leaf"  # leaf | tuple | list | namedtuple | dict | dataclass | mapping
+    cls: Any = None  # the namedtuple, dataclass or dict subclass
+    keys: tuple = ()  # dict keys or dataclass fields, in order
+    children: tuple[OutputType, ...] = ()
+    plain: bool = field(init=False, default=True)  # True when the graph's output already is the model's
+
+    def __post_init__(self) -> None:
+        plain = self.kind not in ("dataclass", "mapping") and all(c.plain for c in self.children)
+        object.__setattr__(self, "plain", plain)
+
+    def restore(self, value: Any) -> Any:
+        """The model's output from the graph's (plain) output."""
+        if self.plain:
+            return value
+        if self.kind in ("tuple", "list", "namedtuple"):
+            items = [c.restore(v) for c, v in zip(self.children, value)]
+            if self.kind == "namedtuple":
+                return self.cls(*items)
+            return tuple(items) if self.kind == "tuple" else items
+        items = {k: c.restore(value[k]) for k, c in zip(self.keys, self.children)}
+        if self.kind == "dataclass":
+            return self.cls(**items)
+        if self.kind == "mapping":
+            try:
+                return self.cls(items)
+            except Exception:  # a dict subclass that cannot be built from a dict (defaultdict): a dict
+                return items
+        return items
+
+    def describe(self) -> str:
+        """What the model returns, in words, for error messages."""
+        name = getattr(self.cls, "__name__", "")
+        if self.kind == "dataclass":
+            return f"a {name} with fields {list(self.keys)}"
+        if self.kind == "namedtuple":
+            return f"a {name} with fields {list(self.cls._fields)}"
+        if self.kind in ("dict", "mapping"):
+            return f"a {name or 'dict'} with keys {list(self.keys)}"
+        if self.kind in ("tuple", "list"):
+            return f"a {self.kind} of {len(self.children)}"
+        return "a single value"
+
+
+def to_plain(value: Any) -> tuple[Any, OutputType]:
+    """A model's output as plain containers (dataclasses and dict subclasses as dicts), and its OutputType."""
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        pairs = [to_plain(v) for v in value]
+        return type(value)(*(p for p, _ in pairs)), OutputType(
+            "namedtuple", type(value), (), tuple(t for _, t in pairs)
+        )
+    if type(value) in (tuple, list):
+        pairs = [to_plain(v) for v in value]
+        return type(value)(p for p, _ in pairs), OutputType(type(value).__name__, None, (), tuple(t for _, t in pairs))
+    if is_dataclass(value) and not isinstance(value, type):
+        if isinstance(value, Mapping):  # a ModelOutput: the fields it holds (those that are not None)
+            keys = list(value.keys())
+        else:
+            keys = [f.name for f in fields(value) if f.init]
+        pairs = {k: to_plain(value[k] if isinstance(value, Mapping) else getattr(value, k)) for k in keys}
+        return {k: p for k, (p, _) in pairs.items()}, OutputType(
+            "dataclass", type(value), tuple(keys), tuple(t for _, t in pairs.values())
+        )
+    if isinstance(value, dict):
+        pairs = {k: to_plain(v) for k, v in value.items()}
+        kind, cls = ("dict", None) if type(value) is dict else ("mapping", type(value))
+        return {k: p for k, (p, _) in pairs.items()}, OutputType(
+            kind, cls, tuple(pairs), tuple(t for _, t in pairs.values())
+        )
+    return value, OutputType()
+
+
+def plain_output(graph: fx.Graph) -> OutputType:
+    """Make the graph return plain containers (see OutputType); return how to rebuild the model's output.
+
+    torch.fx builds a dataclass the model returns with a call of its class, and keeps namedtuples as they are;
+    the tracer below builds a `ModelOutput` (a dataclass and a dict) and an OrderedDict with their classes too.
+    """
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    built: list[fx.Node] = []
+
+    def plain(a: Any) -> tuple[Any, OutputType]:
+        if isinstance(a, fx.Node) and a.op == "call_function" and isinstance(a.target, type):
+            cls = a.target
+            if is_dataclass(cls) and not a.args:
+                if issubclass(cls, Mapping):  # a ModelOutput holds the fields that are not None
+                    keys = [k for k, v in a.kwargs.items() if v is not None]
+                else:
+                    keys = [f.name for f in fields(cls) if f.init and f.name in a.kwargs]
+                pairs = {k: plain(a.kwargs[k]) for k in keys}
+                built.append(a)
+                return {k: p for k, (p, _) in pairs.items()}, OutputType(
+                    "dataclass", cls, tuple(keys), tuple(t for _, t in pairs.values())
+                )
+            if issubclass(cls, dict) and len(a.args) == 1 and type(a.args[0]) is dict and not a.kwargs:
+                value, inner = plain(a.args[0])
+                built.append(a)
+                return value, OutputType("mapping", cls, inner.keys, inner.children)
+        if isinstance(a, tuple) and hasattr(a, "_fields"):
+            pairs = [plain(v) for v in a]
+            return type(a)(*(p for p, _ in pairs)), OutputType("namedtuple", type(a), (), tuple(t for _, t in pairs))
+        if isinstance(a, (tuple, list)):
+            pairs = [plain(v) for v in a]
+            kind = "tuple" if isinstance(a, tuple) else "list"
+            return type(a)(p for p, _ in pairs), OutputType(kind, None, (), tuple(t for _, t in pairs))
+        if isinstance(a, dict):
+            pairs = {k: plain(v) for k, v in a.items()}
+            return {k: p for k, (p, _) in pairs.items()}, OutputType(
+                "dict", None, tuple(pairs), tuple(t for _, t in pairs.values())
+            )
+        return a, OutputType()
+
+    value, out_type = plain(output.args[0])
+    if built:
+        output.args = (value,)
+        for node in reversed(built):
+            if not node.users:
+                graph.erase_node(node)
+    return out_type
+
+
+@dataclass(frozen=True)
 class Traced:
     """A traced model: its graph module (sharing the model's parameters) and the example inputs used."""
 
@@ -47,6 +180,7 @@ class Traced:
     example_inputs: tuple[torch.Tensor, ...]
     frontend: str  # "fx" or "export"
     frontend_reason: str = ""  # why that front end, for the stage table
+    output_type: OutputType = OutputType()  # how the program rebuilds the model's output type
 
 
 class _Tracer(fx.Tracer):
@@ -67,6 +201,17 @@ class _Tracer(fx.Tracer):
         node = super().create_node(*args, **kwargs)
         node.meta.setdefault("user_site", _user_site())  # `file:line: code` in the user's model, for errors
         return node
+
+    def create_arg(self, a: Any) -> Any:
+        # torch.fx makes a plain dict of any dict: keep the class of a ModelOutput (a dataclass that is also a
+        # dict) and of an OrderedDict, by building them with a call of their class, as it does for a dataclass
+        if isinstance(a, dict) and type(a) is not dict:
+            if is_dataclass(a):
+                kwargs = {f.name: self.create_arg(getattr(a, f.name)) for f in fields(a) if f.init}
+                return self.create_node("call_function", type(a), (), kwargs)
+            if isinstance(a, collections.OrderedDict):
+                return self.create_node("call_function", type(a), (super().create_arg(dict(a)),), {})
+        return super().create_arg(a)
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))
@@ -158,13 +303,22 @@ def example_inputs_for(model: nn.Module, spec: Spec, example_inputs: Any) -> tup
                 f"{type(model).__name__}.forward{did_you_mean(key, names)}; its arguments are {names}."
             )
     used = [n for n in names if n in spec.inputs]
-    missing = [n for n in names[: len(used)] if n not in spec.inputs]
+    # an argument the inputs skip takes its default (`input_ids, attention_mask` skip `past_key_values`)
+    defaults = _defaults(model)
+    last = names.index(used[-1]) if used else -1
+    missing = [n for n in names[:last] if n not in spec.inputs and n not in defaults]
     if missing:
         raise SpecError(
             f"{spec.where('inputs')}: forward() argument `{missing[0]}` comes before "
-            f"{used[-1]!r} but has no entry under `inputs:`; add one."
+            f"{used[-1]!r}, has no default value and no entry under `inputs:`; add one."
         )
     return used, tuple(make_example(spec.inputs[n]) for n in used)
+
+
+def _defaults(model: nn.Module) -> dict[str, Any]:
+    """forward()'s arguments that have a default value, with it."""
+    params = inspect.signature(model.forward).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 @contextlib.contextmanager
@@ -191,17 +345,19 @@ def _trace(model: nn.Module, spec: Spec, example_inputs: Any) -> Traced:
     names, examples = example_inputs_for(model, spec, example_inputs)
     frontend = spec.trace.frontend
     if frontend == "export":
-        gm = _export(model, names, examples, spec)
+        gm, output_type = _export(model, names, examples, spec)
         reason = "as the spec asks"
     else:
         try:
-            gm = _symbolic_trace(model, spec)
+            gm = _symbolic_trace(model, spec, names)
+            output_type = plain_output(gm.graph)
+            gm.recompile()
             reason = "as the spec asks" if frontend == "fx" else "auto: torch.fx traced the model"
         except _FxTraceError as fx_error:
             if frontend == "fx":
                 raise ModelError(str(fx_error)) from None
             try:
-                gm = _export(model, names, examples, spec)
+                gm, output_type = _export(model, names, examples, spec)
             except _ExportError as export_error:
                 raise ModelError(_both_failed(model, spec, fx_error, export_error)) from None
             reason = f"auto: torch.fx failed{fx_error.short}, torch.export worked"
@@ -213,7 +369,7 @@ def _trace(model: nn.Module, spec: Spec, example_inputs: Any) -> Traced:
         from .export import check_eval_mode
 
         check_eval_mode(model, gm, names, examples, dict(spec.trace.concrete_args))
-    return Traced(gm, tuple(names), examples, frontend, reason)
+    return Traced(gm, tuple(names), examples, frontend, reason, output_type)
 
 
 class _FxTraceError(Exception):
@@ -229,12 +385,13 @@ class _ExportError(Exception):
     """torch.export could not export the model."""
 
 
-def _export(model: nn.Module, names: list[str], examples: tuple, spec: Spec) -> fx.GraphModule:
+def _export(model: nn.Module, names: list[str], examples: tuple, spec: Spec) -> tuple[fx.GraphModule, OutputType]:
     from .export import export_failure, export_model, to_graph_module
 
     constants = dict(spec.trace.concrete_args)
     try:
-        ep = export_model(model, names, examples, constants)
+        with _plain_forward(model) as seen:
+            ep = export_model(model, names, examples, constants)
     except Exception as e:
         reason = export_failure(e)
         if spec.trace.frontend == "export":
@@ -245,7 +402,33 @@ def _export(model: nn.Module, names: list[str], examples: tuple, spec: Spec) -> 
                 "torch operations (torch.where, torch.cond), or try `trace: {frontend: fx}`."
             ) from None
         raise _ExportError(reason) from None
-    return to_graph_module(model, ep)
+    return to_graph_module(model, ep), seen.get("output_type", OutputType())
+
+
+@contextlib.contextmanager
+def _plain_forward(model: nn.Module):
+    """While exporting, the model's forward returns plain containers (torch.export refuses a dataclass it does not
+    know); the OutputType of what it really returns lands in the dict this yields, as `output_type`."""
+    import functools
+
+    seen: dict[str, OutputType] = {}
+    had = "forward" in model.__dict__
+    own = model.__dict__.get("forward")
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def plain_forward(*args: Any, **kwargs: Any) -> Any:
+        out, seen["output_type"] = to_plain(forward(*args, **kwargs))
+        return out
+
+    model.forward = plain_forward
+    try:
+        yield seen
+    finally:
+        if had:
+            model.forward = own
+        else:
+            del model.forward
 
 
 def _both_failed(model: nn.Module, spec: Spec, fx_error: _FxTraceError, export_error: _ExportError) -> str:
@@ -261,7 +444,7 @@ def _both_failed(model: nn.Module, spec: Spec, fx_error: _FxTraceError, export_e
     )
 
 
-def _symbolic_trace(model: nn.Module, spec: Spec) -> fx.GraphModule:
+def _symbolic_trace(model: nn.Module, spec: Spec, inputs: list[str]) -> fx.GraphModule:
     modules = dict(model.named_modules())
     classes = {type(m).__name__ for m in modules.values()}
     for i, leaf in enumerate(spec.trace.leaf_modules):
@@ -277,9 +460,11 @@ def _symbolic_trace(model: nn.Module, spec: Spec) -> fx.GraphModule:
                 f"{spec.where('trace', 'concrete_args', key)}: concrete arg `{key}` is not an argument of "
                 f"{type(model).__name__}.forward{did_you_mean(key, arg_names)}; its arguments are {arg_names}."
             )
+    # the arguments that are not inputs of the program take their default values
+    concrete = {n: v for n, v in _defaults(model).items() if n not in inputs} | dict(spec.trace.concrete_args)
     tracer = _Tracer(spec.trace.leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=spec.trace.concrete_args or None)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
         where = user_frame(e.__traceback__)
         inside = next((p for p in reversed(tracer.failed_in or []) if p), "")
@@ -293,11 +478,36 @@ def _symbolic_trace(model: nn.Module, spec: Spec) -> fx.GraphModule:
             f" at {_short_path(where.split(' in ')[0])}" if where else f" ({type(e).__name__})",
             inside,
         ) from None
+    _drop_concrete_inputs(graph, arg_names, concrete)
     name = type(model).__name__
     # the whole model's Python code is never run (the stages are), so generate it only if someone asks
     gm = _LazyGraphModule(tracer.root, graph, name)
     keep_non_persistent(model, gm)
     return gm
+
+
+def _drop_concrete_inputs(graph: fx.Graph, arg_names: list[str], concrete: dict[str, Any]) -> None:
+    """torch.fx keeps an input for each concrete argument, with a check that it has its fixed value: put the
+    value in its place and drop the input, so that the graph takes the program's inputs and nothing else."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(arg_names):  # *args or **kwargs in forward(): leave the graph as it is
+        return
+    for ph, name in zip(placeholders, arg_names):
+        if name not in concrete:
+            continue
+        for user in list(ph.users):
+            if user.target is fx._symbolic_trace._assert_is_none:
+                graph.erase_node(user)
+            elif user.target is operator.eq and all(u.target is torch._assert for u in user.users):
+                for check in list(user.users):
+                    graph.erase_node(check)
+                graph.erase_node(user)
+        value = concrete[name]
+        for user in list(ph.users):
+            user.args = fx.node.map_arg(user.args, lambda n, ph=ph, value=value: value if n is ph else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n, ph=ph, value=value: value if n is ph else n)
+        if not ph.users:
+            graph.erase_node(ph)
 
 
 def _short_path(site: str) -> str:
@@ -488,3 +698,90 @@ def propagate_shapes(gm: fx.GraphModule, examples: tuple[torch.Tensor, ...], spe
 def _target_name(node: fx.Node) -> str:
     t = node.target
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+# ----------------------------------------------------------------------------- symbolic sizes
+
+
+@dataclass
+class SymbolicValues:
+    """The value of every node with symbolic sizes: tensors as fake tensors whose dimensions are sympy
+    expressions over the inputs' dimensions, sizes as SymInts. `failed` says why a node has none (its value
+    depends on tensor data, or an input it reads has none)."""
+
+    values: dict[fx.Node, Any]
+    failed: dict[fx.Node, str]
+    inputs: dict[Any, str]  # symbol -> `dimension d of input x`, for messages
+
+
+def symbolic_values(gm: fx.GraphModule) -> SymbolicValues:
+    """The graph's values with every dimension of every input symbolic, so that a size read at one tensor can
+    be found again in another.
+
+    An exported graph has them in `node.meta["val"]` (the batch dimension dynamic). For an fx graph, run it on
+    fake tensors with a symbol per input dimension (no duck sizing: a batch of 16 and 16 features are two
+    symbols); sizes the model fixes (a Linear's in_features) become numbers.
+    """
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if placeholders and all("val" in n.meta for n in placeholders):
+        values = {n: n.meta["val"] for n in nodes if "val" in n.meta}
+        return SymbolicValues(values, {}, _input_symbols(placeholders, values))
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
+    tensors = [*gm.parameters(), *gm.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    interp = fx.Interpreter(gm)
+    interp.extra_traceback = False
+    values: dict[fx.Node, Any] = {}
+    failed: dict[fx.Node, str] = {}
+    buffers = [(b, b.clone()) for b in gm.buffers() if not isinstance(b, FakeTensor) and not b.is_meta]
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    was_disabled, fake_log.disabled = fake_log.disabled, True
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), contextlib.redirect_stderr(io.StringIO()):
+            for node in nodes:
+                if node.op == "placeholder":
+                    meta = node.meta.get("tensor_meta")
+                    if meta is None or not hasattr(meta, "shape"):
+                        failed[node] = "it is not a tensor input"
+                        continue
+                    dims = [DimDynamic.DYNAMIC] * len(meta.shape)
+                    ex = torch.empty(meta.shape, dtype=meta.dtype, device="meta")
+                    fake = mode.from_tensor(ex, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+                    with mode:
+                        values[node] = fake.to(device)
+                    continue
+                missing = next((a for a in node.all_input_nodes if a not in values), None)
+                if missing is not None:
+                    failed[node] = failed.get(missing, "") or f"node `{missing.name}` has no value"
+                    continue
+                interp.env = {a: values[a] for a in node.all_input_nodes}
+                try:
+                    with mode:
+                        values[node] = interp.run_node(node)
+                except Exception as e:
+                    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    data = "data-dependent" in str(e) or "DataDependent" in type(e).__name__
+                    failed[node] = (
+                        f"`{node.name}` depends on the values in a tensor, not only on shapes"
+                        if data
+                        else f"`{node.name}` could not run on symbolic shapes ({type(e).__name__}: {text})"
+                    )
+    finally:
+        fake_log.disabled = was_disabled
+        for b, saved in buffers:
+            b.copy_(saved)
+    return SymbolicValues(values, failed, _input_symbols(placeholders, values))
+
+
+def _input_symbols(placeholders: list[fx.Node], values: dict) -> dict[Any, str]:
+    out = {}
+    for ph in placeholders:
+        val = values.get(ph)
+        if isinstance(val, torch.Tensor):
+            for d, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt):
+                    out.setdefault(size.node.expr, f"dimension {d} of input `{ph.name}`")
+    return out
