@@ -89,14 +89,6 @@ class ExportSizeModel(nn.Module):
         return out.flatten(1), torch.arange(B)
 
 
-def _grads_equal(model, program_model, x) -> None:
-    def loss(out):
-        return sum(t.float().pow(2).sum() for t in (out if isinstance(out, tuple) else (out,)) if t.is_floating_point())
-
-    loss(model(x)).backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("frontend", FRONTENDS)
 def test_size_after_a_cut(frontend):
     torch.manual_seed(0)
@@ -151,6 +143,50 @@ def test_size_model_trains_decoupled(frontend):
         result = program.train_step(torch.randn(batch, 16), torch.randn(batch, 16))
         assert torch.isfinite(torch.tensor(result.loss))
         assert result.output.shape == (batch, 16)
+
+
+class WithAux(nn.Module):
+    """A leaf module that returns a tensor and None."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x), None
+
+
+class OtherValues(nn.Module):
+    """Unpacked sizes, a dimension count, a bool and a None, read before the cut and used after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = WithAux()
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        ndim = x.dim()
+        is_float = x.is_floating_point()
+        h, bias = self.m(x)
+        h = F.linear(h.relu(), self.head.weight, bias)  # bias is None
+        return h.reshape(B * T, C) * ndim * is_float
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_other_non_tensor_values_after_a_cut(frontend):
+    model = OtherValues()
+    spec = {
+        "inputs": {"x": {"shape": [4, 5, 8]}},
+        "cuts": [{"after": "m"}],
+        "trace": {"frontend": frontend, "leaf_modules": ["m"] if frontend == "fx" else []},
+    }
+    program = compile_decoupled(model, spec)
+    assert [b.shape for b in program.cuts[0].boundary] == [(4, 5, 8)]
+    # torch.export fixes every dimension but the batch; the fx program reads T again too
+    for shape in ((2, 5, 8), (6, 5, 8)) if frontend == "export" else ((2, 3, 8), (6, 7, 8)):
+        x = torch.randn(shape)
+        assert torch.allclose(program(x), model(x))
 
 
 class Reduce(nn.Module):
@@ -334,6 +370,28 @@ def test_keyword_inputs(frontend):
         program(ids, input_ids=ids, attention_mask=mask, labels=labels)
     result = program.train_step(ids, mask, labels)
     assert result.loss == pytest.approx(got.loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_keyword_inputs_with_a_concrete_flag(frontend):
+    """A flag fixed by `trace: {concrete_args: ...}` (`use_cache: false`, `return_dict: false`) is not an input."""
+    torch.manual_seed(0)
+    model = KeywordModel()
+    spec = {
+        "inputs": {
+            "input_ids": {"shape": [4, 6], "dtype": "int64", "high": 50},
+            "labels": {"shape": [4, 6], "dtype": "int64", "high": 50},
+        },
+        "cuts": [{"after": "block"}],
+        "loss": {"from_output": 0, "labels": "labels"},
+        "trace": {"frontend": frontend, "concrete_args": {"return_dict": False}},
+    }
+    program = compile_decoupled(model, spec)
+    assert program.input_names == ("input_ids", "labels")
+    ids, labels = torch.randint(0, 50, (3, 6)), torch.randint(0, 50, (3, 6))
+    got = program(ids, labels=labels)
+    assert _same(got, model(ids, labels=labels, return_dict=False))
+    assert program.train_step(ids, labels).loss == pytest.approx(got[0].item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- Hugging Face ModelOutput

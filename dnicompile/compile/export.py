@@ -115,7 +115,14 @@ def to_graph_module(model: nn.Module, ep: Any) -> fx.GraphModule:
     for spec in sig.input_specs:
         node = placeholders[spec.arg.name]
         if spec.kind == InputKind.USER_INPUT:
-            if not isinstance(node.meta.get("val"), torch.Tensor):
+            val = node.meta.get("val")
+            if val is None or isinstance(val, (bool, int, float, str)):  # a concrete arg: torch.export fixed it
+                for user in list(node.users):
+                    user.args = fx.node.map_arg(user.args, lambda n, node=node, val=val: val if n is node else n)
+                    user.kwargs = fx.node.map_arg(user.kwargs, lambda n, node=node, val=val: val if n is node else n)
+                graph.erase_node(node)
+                continue
+            if not isinstance(val, torch.Tensor):
                 raise ModelError(
                     f"input `{node.name}` of the exported graph is not a tensor; give it in concrete_args."
                 )
