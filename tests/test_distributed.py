@@ -25,9 +25,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _cli(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _cli(*argv: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real console entry point, so worker processes and exit codes are what a user sees."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     cmd = [sys.executable, "-m", "dnicompile", *argv, "--data", str(DATA)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
@@ -66,27 +66,25 @@ def test_exact_cuts_on_two_workers_equal_the_local_runtime(tmp_path):
 
 def test_synthetic_cuts_on_two_workers_with_no_queue_equal_the_local_runtime(tmp_path):
     """cDNI with `queue_depth: 0`: every rank waits for the true gradient of its batch, so each synthesizer
-    learns in the same order as in one process, and the run ends with the local runtime's parameters. The
-    synthesizers are MLPs, whose first layers are random: they start from the same seed in both runtimes
-    ([Note: seeds]). SGD everywhere, as in the exact-cut test above."""
+    learns in the same order as in one process, and the run ends with exactly the local runtime's parameters
+    (the local run on one thread, as each worker is, so that the float sums are the same). The synthesizers are
+    MLPs, whose first layers are random: they start from the same seed in both runtimes ([Note: seeds])."""
     spec = _small_spec(tmp_path, "specs/mlp_cdni.yaml", "distributed: {queue_depth: 0}\n")
-    text = spec.read_text().replace("{optimizer: {name: Adam, lr: 1.0e-3}}", SGD)
-    text = text.replace(
-        "{model: linear, condition_on_labels: true, optimizer: {name: Adam, lr: 1.0e-3}}",
-        "{model: mlp, hidden: 64, condition_on_labels: true, optimizer: {name: SGD, lr: 0.01}}",
+    text = spec.read_text().replace(
+        "{model: linear, condition_on_labels: true,", "{model: mlp, hidden: 64, condition_on_labels: true,"
     )
-    assert "Adam" not in text and "model: mlp" in text
+    assert "model: mlp" in text
     spec.write_text(text)
-    common = ["examples/mlp.py", "--spec", str(spec), "--train", "--steps", "12", "--batch-size", "64", "--seed", "5"]
-    local = _cli(*common, "--out", str(tmp_path / "local"))
+    common = ["examples/mlp.py", "--spec", str(spec), "--train", "--steps", "30", "--batch-size", "64", "--seed", "5"]
+    local = _cli(*common, "--out", str(tmp_path / "local"), env={"OMP_NUM_THREADS": "1"})
     assert local.returncode == 0, local.stderr
     two = _cli(*common, "--workers", "2", "--out", str(tmp_path / "dist"))
     assert two.returncode == 0, two.stderr
     a, b = _state(tmp_path / "local/model.pt"), _state(tmp_path / "dist/model.pt")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
-    # not a vacuous equality: both trained the first stage (it moved from its initial weights)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    # not a vacuous equality: the first stage, trained by its synthetic gradient alone, moved
     module_spec = importlib.util.spec_from_file_location("mlp_example", ROOT / "examples/mlp.py")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
