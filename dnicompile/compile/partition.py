@@ -372,6 +372,8 @@ def _recompute_non_tensors(gm: fx.GraphModule, cut_nodes: list[fx.Node], spec_in
         nodes, pos, cut_pos, stage = _positions(graph, cut_nodes)
         crossing = _crossing(nodes, stage)
         if not crossing:
+            if changed:
+                gm.recompile()
             return changed
         hoisted = False
         for v in crossing:

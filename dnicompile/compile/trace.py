@@ -460,8 +460,10 @@ def _symbolic_trace(model: nn.Module, spec: Spec, inputs: list[str]) -> fx.Graph
                 f"{spec.where('trace', 'concrete_args', key)}: concrete arg `{key}` is not an argument of "
                 f"{type(model).__name__}.forward{did_you_mean(key, arg_names)}; its arguments are {arg_names}."
             )
-    # the arguments that are not inputs of the program take their default values
-    concrete = {n: v for n, v in _defaults(model).items() if n not in inputs} | dict(spec.trace.concrete_args)
+    # the arguments that are not inputs of the program take their default values (plain constants: None, a flag)
+    simple = (type(None), bool, int, float, str)
+    defaults = {n: v for n, v in _defaults(model).items() if n not in inputs and isinstance(v, simple)}
+    concrete = defaults | dict(spec.trace.concrete_args)
     tracer = _Tracer(spec.trace.leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
