@@ -203,7 +203,8 @@ def run_one(job: dict, configure=None) -> dict:
     import torch
 
     from dnicompile import compile_decoupled
-    from dnicompile.train.feedforward import TrainOptions, fit
+    from dnicompile.train.loop import FitOptions, fit
+    from dnicompile.train.tasks import Classification
 
     torch.set_num_threads(1)
     spec = job["spec"]
@@ -213,11 +214,11 @@ def run_one(job: dict, configure=None) -> dict:
     program = compile_decoupled(model, spec)
     if configure is not None:
         configure(program)
-    opts = TrainOptions(
+    opts = FitOptions(
         steps=job["steps"], batch_size=job["batch_size"], eval_every=job["eval_every"], seed=job["seed"], log_every=50
     )
     start = time.perf_counter()
-    summary = fit(program, _DATA, opts)
+    summary = fit(program, Classification(_DATA), opts)
     elapsed = time.perf_counter() - start
     rows = summary["rows"]
     curve = [(r["step"], r["test_accuracy"]) for r in rows if "test_accuracy" in r]

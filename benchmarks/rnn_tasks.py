@@ -95,22 +95,19 @@ def run_job(job: dict) -> dict:
     from dnicompile.compile.model_file import build_model
     from dnicompile.recurrent import compile_recurrent
     from dnicompile.spec import load_spec
-    from dnicompile.train.recurrent import RecurrentOptions, fit_recurrent
+    from dnicompile.train.loop import FitOptions, fit
+    from dnicompile.train.recurrent import recurrent_task
 
     torch.set_num_threads(1)
     spec = load_spec(job["spec"])
     torch.manual_seed(spec.train.seed)
     model = build_model(ROOT / "examples" / job["example"], spec.model, spec.model_args)
     program = compile_recurrent(model, spec)
-    opts = RecurrentOptions(
-        steps=spec.train.steps,
-        batch_size=spec.train.batch_size,
-        eval_every=spec.train.eval_every,
-        seed=spec.train.seed,
-        data=spec.data.path,
+    opts = FitOptions(
+        steps=spec.train.steps, batch_size=spec.train.batch_size, eval_every=spec.train.eval_every, seed=spec.train.seed
     )
     start = time.perf_counter()
-    summary = fit_recurrent(program, opts)
+    summary = fit(program, recurrent_task(spec.data, spec.data.path, opts.seed), opts)
     rows = summary.pop("rows")
     cos = [r["cosine"]["bptt"] for r in rows if "bptt" in r.get("cosine", {})]
     if cos:

@@ -17,8 +17,8 @@ from rich.console import Console
 from ..files import write_atomic
 from ..runtime.distributed import RankWorker, find_checkpoint, load_checkpoint, save_checkpoint
 from .data import Batches, load_dataset
-from .feedforward import _shape_batch
 from .outputs import MetricsWriter, plot_curves
+from .tasks import shape_batch
 
 
 def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
@@ -52,7 +52,7 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
     paused = 0.0  # seconds spent in evaluation and checkpoints: `train_s` is elapsed_s without them
     for step in range(start, cfg.steps):
         x, y = batches.next()
-        x, y = _shape_batch(program, x).to(device), y.to(device)
+        x, y = shape_batch(program, x).to(device), y.to(device)
         done = step + 1
         evaluating = done % cfg.eval_every == 0 or done == cfg.steps
         checkpointing = out_dir is not None and bool(dcfg.checkpoint_every) and done % dcfg.checkpoint_every == 0

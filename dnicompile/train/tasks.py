@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
+from ..errors import DataError, DNIError, SpecError
+from .data import Batches
+from .loop import Task
 
 LN2 = math.log(2.0)
 
@@ -260,3 +262,231 @@ def _run_with_upper(program, x, state, upper_state, time: int):
             times.append(time + t)
     up = {"preds": torch.stack(preds, 1) if preds else None, "times": times}
     return logits, state, upper_state, up
+
+
+# --------------------------------------------------------------------------- the loop's plug-ins
+# [Note: one loop] in train/loop.py: each data set the command line knows is a Task of the one training loop.
+class Classification(Task):
+    """Labelled samples (Fashion-MNIST): batches drawn with the run's seed, training accuracy on each batch,
+    test accuracy and cross-entropy on the held-out set at each evaluation."""
+
+    name = "classification"
+
+    def __init__(self, data):
+        self.data = data
+        self.loss_avg = self.acc_avg = None
+        self.test_accuracy = None
+
+    def setup(self, program, device, options, console) -> None:
+        super().setup(program, device, options, console)
+        self.batches = Batches(self.data.train_x, self.data.train_y, options.batch_size, options.seed)
+
+    def next(self):
+        x, y = self.batches.next()
+        return shape_batch(self.program, x).to(self.device), y.to(self.device)
+
+    def step(self, program, batch):
+        return program.train_step(*batch)
+
+    def measure(self, result, batch) -> dict:
+        acc = float((result.output.argmax(-1) == batch[1]).float().mean())
+        self.loss_avg = result.loss if self.loss_avg is None else 0.9 * self.loss_avg + 0.1 * result.loss
+        self.acc_avg = acc if self.acc_avg is None else 0.9 * self.acc_avg + 0.1 * acc
+        self.batch_size = len(batch[0])
+        fields = {"train_accuracy": acc}
+        if result.input_loss:
+            fields["input_loss"] = result.input_loss
+        return fields
+
+    def status(self, rate: float) -> str:
+        return f"loss {self.loss_avg:.3f} acc {self.acc_avg:.3f} {rate / self.batch_size:.1f} steps/s"
+
+    def evaluate(self, program, step: int):
+        acc, loss = evaluate_classifier(program, self.data.test_x, self.data.test_y, self.device)
+        self.test_accuracy = acc
+        line = f"step {step:>6}: train loss {self.loss_avg:.4f}, test accuracy {acc:.4f}"
+        return {"loss": self.loss_avg, "test_accuracy": acc, "test_loss": loss}, line
+
+    def summary(self) -> dict:
+        return {"test_accuracy": self.test_accuracy}
+
+
+def shape_batch(program, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a batch of images to the program's first input, e.g. (B, 1, 28, 28) -> (B, 784)."""
+    info = program.stages[0].inputs[0]
+    per_sample = tuple(info.shape[1:])
+    if math.prod(per_sample) != math.prod(x.shape[1:]):
+        raise DNIError(
+            f"the data's samples have shape {tuple(x.shape[1:])} but the model's input `{info.name}` expects "
+            f"{per_sample} per sample; fix `inputs:` in the spec."
+        )
+    return x.reshape(x.shape[0], *per_sample).to(info.dtype)
+
+
+@torch.no_grad()
+def evaluate_classifier(program, x, y, device, batch_size: int = 1000) -> tuple[float, float]:
+    """Test accuracy and mean cross-entropy, with every stage in eval mode."""
+    program.eval()
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(x), batch_size):
+        xb = shape_batch(program, x[i : i + batch_size]).to(device)
+        yb = y[i : i + batch_size].to(device)
+        out = program(xb)
+        correct += int((out.argmax(-1) == yb).sum())
+        loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
+    program.train()
+    return correct / len(x), loss_sum / len(x)
+
+
+def _recurrent_fields(result) -> dict:
+    return {"aux_loss": result.aux_loss} if result.aux_loss is not None else {}
+
+
+class CopyCurriculum(Task):
+    """Copy or Repeat-Copy with the curriculum: the sequence length grows as the error falls; a log line also
+    whenever it grows; the summary's `solved_length` is the longest length solved."""
+
+    def __init__(self, config, seed: int):
+        self.name = config.name
+        self.task = CopyTask(
+            config.bits, repeat=config.name == "repeat_copy", max_repeats=config.max_repeats, seed=seed
+        )
+        self.curriculum = Curriculum(config.start_length, config.max_length, config.threshold, config.window)
+        self.err_avg, self.grew = None, False
+
+    def setup(self, program, device, options, console) -> None:
+        super().setup(program, device, options, console)
+        if program.upper is not None:
+            raise SpecError(
+                f"{program.spec.where('recurrent', 'upper')}: the upper core predicts the next characters of a text; "
+                "train a hierarchical program on `data: text`."
+            )
+        check_recurrent_sizes(program, self.task.input_size, self.task.output_size, self.name)
+
+    def next(self):
+        b = self.task.batch(self.options.batch_size, self.curriculum.length)
+        return b.x.to(self.device), b.y.to(self.device), b.mask.to(self.device)
+
+    def step(self, program, batch):
+        return program.train_step(*batch)
+
+    def measure(self, result, batch) -> dict:
+        error = self.task.error_bits(result.output, batch[1], batch[2])
+        self.err_avg = error if self.err_avg is None else 0.9 * self.err_avg + 0.1 * error
+        length = self.curriculum.length
+        self.grew = self.curriculum.update(error)
+        return {
+            **_recurrent_fields(result),
+            "error_bits": error,
+            "length": length,
+            "solved_length": self.curriculum.solved_length,
+        }
+
+    def log_now(self) -> bool:
+        return self.grew
+
+    def note(self, step: int) -> str | None:
+        if self.grew:
+            return f"step {step:>6}: solved length {self.curriculum.solved_length}, now {self.curriculum.length}"
+        return None
+
+    def status(self, rate: float) -> str:
+        c = self.curriculum
+        return f"length {c.length} solved {c.solved_length} error {self.err_avg:.3f} bits"
+
+    def evaluate(self, program, step: int):
+        c = self.curriculum
+        return {"solved_length": c.solved_length, "length": c.length, "error_bits": c.average}, None
+
+    def summary(self) -> dict:
+        c = self.curriculum
+        # error_bits: at `length`, over the last `window` batches
+        return {"task": self.name, "solved_length": c.solved_length, "length": c.length, "error_bits": c.average}
+
+
+class TextTask(Task):
+    """Character-level text: B streams read `seq_len` characters at a time, the state carried between chunks;
+    held-out bits per character (and the upper core's, for a hierarchical program) at each evaluation."""
+
+    name = "text"
+    rate_key = "chars_per_s"
+
+    def __init__(self, config, path: str | None):
+        self.config, self.path = config, path
+        self.bpc_avg = None
+        self.scores: dict = {"bpc": None}
+
+    def setup(self, program, device, options, console) -> None:
+        super().setup(program, device, options, console)
+        d = self.config
+        data = load_text(self.path, d.split)
+        check_recurrent_sizes(program, None, data.vocab_size, "text")
+        lookahead = program.upper.horizon - 1 if program.upper is not None else 0
+        self.streams = TextStreams(data.train, options.batch_size, d.seq_len, lookahead)
+        self.valid = data.valid[: d.eval_chars] if d.eval_chars else data.valid
+        console.print(
+            f"text {data.source}: {len(data.train)} training / {len(data.valid)} held-out characters, "
+            f"{data.vocab_size} symbols; {options.batch_size} streams of {d.seq_len} characters per step",
+            highlight=False,
+        )
+
+    def next(self):
+        x, y, first = self.streams.next()
+        return x.to(self.device), y.to(self.device), first
+
+    def step(self, program, batch):
+        x, y, first = batch
+        return program.train_step(x, y, start=first, end=False)
+
+    def count(self, batch) -> int:
+        return batch[0].numel()
+
+    def measure(self, result, batch) -> dict:
+        train_bpc = result.loss / LN2
+        self.bpc_avg = train_bpc if self.bpc_avg is None else 0.95 * self.bpc_avg + 0.05 * train_bpc
+        fields = {**_recurrent_fields(result), "train_bpc": train_bpc}
+        if result.upper_loss is not None:
+            fields["upper_train_bpc"] = result.upper_loss / LN2
+        return fields
+
+    def status(self, rate: float) -> str:
+        return f"train bpc {self.bpc_avg:.3f}"
+
+    def evaluate(self, program, step: int):
+        self.scores = evaluate_text(program, self.valid, device=self.device)
+        up = f", upper {self.scores['upper_bpc']:.4f}" if "upper_bpc" in self.scores else ""
+        line = f"step {step:>6}: train bpc {self.bpc_avg:.4f}, held-out bpc {self.scores['bpc']:.4f}{up}"
+        return {**self.scores, "train_bpc_avg": self.bpc_avg}, line
+
+    def summary(self) -> dict:
+        return {"task": "text", **self.scores}
+
+
+def check_recurrent_sizes(program, inputs: int | None, outputs: int, what: str) -> None:
+    """The model's input and output sizes must fit the data set; say which model_args to change."""
+    where = program.spec.where("model_args")
+    x_size = None
+    core = program.core.module
+    if program.input is None:
+        x_size = getattr(core, "input_size", None)
+    elif isinstance(program.input, torch.nn.Embedding):
+        if program.input.num_embeddings < outputs and what == "text":
+            raise DataError(
+                f"{where}: the text has {outputs} distinct characters but the model's embedding "
+                f"`{program.spec.recurrent.input}` has {program.input.num_embeddings} rows; set the vocabulary size "
+                f"in `model_args` to {outputs}."
+            )
+    if inputs is not None and x_size is not None and x_size != inputs:
+        raise DataError(
+            f"{where}: {what} feeds {inputs} channels per step but the core `{program.spec.recurrent.core}` takes "
+            f"{x_size}; set the model's input size to {inputs} in `model_args`."
+        )
+    with torch.no_grad():
+        h = program.core.step_output(program.core.init_state(1))
+        y = program.output(h[:, None])
+    if y.shape[-1] != outputs:
+        unit = "characters" if what == "text" else "output channels"
+        raise DataError(
+            f"{where}: {what} has {outputs} {unit} but the model's readout `{program.spec.recurrent.output}` gives "
+            f"{y.shape[-1]}; set its output size to {outputs} in `model_args`."
+        )
