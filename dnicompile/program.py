@@ -89,7 +89,87 @@ class Cut:
         return f"Cut({self.name!r}, after={self.node}, {kind}, boundary={[b.name for b in self.boundary]})"
 
 
-class DecoupledProgram:
+class ProgramBase:
+    """[Note: program protocol] What every compiled program offers, feed-forward (`DecoupledProgram`) or recurrent
+    (`RecurrentProgram`): `model` and `spec`; `num_stages` and `stage_parameters(i)`; `train(mode)` / `eval()` /
+    `to(device)`, which reach the model, the stages and the runtime's own models; `parameters()` (each tensor once)
+    and `state_dict()` (the model's own keys); `summary()` (plain text, made without the renderer); `runtime`
+    (the local runtime, built on first use) and `build_runtime()` (a fresh one, [Note: seeds]); `train_step`.
+    A program never trains itself: the runtimes (runtime/) and the one training loop (train/loop.py) do."""
+
+    model: nn.Module
+    spec: Spec
+    _runtime = None
+
+    # ---------------------------------------------------------------- the runtime
+    def _new_runtime(self):
+        raise NotImplementedError
+
+    @property
+    def runtime(self):
+        """The local runtime, built on first use."""
+        if self._runtime is None:
+            self.build_runtime()
+        return self._runtime
+
+    def build_runtime(self):
+        """A fresh local runtime (replacing any before). [Note: seeds] Its models (synthesizers, heads) are drawn
+        from torch's global generator: every training loop seeds it with the run's seed right before building the
+        runtime, so one worker and several start from the same models."""
+        self._runtime = self._new_runtime()
+        return self._runtime
+
+    # ---------------------------------------------------------------- stages
+    @property
+    def num_stages(self) -> int:
+        raise NotImplementedError
+
+    def stage_parameters(self, index: int) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter a stage updates, each once."""
+        seen, out = set(), []
+        for i in range(self.num_stages):
+            for p in self.stage_parameters(i):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    # ---------------------------------------------------------------- modes, devices, state
+    def _set_mode(self, mode: bool) -> None:
+        """Subclasses: modules of their own that `model.train` does not reach."""
+
+    def _moved(self, device) -> None:
+        """Subclasses: what must follow the model to `device`."""
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        self._set_mode(mode)
+        if self._runtime is not None:
+            self._runtime.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def to(self, device: str | torch.device):
+        self.model.to(device)
+        self._moved(device)
+        if self._runtime is not None:
+            self._runtime.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's own state_dict: loadable into the original model class."""
+        return self.model.state_dict()
+
+    def summary(self) -> str:
+        raise NotImplementedError
+
+
+class DecoupledProgram(ProgramBase):
     """A model compiled into decoupled stages.
 
     `program(*inputs)` runs the stages in order and returns what the model returns; autograd flows
@@ -109,7 +189,6 @@ class DecoupledProgram:
         self.example_batch = traced.example_inputs[0].shape[0] if traced.example_inputs else None
         self.input_names = tuple(traced.input_names)  # forward()'s arguments the program takes, in order
         self.output_type = traced.output_type  # the model's output type, rebuilt from the last stage's output
-        self._runtime = None
         self.interface_classes: dict[str, type] = {}
 
     # ---------------------------------------------------------------- running
@@ -142,22 +221,12 @@ class DecoupledProgram:
             raise TypeError(f"unexpected inputs {sorted(kwargs)}; the program takes {list(self.input_names)}")
         return tuple(values)
 
-    @property
-    def runtime(self):
-        """The local runtime (a StageState per stage, an interface per cut), built on first use, with
-        `interface_classes` (kind or cut name -> Interface subclass) in place of the default interfaces."""
-        if self._runtime is None:
-            self.build_runtime()
-        return self._runtime
-
-    def build_runtime(self):
-        """A fresh local runtime (replacing any before). [Note: seeds] Its interfaces' models are drawn from
-        torch's global generator: every training loop seeds it with the run's seed right before building the
-        runtime, so one worker and several start from the same synthesizers."""
+    def _new_runtime(self):
+        """The local runtime (a StageState per stage, an interface per cut), with `interface_classes` (kind or cut
+        name -> Interface subclass) in place of the default interfaces."""
         from .runtime.local import LocalRuntime
 
-        self._runtime = LocalRuntime(self, self.interface_classes)
-        return self._runtime
+        return LocalRuntime(self, self.interface_classes)
 
     def train_step(self, *inputs: torch.Tensor, target: torch.Tensor | None = None):
         """One decoupled training step over all stages; the last positional argument is the target, unless the
@@ -166,38 +235,21 @@ class DecoupledProgram:
             *inputs, target = inputs
         return self.runtime.train_step(tuple(inputs), target)
 
-    # ---------------------------------------------------------------- modes, devices, state
-    def train(self, mode: bool = True) -> DecoupledProgram:
-        self.model.train(mode)
+    # ---------------------------------------------------------------- stages, modes, devices
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def stage_parameters(self, index: int) -> list[nn.Parameter]:
+        return self.stages[index].parameters()
+
+    def _set_mode(self, mode: bool) -> None:
         for s in self.stages:
             s.graph_module.train(mode)
-        if self._runtime is not None:
-            self._runtime.train(mode)
-        return self
 
-    def eval(self) -> DecoupledProgram:
-        return self.train(False)
-
-    def to(self, device: str | torch.device) -> DecoupledProgram:
-        self.model.to(device)
+    def _moved(self, device) -> None:
         for s in self.stages:  # Module.to makes new buffer tensors: the stages must read those
             rebind_buffers(s.graph_module, self.model, device)
-        if self._runtime is not None:
-            self._runtime.to(device)
-        return self
-
-    def parameters(self) -> list[nn.Parameter]:
-        seen, out = set(), []
-        for s in self.stages:
-            for p in s.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's own state_dict: loadable into the original model class."""
-        return self.model.state_dict()
 
     # ---------------------------------------------------------------- inspection
     def summary(self) -> str:

@@ -31,6 +31,7 @@ import torch.nn as nn
 from .compile.unroll import Core, flat_state  # noqa: F401  (flat_state: re-exported for users)
 from .errors import DNIError, ModelError, SpecError, did_you_mean
 from .losses import STEP_LOSSES, get_step_loss
+from .program import ProgramBase
 from .spec import ClockConfig, OptimizerConfig, Spec, load_spec
 
 
@@ -54,7 +55,7 @@ class UpperStage:
         return y.reshape(y.shape[0], self.horizon, -1), state
 
 
-class RecurrentProgram:
+class RecurrentProgram(ProgramBase):
     """A model compiled for truncated BPTT with synthetic gradients at the truncation boundaries.
 
     `program(x)` runs the whole (B, L, ...) sequence from a zero state and returns what the model returns;
@@ -69,7 +70,6 @@ class RecurrentProgram:
         self.truncation = spec.bptt.truncation
         self.stage_configs: list[tuple[OptimizerConfig, ClockConfig]] = stage_configs
         self.stage_names = ["lower", "upper"] if upper is not None else ["core"]
-        self._runtime = None
 
     # ---------------------------------------------------------------- running
     def lower_step_outputs(self, x: torch.Tensor, state=None):
@@ -101,13 +101,14 @@ class RecurrentProgram:
 
     forward = __call__
 
-    @property
-    def runtime(self):
-        if self._runtime is None:
-            from .runtime.bptt import BPTTRuntime
+    def _new_runtime(self):
+        from .runtime.bptt import BPTTRuntime
 
-            self._runtime = BPTTRuntime(self)
-        return self._runtime
+        return BPTTRuntime(self)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_names)
 
     def train_step(self, x: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, **kwargs):
         """Train on one (B, L, ...) chunk in segments of T steps (see BPTTRuntime.train_step)."""
@@ -128,33 +129,6 @@ class RecurrentProgram:
                     seen.add(id(p))
                     out.append(p)
         return out
-
-    def parameters(self) -> list[nn.Parameter]:
-        out, seen = [], set()
-        for i in range(len(self.stage_names)):
-            for p in self.stage_parameters(i):
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
-
-    def train(self, mode: bool = True) -> RecurrentProgram:
-        self.model.train(mode)
-        if self._runtime is not None:
-            self._runtime.train(mode)
-        return self
-
-    def eval(self) -> RecurrentProgram:
-        return self.train(False)
-
-    def to(self, device) -> RecurrentProgram:
-        self.model.to(device)
-        if self._runtime is not None:
-            self._runtime.to(device)
-        return self
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
 
     def summary(self) -> str:
         cfg = self.spec.bptt

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from ..errors import DNIError
 from ..files import save_atomic
 from .local import LocalRuntime, StepResult
+from .placement import plan_placement
 from .state import FORMAT
 from .tied import TiedReplicas
 from .transport import P2P
@@ -354,6 +355,24 @@ class RankWorker:
         for iface in rt.interfaces:
             if iface.name in state["interfaces"]:
                 iface.load_state_dict(state["interfaces"][iface.name])
+
+
+def distributed_runtime(program, placement=None, device=None, timeout_s: float | None = None) -> RankWorker:
+    """This process's part of `program` in the default process group, which must be initialized
+    (`torch.distributed.init_process_group`, gloo on CPU or NCCL on GPU), the way `PipelineStage` takes a module
+    and a group: the run of stages `placement` gives this rank (a list of [first, ..., last] stage lists, one per
+    rank; default: the spec's `distributed.placement`, balanced by parameters). Every rank builds the same
+    program and runtime from the same seed ([Note: seeds]) and calls `train_step(step, x, y)` on the same
+    batches; only boundary tensors and gradients travel. `drain()` before reading the parameters."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("distributed_runtime needs torch.distributed initialized: call init_process_group first")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    config = program.spec.distributed
+    if placement is not None:
+        config = config.model_copy(update={"placement": [list(g) for g in placement]})
+    ranges = plan_placement(program, world, config)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return RankWorker(program, rank, world, ranges, device, timeout_s or config.timeout_s)
 
 
 # --------------------------------------------------------------------------- checkpoints
