@@ -65,7 +65,7 @@ def summary_table(program: DecoupledProgram) -> Table:
     for col in ("stage", "nodes", "params", "inputs", "outputs", "outgoing cut", "optimizer", "clock"):
         table.add_column(col, overflow="fold", justify="right" if col in ("nodes", "params") else "left")
     for stage in program.stages:
-        cut = program.cuts[stage.index] if stage.index < len(program.cuts) else None
+        cut = program.cut_after(stage.index)
         outgoing = f"{cut.name}: {describe_synthesizer(cut)}" if cut else "(loss)"
         cells = (
             stage.name,

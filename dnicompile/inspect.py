@@ -42,12 +42,12 @@ def stages_dot(program: DecoupledProgram) -> str:
     lines.append('  "loss" [shape=plaintext, label="output"];')
     first = ", ".join(str(t) for t in program.stages[0].inputs)
     lines.append(f'  "input" -> {dot_string(program.stages[0].name)} [label={dot_string(first)}];')
-    for cut in program.cuts:
+    for u, v, cut in program.stage_graph.edges(data="cut"):  # [Note: stage graph]
         style = "solid" if cut.exact else "dashed"
         label = _lines(
             f"{cut.name} ({describe_synthesizer(cut)})", *(f"{b.name} {fmt_shape(b.shape)}" for b in cut.boundary)
         )
-        head, tail = program.stages[cut.index].name, program.stages[cut.index + 1].name
+        head, tail = program.stages[u].name, program.stages[v].name
         lines.append(f"  {dot_string(head)} -> {dot_string(tail)} [label={label}, style={style}];")
     last = program.stages[-1]
     outputs = ", ".join(str(t) for t in last.outputs)
@@ -84,8 +84,8 @@ def stages_svg(program: DecoupledProgram) -> str:
         parts.append(
             f'<text x="{left + 12}" y="{y + 54}">{esc(describe_optimizer(stage))}, {esc(describe_clock(stage))}</text>'
         )
-        if stage.index < len(program.cuts):
-            cut = program.cuts[stage.index]
+        cut = program.cut_after(stage.index)
+        if cut is not None:
             x = left + box_w / 2
             dash = "" if cut.exact else ' stroke-dasharray="6,4"'
             parts.append(

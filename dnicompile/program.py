@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -13,6 +14,7 @@ import torch.nn as nn
 from .compile.emit import emit_stages, rebind_buffers
 from .compile.partition import BoundaryTensor, Partition, partition
 from .compile.trace import trace
+from .errors import PartitionError
 from .spec import ClockConfig, OptimizerConfig, Spec, SyntheticGradientConfig, SyntheticInputConfig, load_spec
 
 
@@ -190,6 +192,19 @@ class DecoupledProgram(ProgramBase):
         self.input_names = tuple(traced.input_names)  # forward()'s arguments the program takes, in order
         self.output_type = traced.output_type  # the model's output type, rebuilt from the last stage's output
         self.interface_classes: dict[str, type] = {}
+        # [Note: stage graph] partition's networkx graph of stages (edge i -> j: the boundary tensors of the cut
+        # between them) with the program's Stage and Cut objects on its nodes and edges. The runtimes take the
+        # order of stages and what crosses between them from it, and the renderer draws it.
+        self.stage_graph = part.stage_graph.copy()
+        for stage in stages:
+            self.stage_graph.nodes[stage.index]["stage"] = stage
+        for cut in cuts:
+            self.stage_graph.edges[cut.index, cut.index + 1]["cut"] = cut
+        if not nx.is_directed_acyclic_graph(self.stage_graph) or any(
+            self.stage_graph.out_degree(n) > 1 or self.stage_graph.in_degree(n) > 1 for n in self.stage_graph
+        ):
+            raise PartitionError("the stages do not form a chain; the runtimes run chains of stages only")
+        self.stage_order: tuple[int, ...] = tuple(nx.topological_sort(self.stage_graph))
 
     # ---------------------------------------------------------------- running
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -239,6 +254,16 @@ class DecoupledProgram(ProgramBase):
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    def cut_after(self, stage: int) -> Cut | None:
+        """The cut on the stage graph's edge out of `stage` (None for the last stage)."""
+        edges = list(self.stage_graph.out_edges(stage, data="cut"))
+        return edges[0][2] if edges else None
+
+    def cut_before(self, stage: int) -> Cut | None:
+        """The cut on the stage graph's edge into `stage` (None for the first stage)."""
+        edges = list(self.stage_graph.in_edges(stage, data="cut"))
+        return edges[0][2] if edges else None
 
     def stage_parameters(self, index: int) -> list[nn.Parameter]:
         return self.stages[index].parameters()

@@ -288,3 +288,23 @@ def test_synthesizer_has_its_own_scheduler():
     g_opt = program.runtime.interfaces[0].optimizer
     assert g_opt.param_groups[0]["lr"] == pytest.approx(1e-4)
     assert program.runtime.stages[0].optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # stages keep theirs
+
+
+def test_the_stage_graph_is_what_the_runtime_and_the_drawing_read():
+    """[Note: stage graph]: partition's networkx graph carries the program's stages and cuts; the runtime runs
+    the stages in its topological order and crosses the cut on each edge, and stages.dot draws its edges."""
+    from dnicompile.inspect import stages_dot
+
+    torch.manual_seed(0)
+    program = compile_decoupled(MLP(depth=3), _spec(3, sg={"model": "linear"}))
+    graph = program.stage_graph
+    assert list(graph.edges) == [(0, 1), (1, 2), (2, 3)] and program.stage_order == (0, 1, 2, 3)
+    for u, v, cut in graph.edges(data="cut"):
+        assert cut is program.cuts[u] and program.cut_after(u) is cut and program.cut_before(v) is cut
+        assert graph.edges[u, v]["tensors"] == cut.boundary
+    assert graph.nodes[2]["stage"] is program.stages[2]
+    assert program.cut_before(0) is None and program.cut_after(3) is None
+    result = program.train_step(*_batch())
+    assert sorted(result.cosine) == sorted(c.name for _, _, c in graph.edges(data="cut"))
+    dot = stages_dot(program)
+    assert sum(" -> " in line and "loss" not in line and "input" not in line for line in dot.splitlines()) == 3

@@ -86,9 +86,8 @@ class RankWorker:
         self.awaiting: deque[_Awaiting] = deque()
         self.stats = RankStats()
         self.prefetched: tuple[int, list, list] | None = None  # (step, buffers, works) of posted activation irecvs
-        n = len(program.stages)
-        self.in_cut = program.cuts[self.first - 1] if self.first > 0 else None
-        self.out_cut = program.cuts[self.last] if self.last < n - 1 else None
+        self.in_cut = program.cut_before(self.first)  # [Note: stage graph]
+        self.out_cut = program.cut_after(self.last)
         self.is_driver = rank == world - 1
         self.p2p = P2P(rank, self.stage_names, self.timeout)
 

@@ -133,13 +133,14 @@ class LocalRuntime:
         training step). Returns the last stage's outputs and the stages whose backward is still to come
         (those joined to it by exact cuts)."""
         open_group: list[int] = []
-        for i in range(first, last + 1):
+        order = self.program.stage_order
+        for i in order[order.index(first) : order.index(last) + 1]:
             outputs = self.program.stages[i](*values)
             open_group.append(i)
             if i == last:
                 return outputs, open_group
-            cut = self.program.cuts[i]
-            if self.interfaces[i].exact:
+            cut = self.program.cut_after(i)
+            if self.interfaces[cut.index].exact:
                 values = outputs
                 continue
             preds = self.apply_synthetic_gradient(cut, outputs, ctx, open_group)

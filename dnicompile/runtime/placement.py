@@ -59,7 +59,7 @@ def measure_stage_costs(program, repeats: int = 3, device=None) -> list[float]:
     costs = []
     try:
         for i, stage in enumerate(program.stages):
-            cut = program.cuts[i] if i < len(program.cuts) else None
+            cut = program.cut_after(i)
             times, out = [], None
             for r in range(repeats + 1):
                 ins = tuple(v.detach().requires_grad_(i > 0) if v.is_floating_point() else v for v in values)
