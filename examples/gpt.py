@@ -8,20 +8,22 @@ is tied to the output head (one tensor, used by the first and the last stage whe
 Dropout is an nn.Dropout module everywhere, so the exported graph follows the stage's train/eval mode.
 
 Run `python examples/gpt.py --data PATH/input.txt` to train it decoupled (cDNI) on tiny Shakespeare with
-the local runtime; `train_shakespeare()` is the same from Python.
+dnicompile's training loop and a task of its own (`ShakespeareWindows`); `train_shakespeare()` is the same
+from Python.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dnicompile.train.loop import FitOptions, Task, fit
 
 
 @dataclass
@@ -178,6 +180,53 @@ class CharData:
         return x, y
 
 
+class ShakespeareWindows(Task):
+    """nanoGPT's batches as a task of dnicompile's training loop: random windows of the training text, the loss
+    on every step kept in `train_losses`, and the validation loss (the program in eval mode, on fixed batches)
+    at each evaluation."""
+
+    name = "shakespeare"
+    rate_key = "tokens_per_s"
+
+    def __init__(self, data: CharData, batch_size: int, block_size: int, seed: int, eval_batches: int = 4):
+        self.data, self.batch_size, self.block_size = data, batch_size, block_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.val = [data.batch("val", batch_size, block_size, self.generator) for _ in range(eval_batches)]
+        self.train_losses: list[float] = []
+        self.val_loss: float | None = None
+
+    def next(self):
+        x, y = self.data.batch("train", self.batch_size, self.block_size, self.generator)
+        return x.to(self.device), y.to(self.device)
+
+    def step(self, program, batch):
+        return program.train_step(*batch)
+
+    def count(self, batch) -> int:
+        return batch[0].numel()
+
+    def measure(self, result, batch) -> dict:
+        self.train_losses.append(result.loss)
+        return {}
+
+    def status(self, rate: float) -> str:
+        return f"loss {self.train_losses[-1]:.3f}"
+
+    @torch.no_grad()
+    def validation_loss(self, program) -> float:
+        program.eval()
+        out = sum(float(program(x, y)[1]) for x, y in self.val) / len(self.val)
+        program.train()
+        return out
+
+    def evaluate(self, program, step: int):
+        self.val_loss = self.validation_loss(program)
+        return {"val_loss": self.val_loss}, f"step {step:>6}: validation loss {self.val_loss:.4f}"
+
+    def summary(self) -> dict:
+        return {"val_loss": self.val_loss}
+
+
 def train_shakespeare(
     data_path: str | Path,
     spec: str | Path | dict | None = None,
@@ -187,40 +236,27 @@ def train_shakespeare(
     eval_batches: int = 4,
     log=print,
 ) -> dict:
-    """Train the GPT decoupled on tiny Shakespeare with the local runtime; returns the losses seen.
+    """Train the GPT decoupled on tiny Shakespeare with dnicompile's training loop; returns the losses seen.
 
     `spec` defaults to specs/gpt_cdni.yaml next to this file. The validation loss is measured with the
     model itself (eval mode) before and after training.
     """
+    from rich.console import Console
+
     from dnicompile import compile_decoupled, load_spec
 
     spec = load_spec(spec or Path(__file__).resolve().parent.parent / "specs" / "gpt_cdni.yaml")
     torch.manual_seed(seed)
     data = CharData(data_path)
     model = build_model(**{**spec.model_args, "vocab_size": data.vocab_size})
-    block_size = model.config.block_size
     program = compile_decoupled(model, spec)
-    g = torch.Generator().manual_seed(seed)
-    val = [data.batch("val", batch_size, block_size, g) for _ in range(eval_batches)]
-
-    @torch.no_grad()
-    def val_loss() -> float:
-        program.eval()
-        out = sum(float(program(x, y)[1]) for x, y in val) / len(val)
-        program.train()
-        return out
-
-    history = {"val_start": val_loss(), "train": []}
-    start = time.perf_counter()
-    for step in range(steps):
-        x, y = data.batch("train", batch_size, block_size, g)
-        result = program.train_step(x, y)
-        history["train"].append(result.loss)
-        if log and (step % 50 == 0 or step == steps - 1):
-            cos = ", ".join(f"{k} {v:+.2f}" for k, v in result.cosine.items())
-            log(f"step {step:4d}: loss {result.loss:.3f}  cos(synthetic, true): {cos}")
-    history["val_end"] = val_loss()
-    history["seconds"] = time.perf_counter() - start
+    program.build_runtime()  # its synthesizer drawn right after the model, as this example always has
+    task = ShakespeareWindows(data, batch_size, model.config.block_size, seed, eval_batches)
+    val_start = task.validation_loss(program)
+    options = FitOptions(steps=steps, batch_size=batch_size, eval_every=steps, seed=seed, log_every=50)
+    summary = fit(program, task, options, Console(highlight=False) if log else None)
+    history = {"val_start": val_start, "train": task.train_losses, "val_end": task.val_loss}
+    history["seconds"] = summary["elapsed_s"]
     if log:
         log(f"validation loss {history['val_start']:.3f} -> {history['val_end']:.3f} in {history['seconds']:.1f}s")
     return history
