@@ -308,3 +308,30 @@ def test_the_stage_graph_is_what_the_runtime_and_the_drawing_read():
     assert sorted(result.cosine) == sorted(c.name for _, _, c in graph.edges(data="cut"))
     dot = stages_dot(program)
     assert sum(" -> " in line and "loss" not in line and "input" not in line for line in dot.splitlines()) == 3
+
+
+def test_cdni_finds_the_class_scores_behind_a_returned_loss():
+    """A model that returns {"loss": ..., "logits": ...} (a ModelOutput's order): the one-hot labels are sized by
+    the logits, not by the scalar loss that comes first, and a step matches a hand-made cDNI context."""
+
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(12, 16), nn.ReLU())
+            self.head = nn.Linear(16, 5)
+
+        def forward(self, x, y):
+            logits = self.head(self.body(x))
+            return {"loss": F.cross_entropy(logits, y), "logits": logits}
+
+    torch.manual_seed(0)
+    spec = {
+        "inputs": {"x": {"shape": [8, 12]}, "y": {"shape": [8], "dtype": "int64", "high": 5}},
+        "cuts": [{"after": "body", "synthetic_gradient": {"model": "linear", "condition_on_labels": True}}],
+        "loss": {"from_output": "loss", "labels": "y"},
+    }
+    program = compile_decoupled(WithLoss(), spec)
+    assert program.runtime.num_classes == 5
+    x, y = _batch()
+    result = program.train_step(x, y)
+    assert math.isfinite(result.loss) and "body" in result.cosine

@@ -231,10 +231,12 @@ def _num_classes(program) -> int:
             f"{program.spec.where('loss')}: condition_on_labels needs the labels, and the model computes its own loss: "
             "name the input that holds them, e.g. `loss: {from_output: 1, labels: targets}`."
         )
-    outs = program.stages[-1].outputs
-    if not outs:
+    # the class scores: the first floating-point output with a class dimension, (B, K) or (B, T, K); a loss the
+    # model returns (a scalar) may come before them, as in a ModelOutput(loss=..., logits=...)
+    scores = [t for t in program.stages[-1].outputs if t.dtype.is_floating_point and len(t.shape) >= 2]
+    if not scores:
         raise SpecError(
             f"{program.spec.where('cuts')}: condition_on_labels needs a tensor output (class scores) to size the "
             "one-hot labels."
         )
-    return int(outs[0].shape[-1])
+    return int(scores[0].shape[-1])
