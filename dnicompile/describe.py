@@ -19,8 +19,15 @@ def fmt_shape(shape) -> str:
 
 
 def describe_synthesizer(cut: Cut) -> str:
+    """The cut's kind and settings, as the stage table and the drawings show them."""
     if cut.exact:
         text = "exact (true gradient)"
+    elif cut.kind == "local":
+        ll = cut.local_loss
+        text = f"local loss: {ll.head} head"
+        if ll.head in ("mlp", "conv"):
+            text += f" {ll.layers}x{ll.hidden}"
+        text += f", {ll.optimizer.name}(lr={ll.optimizer.lr:g})" + (f", weight {ll.weight:g}" if ll.weight != 1 else "")
     else:
         sg = cut.synthetic_gradient
         text = sg.model

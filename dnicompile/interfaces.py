@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .errors import SpecError
 from .optim import build_optimizer
-from .synthesizers import BUILTIN, Synthesizer, build_synthetic_gradient, build_synthetic_input
+from .synthesizers import BUILTIN, Synthesizer, build_local_head, build_synthetic_gradient, build_synthetic_input
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -75,6 +75,9 @@ class Interface:
     def exact(self) -> bool:
         """True when the stage before waits for the true gradient (the two sides form one locked group)."""
         return False
+
+    sends_back = True  # whether the stage after the cut sends a gradient back across it (to learn from)
+    wants_target = False  # whether `gradient` takes the labels themselves instead of their one-hot context
 
     def modules(self) -> list[nn.Module]:
         return []
@@ -310,21 +313,89 @@ class BoundaryInterface(SyntheticInterface):
             self.aux_optimizer.load_state_dict(state["aux_optimizer"])
 
 
+class LocalLossInterface(Interface):
+    """A local-loss cut (DGL, InfoPro): an auxiliary head on the boundary tensors is trained on the labels with
+    the spec's loss, and the stage before the cut steps with `weight` times that loss's gradient. Nothing is sent
+    back across the cut, so the stage after it does not compute a gradient for its input. The head's loss is
+    `stats.loss`, its accuracy on the batch `accuracy` (class scores against class labels)."""
+
+    kind = "local"
+    sends_back = False
+    wants_target = True
+
+    def __init__(self, name: str, tensors, config, loss_fn, num_classes: int, per_token: bool, where: str) -> None:
+        super().__init__(name)
+        self.config = config
+        self.names = [n for n, _ in tensors]
+        self.head = build_local_head(config, [tuple(s) for _, s in tensors], num_classes, per_token, where)
+        self.optimizer, self.scheduler = build_optimizer(self.head.parameters(), config.optimizer, where)
+        self.loss_fn = loss_fn
+        self.weight = config.weight
+        self.accuracy: float | None = None
+
+    def modules(self) -> list[nn.Module]:
+        return [self.head]
+
+    def predict(self, h: Tensors, target) -> dict[str, torch.Tensor]:
+        return {}  # nothing comes back to learn from
+
+    def gradient(self, h: Tensors, target, preds, batch: int) -> dict[str, torch.Tensor]:
+        """One step of the head on loss(head(h), labels); returns weight * d loss / d h for the stage."""
+        leaves = [h[n].detach().requires_grad_(True) for n in self.names if n in h]
+        if not leaves:
+            return {}
+        scores = self.head(*leaves)
+        loss = self.loss_fn(scores, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        value = float(loss.detach())
+        self.stats.add(value, ())
+        if not target.is_floating_point() and scores.shape[:-1] == target.shape:
+            self.accuracy = float((scores.detach().argmax(-1) == target).float().mean())
+        names = [n for n in self.names if n in h]
+        return {n: self.weight * leaf.grad for n, leaf in zip(names, leaves) if leaf.grad is not None}
+
+    def state_dict(self) -> dict:
+        return {
+            "head": self.head.state_dict(),
+            "optimizer": _state(self.optimizer),
+            "scheduler": _state(self.scheduler),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        _load(self.optimizer, state.get("optimizer"))
+        _load(self.scheduler, state.get("scheduler"))
+
+
 def is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
 def interface_for_cut(
-    cut, num_classes: int, input_shape: tuple[int, ...] | None, where: str, classes: Mapping | None = None
+    cut,
+    num_classes: int,
+    input_shape: tuple[int, ...] | None,
+    where: str,
+    classes: Mapping | None = None,
+    local_loss_fn=None,
+    local_per_token: bool = False,
 ) -> Interface:
     """The interface of a feed-forward cut, by its kind; `classes` may replace the class of a kind ("exact",
-    "synthetic") or of one cut (by its name) with a subclass."""
+    "synthetic", "local") or of one cut (by its name) with a subclass. A local-loss head is trained with
+    `local_loss_fn` and gives one score per class (per token when `local_per_token`)."""
     classes = classes or {}
+    tensors = [(b.name, tuple(b.shape[1:])) for b in cut.boundary if is_float(b.dtype)]
+    if cut.local_loss is not None:
+        cls = classes.get(cut.name, classes.get("local", LocalLossInterface))
+        return cls(cut.name, tensors, cut.local_loss, local_loss_fn, num_classes, local_per_token, where)
     if cut.synthetic_gradient is None:
         cls = classes.get(cut.name, classes.get("exact", ExactInterface))
         return cls(cut.name)
     cls = classes.get(cut.name, classes.get("synthetic", SyntheticInterface))
-    tensors = [(b.name, tuple(b.shape[1:])) for b in cut.boundary if is_float(b.dtype)]
     return cls(
         cut.name,
         tensors,

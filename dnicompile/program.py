@@ -80,14 +80,22 @@ class Cut:
         self.boundary: tuple[BoundaryTensor, ...] = point.boundary
         self.synthetic_gradient: SyntheticGradientConfig | None = spec_cut.synthetic_gradient
         self.synthetic_input: SyntheticInputConfig | None = spec_cut.synthetic_input
+        self.local_loss = spec_cut.local_loss
+
+    @property
+    def kind(self) -> str:
+        """exact, synthetic or local (the interface class the runtime gives it: interfaces.py)."""
+        if self.local_loss is not None:
+            return "local"
+        return "exact" if self.synthetic_gradient is None else "synthetic"
 
     @property
     def exact(self) -> bool:
-        """True when the true gradient crosses this cut (no synthetic gradient)."""
-        return self.synthetic_gradient is None
+        """True when the true gradient crosses this cut (no synthetic gradient, no local loss)."""
+        return self.kind == "exact"
 
     def __repr__(self) -> str:
-        kind = "exact" if self.exact else self.synthetic_gradient.model
+        kind = {"exact": "exact", "local": "local"}.get(self.kind) or self.synthetic_gradient.model
         return f"Cut({self.name!r}, after={self.node}, {kind}, boundary={[b.name for b in self.boundary]})"
 
 

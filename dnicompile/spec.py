@@ -165,8 +165,27 @@ class SyntheticInputConfig(_Strict):
     )
 
 
+class LocalLossConfig(_Strict):
+    """An auxiliary head on the cut's boundary tensors, trained on the labels with the spec's loss; the stage
+    before the cut learns from it alone, and nothing is sent back across the cut (DGL, InfoPro)."""
+
+    head: str = Field(
+        "linear",
+        description="linear, mlp, conv (for (B, C, H, W) tensors: convolutions, then average pooling, then linear), "
+        "or a class of your own as 'package.module:ClassName'.",
+    )
+    hidden: int = Field(256, ge=1, description="Hidden width (mlp) or channels (conv).")
+    layers: int = Field(1, ge=0, description="Number of hidden layers (mlp, conv).")
+    kernel_size: int = Field(3, ge=1, description="Convolution kernel size (conv), 'same' padding.")
+    weight: float = Field(1.0, gt=0, description="Multiplies the head's loss in the gradient the stage steps with.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="Adam", lr=1e-3), description="The head's own optimizer."
+    )
+
+
 class CutSpec(_Strict):
-    """A cut after a module path (`layers.1`) or fx node name (`add_3`)."""
+    """A cut after a module path (`layers.1`) or fx node name (`add_3`). Its kind is the one of
+    `synthetic_gradient` or `local_loss` it has; with neither it is exact (the true gradient crosses it)."""
 
     after: str = Field(description="Module path or fx node name; the cut comes after the last node computed in it.")
     name: str | None = Field(None, description="Name shown in tables (default: the `after` value).")
@@ -176,6 +195,19 @@ class CutSpec(_Strict):
     synthetic_input: SyntheticInputConfig | None = Field(
         None, description="Optional synthetic-input model: lets the next stage start before this one is done."
     )
+    local_loss: LocalLossConfig | None = Field(
+        None, description="An auxiliary head trains the stage before the cut on the labels; nothing is sent back."
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CutSpec:
+        if self.synthetic_gradient is not None and self.local_loss is not None:
+            raise ValueError(
+                "a cut has one kind: give it `synthetic_gradient` or `local_loss`, not both (neither: an exact cut)"
+            )
+        if self.local_loss is not None and self.synthetic_input is not None:
+            raise ValueError("`synthetic_input` goes with a `synthetic_gradient` cut, not with `local_loss`")
+        return self
 
     @field_validator("after", "name", mode="before")
     @classmethod
@@ -420,7 +452,7 @@ class Spec(_Strict):
     def imports(self) -> list[tuple[tuple, str, str]]:
         """Every name in the spec that imports a Python module and runs code from it, as (location, what, name):
         a loss 'package.module:function' (except a torch.nn.functional loss) and synthesizer classes
-        'package.module:ClassName'."""
+        'package.module:ClassName', local-loss heads 'package.module:ClassName'."""
         found = []
         if isinstance(self.loss, str) and ":" in self.loss and not is_torch_loss(self.loss):
             found.append((("loss",), "loss function", self.loss))
@@ -431,6 +463,9 @@ class Spec(_Strict):
             for loc, cfg in self.configs(kind):
                 if ":" in cfg.model:
                     found.append((loc + ("model",), what, cfg.model))
+        for loc, cfg in self.configs(LocalLossConfig):
+            if ":" in cfg.head:
+                found.append((loc + ("head",), "local-loss head class", cfg.head))
         return found
 
     def check_stage_keys(self, num_stages: int) -> None:

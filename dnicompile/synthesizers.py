@@ -186,3 +186,55 @@ def one_hot_context(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     if target.is_floating_point():
         return target
     return F.one_hot(target.long(), num_classes).float()
+
+
+class LocalHead(nn.Module):
+    """An auxiliary classifier on one cut's boundary tensors (a local-loss cut): per-sample features
+    (flattened and concatenated) -> linear or MLP -> class scores; per token for (T, F) tensors with (B, T) labels;
+    for a (C, H, W) feature map `conv` is convolutions, average pooling, then a linear layer."""
+
+    def __init__(self, kind: str, shapes: list[tuple[int, ...]], num_classes: int, cfg, per_token: bool):
+        super().__init__()
+        self.kind, self.per_token = kind, per_token
+        if kind == "conv":
+            (c, _, _), k = shapes[0], cfg.kernel_size
+            mods: list[nn.Module] = []
+            width = c
+            for _ in range(cfg.layers):
+                mods += [nn.Conv2d(width, cfg.hidden, k, padding=k // 2), nn.BatchNorm2d(cfg.hidden), nn.ReLU()]
+                width = cfg.hidden
+            self.net = nn.Sequential(*mods, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+        else:
+            d_in = sum(s[-1] if per_token else math.prod(s) for s in shapes)
+            self.net = _mlp(d_in, num_classes, cfg.hidden, cfg.layers if kind == "mlp" else 0)
+
+    def forward(self, *hs: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv":
+            return self.net(hs[0])
+        if self.per_token:
+            b, t = hs[0].shape[:2]
+            x = torch.cat([h.reshape(b * t, -1) for h in hs], dim=1)
+            return self.net(x).reshape(b, t, -1)
+        b = hs[0].shape[0]
+        return self.net(torch.cat([h.reshape(b, -1) for h in hs], dim=1))
+
+
+def build_local_head(cfg, shapes: list[tuple[int, ...]], num_classes: int, per_token: bool, where: str) -> nn.Module:
+    """The head of a local-loss cut over the tensors of per-sample `shapes`, giving `num_classes` scores."""
+    if ":" in cfg.head:
+        cls = _import_class(cfg.head, where)
+        try:
+            return cls([tuple(s) for s in shapes], num_classes, cfg)
+        except Exception as e:
+            raise SpecError(f"{where}: building local-loss head {cfg.head} raised {type(e).__name__}: {e}") from None
+    if cfg.head not in BUILTIN:
+        raise SpecError(
+            f"{where}: unknown local-loss head {cfg.head!r}{did_you_mean(cfg.head, BUILTIN)}; use linear, mlp, conv, "
+            "or your own class as 'package.module:ClassName'."
+        )
+    if cfg.head == "conv" and (len(shapes) != 1 or len(shapes[0]) != 3):
+        raise SpecError(
+            f"{where}: a conv head needs one (C, H, W) feature map at the cut, but the tensors crossing it are "
+            f"{[list(s) for s in shapes]}; use `head: mlp` or `head: linear`."
+        )
+    return LocalHead(cfg.head, shapes, num_classes, cfg, per_token)

@@ -1,11 +1,14 @@
 """The distributed runtime started from Python, without the command line: two processes join a gloo group (a
 file store: nothing listens on the network), each builds the same program and takes its stages with
-`distributed_runtime`, and exact cuts end with the parameters of the local runtime trained on the same batches."""
+`distributed_runtime`, and ends with the parameters of the local runtime trained on the same batches: with exact
+cuts (pipeline parallelism), and with a local-loss cut between the ranks (nothing is sent back across it, so
+the first rank never waits for the second)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -20,6 +23,7 @@ cuts:
   - after: layers.0
   - after: layers.1
   - after: layers.2
+    __KIND__
 stages:
   default: {optimizer: {name: SGD, lr: 0.05, momentum: 0.9}}
 loss: cross_entropy
@@ -27,14 +31,17 @@ loss: cross_entropy
 STEPS, BATCH = 6, 16
 
 
-def _program():
+KINDS = {"exact": "", "local": "local_loss: {head: mlp, hidden: 32, optimizer: {name: SGD, lr: 0.1}}"}
+
+
+def _program(kind: str = "exact"):
     import importlib.util
 
     module_spec = importlib.util.spec_from_file_location("mlp_example", ROOT / "examples" / "mlp.py")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     torch.manual_seed(0)
-    return compile_decoupled(module.build_model(depth=3, hidden=64), SPEC)
+    return compile_decoupled(module.build_model(depth=3, hidden=64), SPEC.replace("__KIND__", KINDS[kind]))
 
 
 def _batches():
@@ -42,7 +49,7 @@ def _batches():
     return [(torch.randn(BATCH, 784, generator=g), torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def _rank(rank: int, world: int, store: str, out: str) -> None:
+def _rank(rank: int, world: int, store: str, out: str, kind: str) -> None:
     import torch.distributed as dist
 
     from dnicompile.runtime.distributed import distributed_runtime
@@ -50,10 +57,10 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        program = _program()
+        program = _program(kind)
         torch.manual_seed(0)
         program.build_runtime()
-        worker = distributed_runtime(program, placement=[[0, 1], [2, 3]])
+        worker = distributed_runtime(program, placement=[[0, 1, 2], [3]])
         for step, (x, y) in enumerate(_batches()):
             worker.train_step(step, x, y)
         worker.drain()
@@ -63,15 +70,18 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_distributed_runtime_from_python_equals_the_local_runtime(tmp_path):
-    mp.start_processes(_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_distributed_runtime_from_python_equals_the_local_runtime(tmp_path, kind):
+    mp.start_processes(_rank, args=(2, str(tmp_path / "store"), str(tmp_path), kind), nprocs=2, start_method="spawn")
     got = {}
     for r in range(2):
         got.update(torch.load(tmp_path / f"rank{r}.pt", weights_only=True))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        program = _program()
+        program = _program(kind)
+        torch.manual_seed(0)
+        program.build_runtime()
         for x, y in _batches():
             program.train_step(x, y)
     finally:

@@ -147,7 +147,8 @@ class RankWorker:
             received = self.recv_activations(step, batch)
             if prefetch:
                 self.prefetched = (step + 1, *self.post_recv(self.in_cut, batch, self.rank - 1))
-            values = tuple(v.requires_grad_(True) if v.is_floating_point() else v for v in received)
+            back = self.rt.interfaces[self.in_cut.index].sends_back  # a local-loss cut sends nothing back
+            values = tuple(v.requires_grad_(back) if v.is_floating_point() else v for v in received)
         outputs, open_group = rt.run_stages(self.first, self.last, values, ctx)
         # the group's backward; its update waits until the gradient for the rank before is on its way
         if self.out_cut is None:
@@ -161,8 +162,10 @@ class RankWorker:
                     torch.autograd.backward([h for _, h in floats], [grads[b.name] for b, _ in floats])
             else:
                 preds = rt.apply_synthetic_gradient(self.out_cut, outputs, ctx, [])
-                self.await_delta(step, outputs, preds, ctx.context, batch)
-        if self.in_cut is not None:  # the gradient this rank sends back: delta for the cut before it
+                if rt.interfaces[self.out_cut.index].sends_back:
+                    self.await_delta(step, outputs, preds, ctx.context, batch)
+        if self.in_cut is not None and self.rt.interfaces[self.in_cut.index].sends_back:
+            # the gradient this rank sends back: delta for the cut before it
             grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in values if v.is_floating_point()]
             self.send(grads, self.rank - 1)
         rt.step_stages(open_group, ctx.ticks)

@@ -34,6 +34,7 @@ class StepResult:
     synth_loss: dict[str, float] = field(default_factory=dict)  # cut name -> synthetic-gradient L2 loss
     cosine: dict[str, float] = field(default_factory=dict)  # cut name -> cos(synthetic, true gradient)
     input_loss: dict[str, float] = field(default_factory=dict)  # cut name -> synthetic-input L2 loss
+    head_accuracy: dict[str, float] = field(default_factory=dict)  # local-loss cut -> its head's batch accuracy
     ticked: list[bool] = field(default_factory=list)  # stage index -> did it update
 
 
@@ -75,6 +76,10 @@ class LocalRuntime:
         # `loss: {from_output: i}`: the model returns its loss; its labels (if named) are one of its inputs
         self.labels_index = None if isinstance(spec.loss, str) else check_output_loss(program, spec.where("loss"))
         self.num_classes = _num_classes(program)
+        # a local-loss head is trained with the spec's loss (cross-entropy where the model computes its own)
+        self.local_loss_fn = get_loss(spec.loss if isinstance(spec.loss, str) else "cross_entropy", spec.where("loss"))
+        scores = _class_scores(program) if any(c.kind == "local" for c in program.cuts) else None
+        self.per_token = scores is not None and len(scores.shape) == 3
         first_input = program.stages[0].inputs[0] if program.stages[0].inputs else None
         in_shape = tuple(first_input.shape[1:]) if first_input is not None else None
         self.interfaces: list[Interface] = []
@@ -88,7 +93,11 @@ class LocalRuntime:
                     )
                 if first_input is None or not is_float(first_input.dtype):
                     raise SpecError(f"{where}: synthetic_input needs a floating-point program input to predict from.")
-            self.interfaces.append(interface_for_cut(cut, self.num_classes, in_shape, where, interfaces))
+            self.interfaces.append(
+                interface_for_cut(
+                    cut, self.num_classes, in_shape, where, interfaces, self.local_loss_fn, self.per_token
+                )
+            )
         self.stages = [
             StageState(s.index, s.parameters(), s.optimizer_config, s.clock_config, spec.where("stages"))
             for s in program.stages
@@ -161,18 +170,26 @@ class LocalRuntime:
         Returns the interface's predictions (with graph), which learn once the true gradient is known."""
         iface = self.interfaces[cut.index]
         h = {b.name: t for b, t in zip(cut.boundary, outputs)}
-        preds = iface.predict(h, ctx.context)
-        grads = iface.gradient(h, ctx.context, preds, ctx.batch)
+        context = ctx.target if iface.wants_target else ctx.context
+        preds = iface.predict(h, context)
+        grads = iface.gradient(h, context, preds, ctx.batch)
         roots = [h[name] for name in grads if h[name].requires_grad]
         if roots:
             torch.autograd.backward(roots, [grads[name] for name in grads if h[name].requires_grad])
         self.step_stages(open_group, ctx.ticks)
+        if not iface.sends_back:  # its statistics are known now (a local head's loss and accuracy)
+            ctx.result.synth_loss[cut.name] = iface.stats.loss
+            if getattr(iface, "accuracy", None) is not None:
+                ctx.result.head_accuracy[cut.name] = iface.accuracy
+            iface.stats.reset()
         return preds
 
     def receive(self, cut, outputs: tuple, preds: dict, ctx: StepContext) -> tuple:
         """What the stage behind a synthetic cut runs on: the detached boundary tensors (leaves whose
         .grad becomes delta), or the synthetic inputs I(x) where the cut has them."""
         iface = self.interfaces[cut.index]
+        if not iface.sends_back:  # nothing goes back: the stage after needs no gradient for its input
+            return tuple(h.detach() for h in outputs)
         received = tuple(h.detach().requires_grad_(True) if is_float(h.dtype) else h.detach() for h in outputs)
         used, synthetic = received, None
         if iface.has_input:
@@ -223,20 +240,27 @@ class LocalRuntime:
 
 
 def _num_classes(program) -> int:
-    """Size of the one-hot context for cDNI: the last dimension of the program's output."""
-    if not any(c.synthetic_gradient is not None and c.synthetic_gradient.condition_on_labels for c in program.cuts):
+    """Number of classes, for cDNI's one-hot labels and local-loss heads: the last dimension of the class scores."""
+    cdni = any(c.synthetic_gradient is not None and c.synthetic_gradient.condition_on_labels for c in program.cuts)
+    local = any(c.kind == "local" for c in program.cuts)
+    if not (cdni or local):
         return 0
     if not isinstance(program.spec.loss, str) and program.spec.loss.labels is None:
+        what = "condition_on_labels" if cdni else "local_loss"
         raise SpecError(
-            f"{program.spec.where('loss')}: condition_on_labels needs the labels, and the model computes its own loss: "
+            f"{program.spec.where('loss')}: {what} needs the labels, and the model computes its own loss: "
             "name the input that holds them, e.g. `loss: {from_output: 1, labels: targets}`."
         )
+    return int(_class_scores(program).shape[-1])
+
+
+def _class_scores(program):
     # the class scores: the first floating-point output with a class dimension, (B, K) or (B, T, K); a loss the
     # model returns (a scalar) may come before them, as in a ModelOutput(loss=..., logits=...)
     scores = [t for t in program.stages[-1].outputs if t.dtype.is_floating_point and len(t.shape) >= 2]
     if not scores:
         raise SpecError(
-            f"{program.spec.where('cuts')}: condition_on_labels needs a tensor output (class scores) to size the "
-            "one-hot labels."
+            f"{program.spec.where('cuts')}: condition_on_labels and local_loss need a tensor output (class scores) "
+            "to size the one-hot labels and the heads."
         )
-    return int(scores[0].shape[-1])
+    return scores[0]
