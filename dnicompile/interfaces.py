@@ -90,11 +90,15 @@ class Interface:
         for m in self.modules():
             m.to(device)
 
+    # the attributes holding this interface's optimizers and schedulers (None where unused), saved by name
+    _optimizers: tuple[str, ...] = ()
+
     def state_dict(self) -> dict:
-        return {}
+        return {name: _state(getattr(self, name)) for name in self._optimizers}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        for name in self._optimizers:
+            _load(getattr(self, name), state.get(name))
 
 
 class ExactInterface(Interface):
@@ -237,21 +241,14 @@ class SyntheticInterface(Interface):
         return value
 
     # ---------------------------------------------------------------- checkpoints
+    _optimizers = ("optimizer", "scheduler", "input_optimizer", "input_scheduler")
+
     def state_dict(self) -> dict:
-        return {
-            "models": self.models.state_dict(),
-            "optimizer": _state(self.optimizer),
-            "scheduler": _state(self.scheduler),
-            "input_optimizer": _state(self.input_optimizer),
-            "input_scheduler": _state(self.input_scheduler),
-        }
+        return {"models": self.models.state_dict(), **super().state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.models.load_state_dict(state["models"])
-        _load(self.optimizer, state.get("optimizer"))
-        _load(self.scheduler, state.get("scheduler"))
-        _load(self.input_optimizer, state.get("input_optimizer"))
-        _load(self.input_scheduler, state.get("input_scheduler"))
+        super().load_state_dict(state)
 
 
 class BoundaryInterface(SyntheticInterface):
@@ -358,17 +355,14 @@ class LocalLossInterface(Interface):
         names = [n for n in self.names if n in h]
         return {n: self.weight * leaf.grad for n, leaf in zip(names, leaves) if leaf.grad is not None}
 
+    _optimizers = ("optimizer", "scheduler")
+
     def state_dict(self) -> dict:
-        return {
-            "head": self.head.state_dict(),
-            "optimizer": _state(self.optimizer),
-            "scheduler": _state(self.scheduler),
-        }
+        return {"head": self.head.state_dict(), **super().state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
-        _load(self.optimizer, state.get("optimizer"))
-        _load(self.scheduler, state.get("scheduler"))
+        super().load_state_dict(state)
 
 
 def is_float(dtype: torch.dtype) -> bool:

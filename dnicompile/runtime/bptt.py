@@ -122,12 +122,12 @@ class BPTTRuntime:
         return [m for iface in self.interfaces for m in iface.modules()]
 
     def train(self, mode: bool = True) -> None:
-        for m in self.modules():
-            m.train(mode)
+        for iface in self.interfaces:
+            iface.train(mode)
 
     def to(self, device) -> None:
-        for m in self.modules():
-            m.to(device)
+        for iface in self.interfaces:
+            iface.to(device)
 
     def reset(self) -> None:
         """Forget the stream: the next chunk starts from a zero state."""
