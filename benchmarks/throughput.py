@@ -17,7 +17,8 @@ included; start-up, data decoding and compilation excluded).
       over the time between them (cDNI spec, and the exact spec, which is pipeline parallelism without
       microbatches)
 
-Then time to 85% test accuracy, (a) against (e) with cDNI on S = 2 workers, one run per seed: training
+Then time to 85% test accuracy, (a) against (e) with cDNI (or --race-kind local: a local-loss cut) on S = 2
+workers, one run per seed: training
 wall-clock up to the first evaluation at or above 85%, evaluation (every --eval-every steps) excluded. (a)
 stops its clock while it evaluates; (e) reports `train_s` in its metrics (elapsed time less evaluation).
 Start-up (spawning workers, loading data, compiling) is excluded from both, and reported apart for (e).
@@ -42,7 +43,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "wide_mlp.py"
-SPECS = {"dni": ROOT / "specs" / "wide_mlp_dni.yaml", "backprop": ROOT / "specs" / "wide_mlp_backprop.yaml"}
+SPECS = {
+    "dni": ROOT / "specs" / "wide_mlp_dni.yaml",
+    "backprop": ROOT / "specs" / "wide_mlp_backprop.yaml",
+    "local": ROOT / "specs" / "wide_mlp_local.yaml",
+}
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
 LR = 3.0e-4  # the specs' stage learning rate; plain PyTorch and the pipeline schedules use the same
 DEPTH = 8  # hidden layers of the model (--depth)
@@ -90,9 +95,10 @@ def spec_for(kind: str, stages: int, log_every: int, folder: Path) -> Path:
     if stages != 2 or DEPTH != 8:
         head, _, rest = text.partition("cuts:\n")
         cut_lines, _, tail = rest.partition("stages:\n")
-        if kind == "dni":
-            synth = cut_lines.split("synthetic_gradient:", 1)[1].strip()
-            cuts = "".join(f"  - after: layers.{i}\n    synthetic_gradient: {synth}\n" for i in cut_layers(stages))
+        if kind in ("dni", "local"):
+            key = "synthetic_gradient" if kind == "dni" else "local_loss"
+            setting = cut_lines.split(f"{key}:", 1)[1].strip()
+            cuts = "".join(f"  - after: layers.{i}\n    {key}: {setting}\n" for i in cut_layers(stages))
         else:
             cuts = "".join(f"  - after: layers.{i}\n" for i in cut_layers(stages))
         text = head + "cuts:\n" + cuts + "stages:\n" + tail
@@ -459,7 +465,8 @@ def markdown(results: dict) -> str:
             "evaluation); start-up excluded (for (e) it is listed apart: spawning 2 workers, compiling, "
             "decoding the data).",
             "",
-            "| seed | (a) backprop, 1 process, 1 thread | (e) cDNI, 2 workers of 1 thread | (e) start-up |",
+            f"| seed | (a) backprop, 1 process, 1 thread | (e) {acc.get('kind_label', 'cDNI')}, 2 workers of 1 thread "
+            "| (e) start-up |",
             "|---|---|---|---:|",
         ]
         for row in acc["runs"]:
@@ -538,6 +545,10 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--acc-steps", type=int, default=1000, help="give up the race after this many steps")
     p.add_argument(
+        "--race-kind", choices=("dni", "local"), default="dni", help="the cut of (e) in the race: cDNI or a local loss"
+    )
+    p.add_argument("--race-only", action="store_true", help="run the time-to-accuracy race alone (no throughput)")
+    p.add_argument(
         "--json", default=str(ROOT / "benchmarks" / "results" / "throughput.json"), help="write all figures here"
     )
     p.add_argument("--write", metavar="BENCHMARKS.md", help="replace its Throughput section with the results")
@@ -560,6 +571,8 @@ def main() -> int:
         sizes = [int(s) for s in args.workers.split(",")]
     else:
         sizes = [2] + [s for s in (4, 8) if s <= info["cores"]]
+    if args.race_only:
+        sizes = []
     command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}; S = {sizes}; load {load():.2f}", flush=True)
     loads = [load()]
@@ -598,7 +611,7 @@ def main() -> int:
                     )
             results["throughput"][str(s)] = runs
         if args.seeds:
-            spec = spec_for("dni", 2, 25, tmp)
+            spec = spec_for(args.race_kind, 2, 25, tmp)
             acc_runs = []
             for seed in range(args.seeds):
                 loads.append(load())
@@ -607,7 +620,12 @@ def main() -> int:
                 pe = time_to_acc_distributed(spec, args, tmp, seed)
                 acc_runs.append({"seed": seed, "a": pa, "e": pe})
                 print(f"seed {seed}: (a) {_acc_cell(pa)}; (e) {_acc_cell(pe)}", flush=True)
-            results["accuracy"] = {"target": args.target, "eval_every": args.eval_every, "runs": acc_runs}
+            results["accuracy"] = {
+                "target": args.target,
+                "eval_every": args.eval_every,
+                "runs": acc_runs,
+                "kind_label": {"dni": "cDNI", "local": "local loss"}[args.race_kind],
+            }
     loads.append(load())
     results["load_min"], results["load_max"] = min(loads), max(loads)
     results["total_s"] = time.perf_counter() - began
