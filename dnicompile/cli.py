@@ -56,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", metavar="DIR", help="write learning curves (PNG), metrics and final weights here")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     train.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
+    train.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run whose --out is DIR from its newest readable checkpoint (--out defaults to DIR)",
+    )
     dist = p.add_argument_group("distributed")
     dist.add_argument("--workers", type=_positive_int, default=1, help="processes on this host, one stage group each")
     dist.add_argument("--threads", type=_positive_int, help="intra-op threads per worker (default: cores / workers)")
-    dist.add_argument("--resume", metavar="DIR", help="continue from the last checkpoint in DIR (a run's --out)")
     p.add_argument("--traceback", action="store_true", help="show Python tracebacks of internal errors")
     return p
 
@@ -258,8 +262,6 @@ def _run(args: argparse.Namespace) -> int:
             from .train.launch import train_distributed_from_cli
 
             return train_distributed_from_cli(program, args, out)
-        if args.resume:
-            raise DNIError("--resume continues a distributed run: use it with --workers N (N > 1) or torchrun.")
         from .train.feedforward import train_from_cli
 
         return train_from_cli(program, args, out)

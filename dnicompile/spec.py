@@ -260,6 +260,16 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, ge=1)
     eval_every: int = Field(200, ge=1, description="Evaluate on the test set every N steps.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Random seed (weights, batches, clocks).")
+    checkpoint_every: int | None = Field(
+        1000,
+        ge=1,
+        le=10**9,
+        description="With --out, write a checkpoint (ckpt-<step>.pt) every N steps, at the end, and on Ctrl-C or "
+        "SIGTERM, for --resume; null: none. Training in one process.",
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, le=10**6, description="Checkpoints kept in --out (the newest); older ones are removed."
+    )
 
 
 class DistributedConfig(_Strict):

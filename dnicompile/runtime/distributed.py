@@ -24,8 +24,6 @@ on this host), or with `torchrun ... -m dnicompile ...` across hosts.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,7 +34,15 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DNIError
-from ..files import save_atomic
+from ..files import (
+    DamagedFileError,
+    checkpoint_name,
+    checkpoints,
+    load_tensors,
+    prune_checkpoints,
+    save_atomic,
+    write_text_atomic,
+)
 from .local import LocalRuntime, StepResult
 from .placement import plan_placement
 from .state import FORMAT
@@ -378,44 +384,82 @@ def distributed_runtime(program, placement=None, device=None, timeout_s: float |
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(worker: RankWorker, out_dir: Path, step: int) -> None:
-    """Every rank writes its shard into ckpt-<step>/ atomically; then the driver points LATEST at it.
-    A crash at any moment leaves LATEST naming a complete checkpoint (or none)."""
-    folder = out_dir / f"ckpt-{step:08d}"
+def save_checkpoint(worker: RankWorker, out_dir: Path, step: int, keep: int = 2) -> None:
+    """Every rank writes its shard into ckpt-<step>/ (atomically, fsynced); then the driver points LATEST at it
+    and keeps the newest `keep` checkpoints ([Note: checkpoint files]). A crash at any moment leaves the
+    checkpoints before whole; resuming takes the newest whose shards all load (find_checkpoint)."""
+    folder = out_dir / checkpoint_name(step, "dir")
     folder.mkdir(parents=True, exist_ok=True)
     shard = {"step": step, "world": worker.world, "placement": (worker.first, worker.last)}
-    shard.update(model=worker.owned_state(), runtime=worker.runtime_state())
+    shard.update(model=worker.owned_state(), runtime=worker.runtime_state(), rng=torch.get_rng_state())
     save_atomic(shard, folder / f"rank{worker.rank}.pt")
     dist.barrier()
     if worker.is_driver:
-        latest = out_dir / "LATEST"
-        previous = latest.read_text().strip() if latest.exists() else None
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".LATEST.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(folder.name + "\n")
-        os.replace(tmp, latest)
-        if previous and previous != folder.name and (out_dir / previous).is_dir():
-            for f in (out_dir / previous).iterdir():
-                f.unlink()
-            (out_dir / previous).rmdir()
+        write_text_atomic(out_dir / "LATEST", folder.name + "\n")
+        prune_checkpoints(out_dir, keep, "dir")
     dist.barrier()
 
 
-def find_checkpoint(resume_dir: Path) -> Path:
-    latest = resume_dir / "LATEST"
-    if not latest.is_file():
-        raise DNIError(f"--resume {resume_dir}: no checkpoint there (no LATEST file); pass the --out of a run.")
-    folder = resume_dir / latest.read_text().strip()
-    if not folder.is_dir():
-        raise DNIError(f"--resume {resume_dir}: LATEST names {folder.name}, which is missing.")
-    return folder
+def find_checkpoint(resume_dir: Path, world: int | None = None, say=None) -> Path:
+    """The newest checkpoint folder in `resume_dir` whose shards (one per rank of `world`, default: as many
+    as it holds) all load, for --resume; `say(text)` hears which one and which newer ones were skipped as
+    damaged. A shard that asks to run code is refused (UnsafeFileError), not skipped."""
+    resume_dir = Path(resume_dir)
+    if not resume_dir.is_dir():
+        raise DNIError(f"--resume {resume_dir}: no such directory; pass the --out of an earlier run.")
+    found = checkpoints(resume_dir, "dir")
+    if not found:
+        if checkpoints(resume_dir, "file"):
+            raise DNIError(
+                f"--resume {resume_dir}: holds the checkpoints of a run in one process (ckpt-<step>.pt); resume it "
+                "without --workers."
+            )
+        raise DNIError(f"--resume {resume_dir}: no checkpoint there (no ckpt-<step>/ folder); pass the --out of a run.")
+    skipped = []
+    for step, folder in found:
+        try:
+            _check_shards(folder, step, world)
+        except DamagedFileError as e:
+            skipped.append(str(e))
+            continue
+        if say is not None:
+            for line in skipped:
+                say(f"skipping {line}")
+            say(f"resuming from {folder.name} (step {step}){' instead' if skipped else ''}")
+        return folder
+    raise DNIError(f"--resume {resume_dir}: no checkpoint there can be read: " + "; ".join(skipped))
+
+
+def _check_shards(folder: Path, step: int, world: int | None) -> None:
+    """Every shard of a checkpoint folder loads (weights only) and agrees on step and world; else
+    DamagedFileError (DNIError when whole but written by another number of workers)."""
+    shards = {}
+    for path in sorted(folder.glob("rank*.pt")):
+        shard = load_tensors(path, map_location="cpu")
+        if not isinstance(shard, dict) or any(k not in shard for k in ("step", "world", "placement", "model")):
+            raise DamagedFileError(f"{path}: not a dnicompile checkpoint shard")
+        if shard["step"] != step:
+            raise DamagedFileError(f"{path}: holds step {shard['step']!r}, not {step}")
+        shards[path.name] = shard
+    worlds = {s["world"] for s in shards.values()}
+    if len(worlds) > 1:
+        raise DamagedFileError(f"{folder}: its shards were written by runs with {sorted(worlds)} workers")
+    written = worlds.pop() if worlds else world
+    missing = [f"rank{r}.pt" for r in range(written or 0) if f"rank{r}.pt" not in shards]
+    if not shards or missing:
+        raise DamagedFileError(f"{folder}: incomplete (missing {', '.join(missing) or 'every shard'})")
+    if world is not None and written != world:
+        raise DNIError(
+            f"--resume: {folder.name} was written by {written} workers; resume with --workers {written} (this run "
+            f"has {world})."
+        )
 
 
 def load_checkpoint(worker: RankWorker, folder: Path) -> int:
     path = folder / f"rank{worker.rank}.pt"
     if not path.is_file():
         raise DNIError(f"--resume: {path} is missing; was the run made with {worker.world} workers?")
-    shard = torch.load(path, map_location=worker.device, weights_only=False)
+    shard = load_tensors(path, map_location="cpu")  # each part moves its tensors where it lives
     if shard["world"] != worker.world or tuple(shard["placement"]) != (worker.first, worker.last):
         raise DNIError(
             f"--resume: the checkpoint was written by {shard['world']} workers with rank {worker.rank} on stages "
@@ -423,4 +467,6 @@ def load_checkpoint(worker: RankWorker, folder: Path) -> int:
         )
     worker.program.model.load_state_dict(shard["model"], strict=False)
     worker.load_runtime_state(shard["runtime"])
+    if isinstance(shard.get("rng"), torch.Tensor):
+        torch.set_rng_state(shard["rng"])
     return int(shard["step"])

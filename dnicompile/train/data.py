@@ -188,6 +188,14 @@ class Batches:
                 self.epoch += 1
             self.pos += self.batch_size
 
+    def state_dict(self) -> dict:
+        """Where the batches are: the generator, this epoch's order and the position in it (for checkpoints)."""
+        return {"gen": self.gen.get_state(), "order": self.order.clone(), "pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.order, self.pos, self.epoch = state["order"].clone(), int(state["pos"]), int(state["epoch"])
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pos + self.batch_size > len(self.order):
             self.order = torch.randperm(len(self.x), generator=self.gen)

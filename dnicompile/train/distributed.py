@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from ..files import write_atomic
-from ..runtime.distributed import RankWorker, find_checkpoint, load_checkpoint, save_checkpoint
+from ..files import remove_stale_tmp, write_atomic
+from ..runtime.distributed import RankWorker, load_checkpoint, save_checkpoint
 from .data import Batches, load_dataset
-from .outputs import MetricsWriter, plot_curves
+from .outputs import MetricsWriter, plot_curves, resume_metrics
 from .tasks import shape_batch
 
 
@@ -32,12 +32,19 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
     worker = RankWorker(program, rank, world, placement, device, dcfg.timeout_s)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     start = 0
-    if cfg.resume:
-        start = load_checkpoint(worker, find_checkpoint(Path(cfg.resume)))
+    if cfg.resume:  # the folder the launcher chose (find_checkpoint)
+        start = load_checkpoint(worker, Path(cfg.resume))
     batches = Batches(data.train_x, data.train_y, cfg.batch_size, cfg.seed)
     batches.skip(start)
     console = Console(quiet=not (worker.is_driver and cfg.progress), highlight=False)
-    metrics = MetricsWriter(Path(cfg.metrics_path) if worker.is_driver and cfg.metrics_path else None, append=start > 0)
+    metrics_path = Path(cfg.metrics_path) if worker.is_driver and cfg.metrics_path else None
+    history = []
+    if worker.is_driver and out_dir is not None:
+        remove_stale_tmp(out_dir)
+    if start and metrics_path is not None:  # cut back to the checkpoint's step
+        history = resume_metrics(metrics_path, start, Path(cfg.resume).parent / "metrics.jsonl")
+    metrics = MetricsWriter(metrics_path, append=start > 0)
+    metrics.rows = history
     if start:
         console.print(f"resumed from step {start}")
     console.print(
@@ -106,19 +113,15 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
         if checkpointing:
             pause = time.perf_counter()
             worker.drain()
-            save_checkpoint(worker, out_dir, done)
+            save_checkpoint(worker, out_dir, done, getattr(cfg, "keep_checkpoints", 2))
             window_start = time.perf_counter()
             paused += window_start - pause
         if evaluating or checkpointing:
             worker.pause_stats()
     worker.drain()
     summary["elapsed_s"] = time.perf_counter() - begin
-    states = [None] * world
-    dist.all_gather_object(states, worker.owned_state())
+    full = gather_weights(worker)
     if worker.is_driver:
-        full = {}
-        for s in states:
-            full.update(s)
         metrics.close()
         if out_dir is not None:
             write_atomic(out_dir / "model.pt", lambda p: torch.save(full, p))
@@ -131,3 +134,36 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
         )
     dist.barrier()
     return summary
+
+
+WEIGHTS_TAG = 11  # p2p tag of the final weights sent to the driver
+
+
+def _stage_state(program, first: int, last: int) -> dict:
+    """The parameters and buffers of stages first..last, by the model's state_dict keys, where they live."""
+    state = {}
+    for s in range(first, last + 1):
+        for k, v in program.stages[s].graph_module.state_dict().items():
+            state[k] = v.detach()
+    return state
+
+
+def gather_weights(worker) -> dict | None:
+    """Every rank's stages' parameters and buffers on the driver (None elsewhere), for model.pt. Tensors only
+    travel: every rank built the same program, so the driver knows each rank's keys, shapes and dtypes and
+    receives into buffers of its own making (no pickled objects between ranks)."""
+    if not worker.is_driver:
+        worker.p2p.send(
+            list(_stage_state(worker.program, worker.first, worker.last).values()), worker.world - 1, WEIGHTS_TAG
+        )
+        worker.p2p.flush()
+        return None
+    full = {}
+    for r in range(worker.world - 1):
+        first, last = worker.placement[r]
+        for k, v in _stage_state(worker.program, first, last).items():
+            buf = torch.empty(v.shape, dtype=v.dtype, device=worker.device)
+            worker.p2p.recv(buf, r, f"the final weights of rank {r} (`{k}`)", tag=WEIGHTS_TAG)
+            full[k] = buf.cpu()
+    full.update(worker.owned_state())
+    return full

@@ -4,6 +4,7 @@ training loop (train/loop.py) with its task, and the outputs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -11,21 +12,23 @@ from rich.console import Console
 from ..errors import DNIError
 from ..files import write_atomic
 from .data import load_dataset
-from .loop import FitOptions, fit
-from .outputs import check_outputs, cli_schedule, plot_curves, resolve_device
+from .loop import FitOptions, fit, load_run_checkpoint
+from .outputs import check_outputs, checkpoint_options, cli_schedule, exit_code, plot_curves, resolve_device
 from .tasks import Classification
 
 
 def train_from_cli(program, args, console: Console) -> int:
-    """`dnicompile model.py --spec S --train ...`: returns the exit code."""
+    """`dnicompile model.py --spec S --train ...`: returns the exit code (130 after Ctrl-C, 143 after SIGTERM)."""
     spec = program.spec
-    opts = FitOptions(**cli_schedule(args, spec), device=args.device)
+    opts = FitOptions(**cli_schedule(args, spec), **checkpoint_options(spec), device=args.device)
     resolve_device(opts.device)
     if spec.data is None:
         raise DNIError(f"{spec.where('cuts')}: --train needs a data set: add `data: fashion-mnist` to the spec.")
     out_dir, metrics_path = check_outputs(args)
     opts.metrics_path = metrics_path
     opts.out_dir = out_dir
+    if args.resume:
+        opts.resume = load_run_checkpoint(Path(args.resume), say=lambda t: console.print(t, highlight=False))
     data = load_dataset(spec.data.name, args.data or spec.data.path)
     console.print(
         f"training {type(program.model).__name__}: {len(program.stages)} stages, {opts.steps} steps of "
@@ -35,7 +38,13 @@ def train_from_cli(program, args, console: Console) -> int:
     )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    summary = fit(program, Classification(data), opts, console)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        summary = fit(program, Classification(data), opts, console)
+    finally:
+        torch.set_num_threads(threads)
     if out_dir is not None:
         state = {k: v.detach().cpu() for k, v in program.state_dict().items()}
         write_atomic(out_dir / "model.pt", lambda p: torch.save(state, p))
@@ -51,4 +60,4 @@ def train_from_cli(program, args, console: Console) -> int:
         + (f", test accuracy {acc:.4f}" if acc is not None else ""),
         highlight=False,
     )
-    return 130 if summary["interrupted"] else 0
+    return exit_code(summary)

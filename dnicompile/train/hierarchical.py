@@ -4,7 +4,6 @@ rank 0 trains the lower core, rank 1 the upper; rank 0 writes the metrics and ou
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import torch.distributed as dist
 
 from ..errors import DNIError, SpecError
 from ..runtime.bptt_distributed import TAG_STATS, LowerRuntime, UpperWorker, recv_upper, send_upper
-from .launch import free_port, report_failure, run_workers, write_report
+from .launch import LoopbackStore, join_group, report_failure, run_workers, write_report, write_started
 
 
 @dataclass
@@ -34,7 +33,7 @@ class HierarchicalRunConfig:
     metrics_path: str | None = None
     title: str = ""
     error_dir: str = ""
-    master_port: int = 0
+    store_port: int = 0  # the launcher's loopback TCPStore ([Note: loopback] in train/launch.py)
 
 
 def check_distributed(program) -> None:
@@ -138,13 +137,13 @@ def train_rank(rank: int, cfg: HierarchicalRunConfig) -> dict | None:
 
 
 def _entry(rank: int, cfg: HierarchicalRunConfig) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(cfg.master_port)
     try:
         from ..spec import load_spec
 
         timeout = timedelta(seconds=load_spec(Path(cfg.spec_path)).distributed.timeout_s)
-        dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timeout)
+        if cfg.error_dir:
+            write_started(Path(cfg.error_dir), rank, "lower core" if rank == 0 else "upper core")
+        join_group("gloo", rank, 2, timeout, cfg.store_port)
         summary = train_rank(rank, cfg)
         if rank == 0 and cfg.error_dir and summary is not None:
             final = {k: v for k, v in summary.items() if k != "rows"}
@@ -163,13 +162,19 @@ def _entry(rank: int, cfg: HierarchicalRunConfig) -> None:
 
 def launch(cfg: HierarchicalRunConfig) -> tuple[int, dict | None]:
     """Start the two ranks on this host and wait: (exit code, rank 0's summary)."""
-    cfg.master_port = cfg.master_port or free_port()
-    with tempfile.TemporaryDirectory(prefix="dnicompile-hier-") as box:
-        cfg.error_dir = box
-        failed, stop_code = run_workers(_entry, (cfg,), 2)
-        if stop_code is not None:
-            return stop_code, None
-        if not failed:
-            path = Path(box) / "summary.json"
-            return 0, json.loads(path.read_text()) if path.exists() else None
-        return report_failure(Path(box)), None
+    from ..spec import load_spec
+
+    store = LoopbackStore(load_spec(Path(cfg.spec_path)).distributed.timeout_s)
+    try:
+        cfg.store_port = store.port
+        with tempfile.TemporaryDirectory(prefix="dnicompile-hier-") as box:
+            cfg.error_dir = box
+            result = run_workers(_entry, (cfg,), 2)
+            if result.stop_code is not None:
+                return result.stop_code, None
+            if not result.failed:
+                path = Path(box) / "summary.json"
+                return 0, json.loads(path.read_text()) if path.exists() else None
+            return report_failure(Path(box), result.exits), None
+    finally:
+        store.close()

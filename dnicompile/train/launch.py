@@ -1,4 +1,12 @@
-"""`--train --workers N` and torchrun: check the inputs here, then start (or join) the workers."""
+"""`--train --workers N` and torchrun: check the inputs here, then start (or join) the workers.
+
+[Note: loopback] Workers started with `--workers N` all run on this host, so nothing of theirs listens beyond
+it: the launcher binds a socket to 127.0.0.1 on a port the system picks and hands it to a `TCPStore` (the
+rendezvous), which keeps it for the whole run (no port is released and picked again, so no other process can
+take it in between); the workers connect to it and build their process group from it (`store=`), and gloo
+(and NCCL) use the loopback interface only. MASTER_ADDR / MASTER_PORT are read only under torchrun (WORLD_SIZE
+set), whose rendezvous is the user's to configure. Ranks exchange tensors only, never pickled objects.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ from ..runtime.distributed import find_checkpoint
 from ..runtime.placement import measure_stage_costs, plan_placement
 from ..runtime.transport import PeerError
 from .data import find_fashion_mnist
-from .outputs import OUT_FILES, cli_schedule, resolve_device
+from .outputs import check_outputs, cli_schedule, resolve_device
 
 
 def run_fields(args, spec) -> dict:
@@ -44,17 +52,13 @@ def train_distributed_from_cli(program, args, console) -> int:
     plan_placement(program, world, spec.distributed)  # validates the placement against the stages
     cores = os.cpu_count() or 1
     threads = args.threads or max(1, cores // (int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    out_dir = Path(args.out) if args.out else None
+    out_dir, metrics_path = check_outputs(args)
     if out_dir is not None:
-        existing = [n for n in (*OUT_FILES, "LATEST") if (out_dir / n).exists()]
-        if existing and not args.overwrite and not args.resume:
-            raise DNIError(
-                f"--out {out_dir}: already holds a run ({', '.join(existing)}); choose another directory, pass "
-                "--resume to continue it, or --overwrite to replace it."
-            )
         out_dir.mkdir(parents=True, exist_ok=True)
-    if args.resume:
-        find_checkpoint(Path(args.resume))  # fail here, before starting workers
+    resume = None
+    if args.resume:  # chosen here, before starting workers; every rank of a torchrun job chooses alike
+        say = console.print if not under_torchrun or os.environ.get("RANK") == "0" else (lambda *a, **k: None)
+        resume = str(find_checkpoint(Path(args.resume), world, say=lambda t: say(t, highlight=False)))
     if spec.distributed.checkpoint_every and out_dir is None:
         raise DNIError("distributed.checkpoint_every is set in the spec but no --out DIR was given to write to.")
     cfg = RunConfig(
@@ -63,8 +67,9 @@ def train_distributed_from_cli(program, args, console) -> int:
         device=args.device,
         threads=threads,
         out_dir=str(out_dir) if out_dir else None,
-        metrics_path=args.metrics or (str(out_dir / "metrics.jsonl") if out_dir else None),
-        resume=args.resume,
+        metrics_path=str(metrics_path) if metrics_path else None,
+        resume=resume,
+        keep_checkpoints=spec.train.keep_checkpoints,
     )
     if under_torchrun:
         run_rank(int(os.environ["RANK"]), world, cfg)
@@ -89,22 +94,65 @@ class RunConfig:
     threads: int
     out_dir: str | None = None
     metrics_path: str | None = None
-    resume: str | None = None
+    resume: str | None = None  # the checkpoint folder to continue from (find_checkpoint's choice)
+    keep_checkpoints: int = 2
     error_dir: str = ""
-    master_port: int = 0
+    store_port: int = 0  # the launcher's loopback TCPStore; 0 under torchrun (env:// rendezvous)
     progress: bool = True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# --------------------------------------------------------------------------- the rendezvous [Note: loopback]
+class LoopbackStore:
+    """The launcher's TCPStore, listening on 127.0.0.1 only, on a port the system picked and that it holds."""
+
+    def __init__(self, timeout_s: float) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+            self.store = dist.TCPStore(
+                "127.0.0.1",
+                self.port,
+                None,
+                True,
+                timeout=timedelta(seconds=timeout_s),
+                wait_for_workers=False,
+                master_listen_fd=sock.fileno(),
+            )
+        except BaseException:
+            sock.close()
+            raise
+        sock.detach()  # the store owns the socket now, and closes it when it goes
+
+    def close(self) -> None:
+        self.store = None
+
+
+def loopback_interface() -> str | None:
+    """The loopback network interface's name (`lo` on Linux, `lo0` on macOS), if there is one."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (OSError, AttributeError):
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+def join_group(backend: str, rank: int, world: int, timeout: timedelta, store_port: int) -> None:
+    """init_process_group: from the launcher's loopback store when `store_port` is set ([Note: loopback]),
+    else from torchrun's environment."""
+    if not store_port:
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        return
+    lo = loopback_interface()
+    if lo is not None:  # gloo's and NCCL's own sockets: loopback only
+        os.environ["GLOO_SOCKET_IFNAME"] = lo
+        os.environ["NCCL_SOCKET_IFNAME"] = lo
+    store = dist.TCPStore("127.0.0.1", store_port, world, False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def _worker_entry(rank: int, world: int, cfg: RunConfig) -> None:
     """Process entry point (torch.multiprocessing): rank `rank` of `world`."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(cfg.master_port)
     run_rank(rank, world, cfg)
 
 
@@ -124,17 +172,21 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> None:
         device = _rank_device(cfg.device, rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=spec.distributed.timeout_s)
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        join_group(backend, rank, world, timeout, cfg.store_port)
         costs = None
         if spec.distributed.placement == "time":  # rank 0 measures, so that every rank splits alike
             program.to(device)
             program.runtime.to(device)
-            box = [measure_stage_costs(program, device=device) if rank == 0 else None]
-            dist.broadcast_object_list(box, src=0)
-            costs = box[0]
+            box = torch.zeros(len(program.stages), dtype=torch.float64, device=device)
+            if rank == 0:
+                box.copy_(torch.tensor(measure_stage_costs(program, device=device), dtype=torch.float64))
+            dist.broadcast(box, src=0)
+            costs = box.cpu().tolist()
         placement = plan_placement(program, world, spec.distributed, costs)
         first, last = placement[rank]
         stage_desc = ", ".join(f"stage{s}" for s in range(first, last + 1))
+        if cfg.error_dir:
+            write_started(Path(cfg.error_dir), rank, stage_desc)
         from .distributed import train_rank
 
         train_rank(program, rank, world, placement, device, cfg)
@@ -168,60 +220,122 @@ def _raise_terminated(signum, frame):
     raise _Terminated
 
 
-def run_workers(entry, args: tuple, nprocs: int) -> tuple[bool, int | None]:
-    """Spawn `nprocs` processes running entry(rank, *args) and wait for all of them. Returns (failed,
-    stop_code): failed when a worker raised or died; stop_code 130 after Ctrl-C (SIGINT) and 143 after
-    SIGTERM (`kill PID`, a job scheduler), once every worker has been stopped. No worker outlives this."""
+@dataclass
+class WorkerExit:
+    """How one worker process ended: its exit code (negative: the signal that killed it) and the signal the
+    launcher itself sent it, if any (then its death is the launcher's doing, not a cause)."""
+
+    rank: int
+    exitcode: int | None
+    sent: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.exitcode not in (None, 0)
+
+    @property
+    def killed_by_us(self) -> bool:
+        """The launcher stopped it (after another worker's failure, or on Ctrl-C): its end is no cause."""
+        return self.sent is not None
+
+
+@dataclass
+class WorkersResult:
+    failed: bool
+    stop_code: int | None  # 130 after Ctrl-C, 143 after SIGTERM
+    exits: list[WorkerExit]
+
+
+def run_workers(entry, args: tuple, nprocs: int) -> WorkersResult:
+    """Spawn `nprocs` processes running entry(rank, *args) and wait for all of them. When one fails (an exit
+    code other than 0, or a signal), every other is stopped at once (SIGTERM, then SIGKILL after 3 s), so the run
+    ends as soon as its first worker does; each worker's exit is recorded (`WorkersResult.exits`) for the report.
+    Ctrl-C (SIGINT) or SIGTERM to the launcher stops every worker too (stop_code 130 or 143). No worker outlives
+    this."""
+    import multiprocessing.connection
     import sys
 
     import torch.multiprocessing as mp
 
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    context = None
     try:
         context = mp.start_processes(entry, args=args, nprocs=nprocs, join=False, start_method="spawn")
+        procs = context.processes
+        exits = [WorkerExit(rank, None) for rank in range(nprocs)]
         try:
-            while not context.join(timeout=1):
-                pass
-        except (mp.ProcessExitedException, mp.ProcessRaisedException):
-            return True, None
+            while True:
+                alive = [p for p in procs if p.exitcode is None]
+                if not alive or any(p.exitcode not in (None, 0) for p in procs):
+                    break
+                multiprocessing.connection.wait([p.sentinel for p in alive], timeout=1)
         except (KeyboardInterrupt, _Terminated) as stop:
-            for p in context.processes:
-                if p.is_alive():
-                    p.terminate()
+            _stop(procs, exits)
             interrupted = isinstance(stop, KeyboardInterrupt)
             sys.stderr.write(f"dnicompile: {'interrupted' if interrupted else 'terminated'}; all workers stopped\n")
-            return False, (130 if interrupted else 143)
-        finally:
+            return WorkersResult(False, 130 if interrupted else 143, exits)
+        _stop(procs, exits)
+        return WorkersResult(any(e.failed for e in exits), None, exits)
+    finally:
+        if context is not None:
             for p in context.processes:
-                p.join(5)
                 if p.is_alive():
                     p.kill()
-        return False, None
-    finally:
+                    p.join(5)
+            for f in context.error_files:  # torch's per-process traceback files: the reports have it all
+                if f:
+                    Path(f).unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(procs, exits: list[WorkerExit], grace_s: float = 3.0) -> None:
+    """Stop every worker still running (SIGTERM; SIGKILL after `grace_s`) and record how each ended."""
+    import time
+
+    for p, e in zip(procs, exits):
+        if p.exitcode is None:  # reaps a worker that has just died: its exit code is then its own
+            e.sent = signal.SIGTERM
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p, e in zip(procs, exits):
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.exitcode is None:
+            e.sent = signal.SIGKILL
+            p.kill()
+            p.join(5)
+        e.exitcode = p.exitcode
 
 
 def launch(cfg: RunConfig, workers: int) -> int:
     """Start `workers` processes on this host and wait; returns the exit code. If any rank fails,
-    the others are stopped and the first error is printed, naming the rank and its stages. Ctrl-C
-    (SIGINT) or SIGTERM stops every worker; the exit code is then 130 or 143."""
+    the others are stopped and the root cause is printed, naming the rank and its stages (report_failure).
+    Ctrl-C (SIGINT) or SIGTERM stops every worker; the exit code is then 130 or 143."""
+    from ..spec import load_spec
 
-    cfg.master_port = cfg.master_port or free_port()
-    with tempfile.TemporaryDirectory(prefix="dnicompile-errors-") as error_dir:
-        cfg.error_dir = error_dir
-        failed, stop_code = run_workers(_worker_entry, (workers, cfg), workers)
-        if stop_code is not None:
-            return stop_code
-        if not failed:
-            return 0
-        return report_failure(Path(error_dir))
+    store = LoopbackStore(load_spec(Path(cfg.spec_path)).distributed.timeout_s)
+    try:
+        cfg.store_port = store.port
+        with tempfile.TemporaryDirectory(prefix="dnicompile-errors-") as error_dir:
+            cfg.error_dir = error_dir
+            result = run_workers(_worker_entry, (workers, cfg), workers)
+            if result.stop_code is not None:
+                return result.stop_code
+            if not result.failed:
+                return 0
+            return report_failure(Path(error_dir), result.exits)
+    finally:
+        store.close()
 
 
-# [Note: failure reports] Each rank that fails writes rank<N>.json (atomically) with the kind of its failure,
-# decided by the exception's type: "bad-input" (a DNIError: exit 2), "peer" (it was waiting on another rank:
-# transport.PeerError or torch.distributed's own DistError, such as a connection reset by a dead peer), or
-# "error". The launcher reports the root cause: the lowest rank that failed for a reason of its own, else the
-# lowest that failed at all.
+# [Note: failure reports] Each rank writes started<N>.json once it knows its stages, and, if it fails,
+# rank<N>.json (both atomically) with the kind of its failure, decided by the exception's type: "bad-input" (a
+# DNIError: exit 2), "peer" (it was waiting on another rank: transport.PeerError or torch.distributed's own
+# DistError, such as a connection reset by a dead peer), or "error". The launcher records how each worker
+# ended and which it stopped itself. The root cause, in this order: the lowest rank with bad input; the lowest
+# rank that died without a report by no hand of the launcher (killed by a signal, or an exit code with no
+# Python exception: the OOM killer, kill -9, a crash in native code), since nothing another rank does kills
+# a process that way; the first rank to report an error of its own (by the report's time: a peer's failure
+# comes after the cause's, which is written before its sockets close); the lowest rank waiting on a peer.
 def failure_kind(e: BaseException) -> str:
     if isinstance(e, DNIError):
         return "bad-input"
@@ -230,36 +344,75 @@ def failure_kind(e: BaseException) -> str:
     return "error"
 
 
+def write_started(folder: Path, rank: int, where: str) -> None:
+    record = {"rank": rank, "stages": where, "pid": os.getpid()}
+    write_text_atomic(folder / f"started{rank}.json", json.dumps(record))
+
+
 def write_report(folder: Path, rank: int, where: str, e: BaseException) -> None:
+    import time
+
     kind = failure_kind(e)
     message = str(e) if kind == "bad-input" else f"{type(e).__name__}: {e}"
     detail = "" if kind == "bad-input" else traceback.format_exc()
-    record = {"rank": rank, "stages": where, "kind": kind, "message": message, "detail": detail}
+    record = {"rank": rank, "stages": where, "kind": kind, "message": message, "detail": detail, "time": time.time()}
     write_text_atomic(folder / f"rank{rank}.json", json.dumps(record))
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_reports(folder: Path) -> list[dict]:
-    """The ranks' failure reports, root cause first; a report that cannot be read is left out."""
-    errors = []
-    for path in sorted(folder.glob("rank*.json")):
-        try:
-            errors.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    errors.sort(key=lambda e: (e.get("kind") == "peer", e.get("rank", 0)))
+    """The ranks' failure reports, root cause first (without the launcher's view of how workers ended); a
+    report that cannot be read is left out."""
+    errors = [r for p in sorted(folder.glob("rank*.json")) if (r := _read_json(p)) is not None]
+    order = {"bad-input": 0, "error": 1, "peer": 2}
+    errors.sort(
+        key=lambda e: (
+            order.get(e.get("kind"), 1),
+            e.get("time", 0) if e.get("kind") == "error" else 0,
+            e.get("rank", 0),
+        )
+    )
     return errors
 
 
-def report_failure(folder: Path) -> int:
-    """Print the root cause of a failed run and return its exit code (2 for bad input, else 1)."""
+def _death(e: WorkerExit) -> str:
+    if e.exitcode is not None and e.exitcode < 0:
+        try:
+            name = f" ({signal.Signals(-e.exitcode).name})"
+        except ValueError:
+            name = ""
+        return f"was killed by signal {-e.exitcode}{name}"
+    return f"exited with code {e.exitcode} without a report"
+
+
+def report_failure(folder: Path, exits: list[WorkerExit] | None = None) -> int:
+    """Print the root cause of a failed run ([Note: failure reports]) and return its exit code (2 for bad
+    input, else 1)."""
     import sys
 
     errors = read_reports(folder)
-    if not errors:
-        sys.stderr.write("dnicompile: error: a worker died without a report (killed by the system?)\n")
-        return 1
-    e = errors[0]
-    sys.stderr.write(f"dnicompile: error: rank {e['rank']} ({e['stages']}) failed: {e['message']}\n")
-    if e["kind"] != "bad-input" and os.environ.get("DNICOMPILE_TRACEBACK"):
-        sys.stderr.write(e["detail"])
-    return 2 if e["kind"] == "bad-input" else 1
+    reported = {e.get("rank") for e in errors}
+    died = [x for x in exits or [] if x.failed and not x.killed_by_us and x.rank not in reported]
+    if errors and errors[0].get("kind") == "bad-input" or not died:
+        if not errors:
+            sys.stderr.write("dnicompile: error: a worker died without a report (killed by the system?)\n")
+            return 1
+        e = errors[0]
+        sys.stderr.write(f"dnicompile: error: rank {e['rank']} ({e['stages']}) failed: {e['message']}\n")
+        if e["kind"] != "bad-input" and os.environ.get("DNICOMPILE_TRACEBACK"):
+            sys.stderr.write(e["detail"])
+        return 2 if e["kind"] == "bad-input" else 1
+    dead = died[0]
+    started = _read_json(folder / f"started{dead.rank}.json") or {}
+    stages = started.get("stages", "its stages not assigned yet")
+    sys.stderr.write(
+        f"dnicompile: error: rank {dead.rank} ({stages}) {_death(dead)}; the other workers were stopped.\n"
+    )
+    return 1

@@ -5,11 +5,24 @@ differs between data sets is a `Task` plug-in: where batches come from, what one
 line and an evaluation add. The built-in tasks (Fashion-MNIST classification, Copy / Repeat-Copy with their
 curriculum, text streams) live in `train/tasks.py`; the GPT example brings its own. The loop owns the rest:
 seeding and building the runtime ([Note: seeds]), timing, the progress bar, metrics lines, evaluation every
-`eval_every` steps and at the end, and a clean stop on Ctrl-C that keeps what was written.
+`eval_every` steps and at the end, checkpoints ([Note: run checkpoints]), and a clean stop on Ctrl-C or
+SIGTERM that keeps what was written.
+
+[Note: run checkpoints] With an output folder and `checkpoint_every`, the loop writes `ckpt-<step>.pt` every
+`checkpoint_every` steps, at the end, and when Ctrl-C or SIGTERM stops it (at the end of the step under way,
+so a checkpoint never holds half a step): the model's state_dict, the runtime's (optimizers, schedulers,
+clocks, synthesizers: [Note: checkpoint format]), the task's (`Task.state_dict`: data position, curriculum,
+running averages), torch's random state and the step. It keeps the newest `keep_checkpoints` ([Note:
+checkpoint files]). Resuming (`FitOptions.resume`, from `load_run_checkpoint`) builds everything as a fresh
+run does, loads those states, cuts the metrics file back to the checkpoint's step and goes on from the next
+step: the run ends with the parameters of one that never stopped. Every file holds tensors and plain
+values only and is read with weights_only=True.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +32,17 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .outputs import MetricsWriter, resolve_device
+from ..errors import DNIError
+from ..files import (
+    DamagedFileError,
+    checkpoint_name,
+    checkpoints,
+    load_tensors,
+    prune_checkpoints,
+    remove_stale_tmp,
+    save_atomic,
+)
+from .outputs import MetricsWriter, resolve_device, resume_metrics
 
 
 @dataclass
@@ -34,6 +57,9 @@ class FitOptions:
     log_every: int = 10
     metrics_path: Path | None = None
     out_dir: Path | None = None
+    checkpoint_every: int | None = None  # with out_dir: ckpt-<step>.pt every N steps, at the end, on a stop
+    keep_checkpoints: int = 2
+    resume: RunCheckpoint | None = None  # continue after this checkpoint's step (see load_run_checkpoint)
 
 
 class Task:
@@ -82,6 +108,14 @@ class Task:
         """What the run's summary records of this task, at any point of the run."""
         return {}
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of this task (data position, curriculum, running averages), as tensors and
+        plain values; called after `setup`. A task whose batches depend on nothing but the step keeps {}."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s result; called after `setup`, before the first step of a resumed run."""
+
 
 def _progress(console: Console) -> Progress:
     return Progress(
@@ -95,9 +129,147 @@ def _progress(console: Console) -> Progress:
     )
 
 
+# --------------------------------------------------------------------------- checkpoints
+RUN_FORMAT = 1  # the version of a ckpt-<step>.pt file's layout ([Note: run checkpoints])
+
+
+@dataclass
+class RunCheckpoint:
+    """A run checkpoint read back for --resume: its file, its contents and the step it was written after."""
+
+    path: Path
+    state: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def save_run_checkpoint(out_dir: Path, step: int, program, task: Task, keep: int) -> Path:
+    """Write ckpt-<step>.pt into `out_dir` (atomically, fsynced) and keep the newest `keep` checkpoints."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = {
+        "format": RUN_FORMAT,
+        "step": step,
+        "model": {k: v.detach().cpu() for k, v in program.model.state_dict().items()},
+        "runtime": program.runtime.state_dict(),
+        "task": task.state_dict(),
+        "rng": rng,
+    }
+    path = out_dir / checkpoint_name(step, "file")
+    save_atomic(state, path)
+    prune_checkpoints(out_dir, keep, "file")
+    return path
+
+
+def load_run_checkpoint(folder: Path, say=None) -> RunCheckpoint:
+    """The newest checkpoint in `folder` that can be read, for --resume; `say(text)` hears which one it is and
+    which newer ones were skipped as damaged. A file that asks to run code is refused (UnsafeFileError), not
+    skipped; no readable checkpoint at all is a DNIError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DNIError(f"--resume {folder}: no such directory; pass the --out of an earlier run.")
+    found = checkpoints(folder, "file")
+    if not found:
+        if checkpoints(folder, "dir"):
+            raise DNIError(
+                f"--resume {folder}: holds the checkpoints of a run on several workers (ckpt-<step>/ folders); "
+                "resume it with the same --workers N."
+            )
+        raise DNIError(
+            f"--resume {folder}: no checkpoint there (no ckpt-<step>.pt); pass the --out of a run made with "
+            "train.checkpoint_every set (the default)."
+        )
+    skipped = []
+    for _, path in found:
+        try:
+            state = load_tensors(path, map_location="cpu")
+            _check_run_state(state, path)
+        except DamagedFileError as e:
+            skipped.append(str(e))
+            continue
+        if say is not None:
+            for line in skipped:
+                say(f"skipping {line}")
+            fell_back = " instead" if skipped else ""
+            say(f"resuming from {path.name} (step {int(state['step'])}){fell_back}")
+        return RunCheckpoint(path, state)
+    raise DNIError(f"--resume {folder}: no checkpoint there can be read: " + "; ".join(skipped))
+
+
+def _check_run_state(state, path: Path) -> None:
+    """A run checkpoint's layout, or DamagedFileError."""
+    keys = ("format", "step", "model", "runtime", "task")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise DamagedFileError(f"{path}: not a dnicompile run checkpoint (it lacks {', '.join(keys)})")
+    if not isinstance(state["format"], int) or state["format"] > RUN_FORMAT:
+        raise DamagedFileError(
+            f"{path}: checkpoint layout {state['format']!r} is newer than this dnicompile reads ({RUN_FORMAT})"
+        )
+    if not isinstance(state["step"], int) or state["step"] < 0:
+        raise DamagedFileError(f"{path}: its step {state['step']!r} is not a step")
+
+
+def _restore(program, task: Task, ckpt: RunCheckpoint, device: torch.device) -> int:
+    """Load a run checkpoint into a freshly built program, runtime and task; returns its step."""
+    state = ckpt.state
+    try:
+        program.model.load_state_dict(state["model"])
+        program.to(device)
+        program.runtime.load_state_dict(state["runtime"])  # each part moves its tensors where it lives
+        task.load_state_dict(state["task"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise DNIError(
+            f"--resume {ckpt.path}: the checkpoint does not fit this model and spec ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); resume with the model file and spec "
+            "the run was made with."
+        ) from None
+    rng = state.get("rng") or {}
+    if isinstance(rng.get("torch"), torch.Tensor):
+        torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda"):
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return ckpt.step
+
+
+class _StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the step under way (and checkpoint); a second one
+    stops at once (KeyboardInterrupt). Only in the main thread, and a signal ignored before stays ignored."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                before = signal.getsignal(sig)
+                if before is signal.SIG_IGN or before is None:
+                    continue
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, before in self._previous.items():
+            signal.signal(sig, before)
+
+    @property
+    def name(self) -> str | None:
+        return None if self.signum is None else signal.Signals(self.signum).name
+
+
 def fit(program, task: Task, options: FitOptions, console: Console | None = None) -> dict:
     """Train `program` on `task` for options.steps steps; returns a summary with every metrics line (`rows`).
-    Ctrl-C stops early, keeping what was written (`interrupted` in the summary)."""
+    Ctrl-C or SIGTERM stops after the step under way, writing a checkpoint where checkpoints are on
+    (`interrupted` and `stopped_by` in the summary); a second one stops at once. With `options.resume` the run
+    goes on from that checkpoint's step ([Note: run checkpoints])."""
     console = console or Console(quiet=True)
     device = resolve_device(options.device)
     torch.manual_seed(options.seed)  # [Note: seeds]: right before the runtime's models are drawn
@@ -105,14 +277,28 @@ def fit(program, task: Task, options: FitOptions, console: Console | None = None
     program.train()
     program.runtime.to(device)
     task.setup(program, device, options, console)
-    metrics = MetricsWriter(options.metrics_path)
-    summary: dict = {**task.summary(), "steps_done": 0, "interrupted": False}
-    window_t, window_n, start = 0.0, 0, time.perf_counter()
+    out_dir = options.out_dir
+    saving = out_dir is not None and bool(options.checkpoint_every)
+    if out_dir is not None:
+        remove_stale_tmp(out_dir)
+    start = 0
+    if options.resume is not None:
+        start = _restore(program, task, options.resume, device)
+        console.print(f"resumed from step {start} ({options.resume.path.name})", highlight=False)
+    history = []
+    if start and options.metrics_path is not None:
+        history = resume_metrics(options.metrics_path, start, options.resume.path.parent / "metrics.jsonl")
+    metrics = MetricsWriter(options.metrics_path, append=bool(start))
+    metrics.rows = history
+    summary: dict = {**task.summary(), "steps_done": start, "interrupted": False}
+    saved_at = start if options.resume is not None else None
+    window_t, window_n, begin = 0.0, 0, time.perf_counter()
     progress = _progress(console)
+    stop = _StopSignals()
     try:
-        with progress:
-            bar = progress.add_task("train", total=options.steps, status="")
-            for step in range(1, options.steps + 1):
+        with stop, progress:
+            bar = progress.add_task("train", total=options.steps, completed=start, status="")
+            for step in range(start + 1, options.steps + 1):
                 batch = task.next()
                 t0 = time.perf_counter()
                 result = task.step(program, batch)
@@ -128,7 +314,7 @@ def fit(program, task: Task, options: FitOptions, console: Console | None = None
                         "step": step,
                         "loss": result.loss,
                         task.rate_key: rate,
-                        "elapsed_s": time.perf_counter() - start,
+                        "elapsed_s": time.perf_counter() - begin,
                         "cosine": result.cosine,
                         "synth_loss": result.synth_loss,
                         **fields,
@@ -143,17 +329,32 @@ def fit(program, task: Task, options: FitOptions, console: Console | None = None
                     evaluated = task.evaluate(program, step)
                     if evaluated is not None:
                         scores, line = evaluated
-                        metrics.write({"step": step, **scores, "elapsed_s": time.perf_counter() - start})
+                        metrics.write({"step": step, **scores, "elapsed_s": time.perf_counter() - begin})
                         summary.update(task.summary())
                         if line:
                             progress.console.print(line, highlight=False)
+                if saving and (step % options.checkpoint_every == 0 or stop.signum is not None):
+                    save_run_checkpoint(out_dir, step, program, task, options.keep_checkpoints)
+                    saved_at = step
                 progress.update(bar, advance=1)
+                if stop.signum is not None:
+                    break
+        if stop.signum is not None:
+            summary.update(interrupted=True, stopped_by=stop.name)
+            wrote = f"; wrote {checkpoint_name(saved_at, 'file')}" if saving and saved_at else ""
+            console.print(
+                f"{'interrupted' if stop.signum == signal.SIGINT else 'stopped by ' + stop.name} at step "
+                f"{summary['steps_done']}{wrote}; keeping what was written.",
+                highlight=False,
+            )
+        elif saving and summary["steps_done"] != saved_at:
+            save_run_checkpoint(out_dir, summary["steps_done"], program, task, options.keep_checkpoints)
     except KeyboardInterrupt:
-        summary["interrupted"] = True
+        summary.update(interrupted=True, stopped_by="SIGINT")
         console.print(f"interrupted at step {summary['steps_done']}; keeping what was written.", highlight=False)
     finally:
         metrics.close()
     summary.update(task.summary())
-    summary["elapsed_s"] = time.perf_counter() - start
+    summary["elapsed_s"] = time.perf_counter() - begin
     summary["rows"] = metrics.rows
     return summary

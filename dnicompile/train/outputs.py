@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DNIError
-from ..files import write_atomic
+from ..files import checkpoints, remove_checkpoint, write_atomic, write_text_atomic
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,25 +84,67 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 OUT_FILES = ("model.pt", "checkpoint.pt", "curves.png", "summary.json", "metrics.jsonl")
 
 
+def run_files(out_dir: Path) -> list[str]:
+    """The files of a run already in `out_dir`: outputs, checkpoints (one process or several) and LATEST."""
+    found = [n for n in (*OUT_FILES, "LATEST") if (out_dir / n).exists()]
+    return found + [p.name for kind in ("file", "dir") for _, p in checkpoints(out_dir, kind)]
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
 def check_outputs(args) -> tuple[Path | None, Path | None]:
-    """--out and --metrics, checked before training starts: never overwrite a run without --overwrite."""
-    out_dir = Path(args.out) if args.out else None
+    """--out and --metrics, checked before training starts: never overwrite a run without --overwrite. With
+    --resume DIR, --out defaults to DIR and the run goes on there; --overwrite replaces a run in another --out
+    (its checkpoints are removed first, so that resuming it later never finds the old run's)."""
+    resume = Path(args.resume) if getattr(args, "resume", None) else None
+    out_dir = Path(args.out) if args.out else resume
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             raise DNIError(f"--out {out_dir}: exists and is not a directory.")
-        existing = [n for n in OUT_FILES if (out_dir / n).exists()]
-        if existing and not args.overwrite:
-            raise DNIError(
-                f"--out {out_dir}: already holds a run ({', '.join(existing)}); choose another directory or "
-                "pass --overwrite to replace it."
-            )
+        continuing = resume is not None and out_dir.is_dir() and _same_dir(out_dir, resume)
+        existing = run_files(out_dir) if out_dir.is_dir() else []
+        if existing and not continuing:
+            if not args.overwrite:
+                shown = existing if len(existing) <= 6 else [*existing[:6], "..."]
+                raise DNIError(
+                    f"--out {out_dir}: already holds a run ({', '.join(shown)}); choose another directory, pass "
+                    "--resume to continue it, or --overwrite to replace it."
+                )
+            for kind in ("file", "dir"):
+                for _, path in checkpoints(out_dir, kind):
+                    remove_checkpoint(path)
+            (out_dir / "LATEST").unlink(missing_ok=True)
     metrics_path = Path(args.metrics) if args.metrics else (out_dir / "metrics.jsonl" if out_dir else None)
     if metrics_path is not None:
-        if metrics_path.exists() and not args.overwrite and not (out_dir and metrics_path.parent == out_dir):
+        own = out_dir is not None and metrics_path.parent == out_dir
+        if metrics_path.exists() and not args.overwrite and not own and resume is None:
             raise DNIError(f"--metrics {metrics_path}: file exists; choose another path or pass --overwrite.")
         if not metrics_path.parent.is_dir() and metrics_path.parent != out_dir:
             raise DNIError(f"--metrics {metrics_path}: folder {metrics_path.parent} does not exist.")
     return out_dir, metrics_path
+
+
+def resume_metrics(path: Path, step: int, source: Path | None = None) -> list[dict]:
+    """The metrics of a resumed run, cut back to its checkpoint's `step`: the lines of `source` (the resumed
+    run's metrics.jsonl; `path` where it has none) up to that step are written to `path` (atomically) and
+    returned; lines written after the checkpoint, and a line torn by a crash, are dropped."""
+    src = source if source is not None and source.is_file() else path
+    rows = []
+    if src.is_file():
+        for line in src.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                rows.append(row)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def cli_schedule(args, spec) -> dict:
@@ -116,7 +158,20 @@ def cli_schedule(args, spec) -> dict:
     }
 
 
+def checkpoint_options(spec) -> dict:
+    """How often a run in one process checkpoints, and how many it keeps: the spec's `train:`."""
+    return {"checkpoint_every": spec.train.checkpoint_every, "keep_checkpoints": spec.train.keep_checkpoints}
+
+
+def exit_code(summary: dict) -> int:
+    """A finished run's exit code: 0, or 128 + the signal that stopped it (130 Ctrl-C, 143 SIGTERM)."""
+    if not summary.get("interrupted"):
+        return 0
+    return 143 if summary.get("stopped_by") == "SIGTERM" else 130
+
+
 def write_outputs(program, summary: dict, out_dir: Path, title: str) -> None:
+    """model.pt, checkpoint.pt (model, runtime state and step), curves.png and summary.json of a recurrent run."""
     state = {k: v.detach().cpu() for k, v in program.state_dict().items()}
     write_atomic(out_dir / "model.pt", lambda p: torch.save(state, p))
     ckpt = {"model": state, "runtime": program.runtime.state_dict(), "step": summary["steps_done"]}

@@ -12,8 +12,8 @@ from rich.console import Console
 
 from ..errors import DNIError
 from ..recurrent import compile_recurrent
-from .loop import FitOptions, fit
-from .outputs import check_outputs, cli_schedule, resolve_device, write_outputs
+from .loop import FitOptions, fit, load_run_checkpoint
+from .outputs import check_outputs, checkpoint_options, cli_schedule, exit_code, resolve_device, write_outputs
 from .tasks import CopyCurriculum, TextTask, check_recurrent_sizes, load_text
 
 RECURRENT_DATA = ("copy", "repeat_copy", "text")
@@ -32,14 +32,17 @@ def run_recurrent_cli(model, spec, args, console: Console | None = None) -> int:
     if not args.train:
         console.print(program.summary(), markup=False)
         return 0
-    if getattr(args, "resume", None):
-        raise DNIError("--resume is not available for recurrent programs: start the run again.")
     if "WORLD_SIZE" in os.environ:
         raise DNIError(
             "recurrent programs are not launched with torchrun: train in one process, or a hierarchical program on "
             "this host with --workers 2."
         )
     if args.workers > 1:
+        if getattr(args, "resume", None):
+            raise DNIError(
+                "--resume continues a run in one process or a feed-forward run on several workers; a hierarchical "
+                "run on two workers cannot resume yet: start it again."
+            )
         return train_hierarchical_distributed(program, args, console)
     return train_recurrent_from_cli(program, args, console)
 
@@ -67,7 +70,9 @@ def train_hierarchical_distributed(program, args, console: Console) -> int:
     if torch.device(args.device).type != "cpu":
         raise DNIError("--workers 2 runs a hierarchical program on CPU processes (gloo); drop --device.")
     data = args.data or spec.data.path
-    check_recurrent_sizes(program, None, load_text(data, spec.data.split).vocab_size, "text")  # here, not in the workers
+    check_recurrent_sizes(
+        program, None, load_text(data, spec.data.split).vocab_size, "text"
+    )  # here, not in the workers
     out_dir, metrics_path = _outputs(args)
     cfg = HierarchicalRunConfig(
         **run_fields(args, spec),
@@ -97,10 +102,12 @@ def train_recurrent_from_cli(program, args, console: Console) -> int:
             f"on copy, repeat_copy or text, but the spec has {got}; add e.g. `data: copy` or "
             "`data: {name: text, path: input.txt}`."
         )
-    opts = FitOptions(**cli_schedule(args, spec), device=args.device)
+    opts = FitOptions(**cli_schedule(args, spec), **checkpoint_options(spec), device=args.device)
     resolve_device(opts.device)
     out_dir, metrics_path = _outputs(args)
     opts.metrics_path, opts.out_dir = metrics_path, out_dir
+    if getattr(args, "resume", None):
+        opts.resume = load_run_checkpoint(Path(args.resume), say=lambda t: console.print(t, highlight=False))
     # a recurrent step is many small ops: one intra-op thread is fastest unless asked (and much faster than
     # several threads fighting other processes for the cores)
     threads = torch.get_num_threads()
@@ -124,7 +131,7 @@ def train_recurrent_from_cli(program, args, console: Console) -> int:
         + (", " + ", ".join(tail) if tail else ""),
         highlight=False,
     )
-    return 130 if summary["interrupted"] else 0
+    return exit_code(summary)
 
 
 def recurrent_task(data, path: str | None, seed: int):
@@ -132,5 +139,3 @@ def recurrent_task(data, path: str | None, seed: int):
     if data.name in ("copy", "repeat_copy"):
         return CopyCurriculum(data, seed)
     return TextTask(data, path or data.path)
-
-

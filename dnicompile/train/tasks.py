@@ -132,6 +132,10 @@ class Curriculum:
     def state_dict(self) -> dict:
         return {"length": self.length, "solved_length": self.solved_length, "errors": list(self.errors)}
 
+    def load_state_dict(self, state: dict) -> None:
+        self.length, self.solved_length = int(state["length"]), int(state["solved_length"])
+        self.errors = deque((float(e) for e in state["errors"]), maxlen=self.window)
+
 
 # --------------------------------------------------------------------------- text
 @dataclass(frozen=True)
@@ -310,6 +314,18 @@ class Classification(Task):
     def summary(self) -> dict:
         return {"test_accuracy": self.test_accuracy}
 
+    def state_dict(self) -> dict:
+        return {
+            "batches": self.batches.state_dict(),
+            "averages": [self.loss_avg, self.acc_avg],
+            "test_accuracy": self.test_accuracy,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state["batches"])
+        self.loss_avg, self.acc_avg = state["averages"]
+        self.test_accuracy = state["test_accuracy"]
+
 
 def shape_batch(program, x: torch.Tensor) -> torch.Tensor:
     """Reshape a batch of images to the program's first input, e.g. (B, 1, 28, 28) -> (B, 784)."""
@@ -403,6 +419,14 @@ class CopyCurriculum(Task):
         # error_bits: at `length`, over the last `window` batches
         return {"task": self.name, "solved_length": c.solved_length, "length": c.length, "error_bits": c.average}
 
+    def state_dict(self) -> dict:
+        return {"gen": self.task.gen.get_state(), "curriculum": self.curriculum.state_dict(), "err_avg": self.err_avg}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.task.gen.set_state(state["gen"])
+        self.curriculum.load_state_dict(state["curriculum"])
+        self.err_avg, self.grew = state["err_avg"], False
+
 
 class TextTask(Task):
     """Character-level text: B streams read `seq_len` characters at a time, the state carried between chunks;
@@ -460,6 +484,15 @@ class TextTask(Task):
 
     def summary(self) -> dict:
         return {"task": "text", **self.scores}
+
+    def state_dict(self) -> dict:
+        # the streams' place in the text; the core's state carried between chunks is the runtime's and starts
+        # again from zero on resuming (the recurrent runtime's state_dict does not hold it)
+        return {"pos": self.streams.pos, "epoch": self.streams.epoch, "bpc_avg": self.bpc_avg, "scores": self.scores}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streams.pos, self.streams.epoch = int(state["pos"]), int(state["epoch"])
+        self.bpc_avg, self.scores = state["bpc_avg"], dict(state["scores"])
 
 
 def check_recurrent_sizes(program, inputs: int | None, outputs: int, what: str) -> None:
