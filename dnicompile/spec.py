@@ -268,7 +268,11 @@ class TrainConfig(_Strict):
         "SIGTERM, for --resume; null: none. Training in one process.",
     )
     keep_checkpoints: int = Field(
-        2, ge=1, le=10**6, description="Checkpoints kept in --out (the newest); older ones are removed."
+        2,
+        ge=1,
+        le=10**6,
+        description="Checkpoints kept in --out, the newest (one process, or distributed.checkpoint_every on several "
+        "workers); older ones are removed.",
     )
 
 

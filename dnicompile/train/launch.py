@@ -10,6 +10,7 @@ set), whose rendezvous is the user's to configure. Ranks exchange tensors only, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -72,7 +73,16 @@ def train_distributed_from_cli(program, args, console) -> int:
         keep_checkpoints=spec.train.keep_checkpoints,
     )
     if under_torchrun:
-        run_rank(int(os.environ["RANK"]), world, cfg)
+        try:
+            run_rank(int(os.environ["RANK"]), world, cfg)
+        except Exception as e:
+            if failure_kind(e) != "peer":
+                raise
+            # another rank died or hung: say so plainly (torchrun's agent names the rank that failed first)
+            import sys
+
+            sys.stderr.write(f"dnicompile: error: rank {os.environ['RANK']} stopped: {e}\n")
+            return 1
         return 0
     console.print(f"starting {world} workers with {threads} thread(s) each", highlight=False)
     return launch(cfg, world)
@@ -296,6 +306,8 @@ def _stop(procs, exits: list[WorkerExit], grace_s: float = 3.0) -> None:
         if p.exitcode is None:  # reaps a worker that has just died: its exit code is then its own
             e.sent = signal.SIGTERM
             p.terminate()
+            with contextlib.suppress(OSError):  # a stopped worker (SIGSTOP, a debugger) takes SIGTERM once woken
+                os.kill(p.pid, signal.SIGCONT)
     deadline = time.monotonic() + grace_s
     for p, e in zip(procs, exits):
         p.join(max(0.0, deadline - time.monotonic()))
