@@ -38,14 +38,18 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
 
 DEPTHS = (3, 4, 5, 6)
-METHODS = ("backprop", "dni", "cdni", "cdni_p0.2", "frozen")
+METHODS = ("backprop", "dni", "cdni", "cdni_p0.2", "frozen", "local")
 METHOD_TITLES = {
     "backprop": "backprop",
     "dni": "DNI",
     "cdni": "cDNI",
     "cdni_p0.2": "cDNI, p=0.2 clocks",
     "frozen": "hidden layers frozen",
+    "local": "local loss, one cut",
 }
+# "local" (issue 16) is one cut in the middle of the hidden layers (after layers.{depth // 2 - 1}; conv: after the
+# first block) with a local-loss head trained on the labels (LOCAL_HEAD); nothing is sent back across it.
+LOCAL_HEAD = {"head": "mlp", "hidden": 256, "layers": 1, "optimizer": {"name": "Adam", "lr": 1.0e-3}}
 # "frozen" is a reference point, not a method: exact cuts, but the hidden stages' clocks never tick, so only the
 # output layer learns, on top of the randomly initialised hidden layers. A synthetic gradient that is no better
 # than no gradient at all ends up about here.
@@ -85,7 +89,7 @@ def stage_optimizer(updates: int, base: dict | None = None) -> dict:
 
 
 def synth_config(arch: str, method: str, mlp_synth: dict, conv_synth: dict, dni_mlp_synth: dict) -> dict | None:
-    if method in ("backprop", "frozen"):
+    if method in ("backprop", "frozen", "local"):
         return None
     if arch == "cnn":
         sg = copy.deepcopy(conv_synth)
@@ -140,6 +144,10 @@ def build_spec(
         if sg is not None:
             cut["synthetic_gradient"] = copy.deepcopy(last_sg if i == depth - 1 else sg)
         cuts.append(cut)
+    if method == "local":  # one cut, with a local loss; the stages on each side are one locked group each
+        middle = max(depth // 2 - 1, 0)
+        head = {**LOCAL_HEAD, "head": "conv" if arch == "cnn" else LOCAL_HEAD["head"]}
+        cuts = [{"after": f"{prefix}.{middle}", "local_loss": copy.deepcopy(head)}]
     return {
         "model": "build_model",
         "model_args": model_args,
