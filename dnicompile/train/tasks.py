@@ -300,6 +300,8 @@ class Classification(Task):
         fields = {"train_accuracy": acc}
         if result.input_loss:
             fields["input_loss"] = result.input_loss
+        if result.head_accuracy:  # local-loss cuts: their head's accuracy on this batch (its loss is in synth_loss)
+            fields["head_accuracy"] = result.head_accuracy
         return fields
 
     def status(self, rate: float) -> str:
