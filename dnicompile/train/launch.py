@@ -54,12 +54,12 @@ def train_distributed_from_cli(program, args, console) -> int:
     cores = os.cpu_count() or 1
     threads = args.threads or max(1, cores // (int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     out_dir, metrics_path = check_outputs(args)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
     resume = None
     if args.resume:  # chosen here, before starting workers; every rank of a torchrun job chooses alike
         say = console.print if not under_torchrun or os.environ.get("RANK") == "0" else (lambda *a, **k: None)
         resume = str(find_checkpoint(Path(args.resume), world, say=lambda t: say(t, highlight=False)))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     if spec.distributed.checkpoint_every and out_dir is None:
         raise DNIError("distributed.checkpoint_every is set in the spec but no --out DIR was given to write to.")
     cfg = RunConfig(

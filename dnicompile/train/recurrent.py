@@ -104,10 +104,10 @@ def train_recurrent_from_cli(program, args, console: Console) -> int:
         )
     opts = FitOptions(**cli_schedule(args, spec), **checkpoint_options(spec), device=args.device)
     resolve_device(opts.device)
+    if getattr(args, "resume", None):  # before --out (DIR by default) is made
+        opts.resume = load_run_checkpoint(Path(args.resume), say=lambda t: console.print(t, highlight=False))
     out_dir, metrics_path = _outputs(args)
     opts.metrics_path, opts.out_dir = metrics_path, out_dir
-    if getattr(args, "resume", None):
-        opts.resume = load_run_checkpoint(Path(args.resume), say=lambda t: console.print(t, highlight=False))
     # a recurrent step is many small ops: one intra-op thread is fastest unless asked (and much faster than
     # several threads fighting other processes for the cores)
     threads = torch.get_num_threads()
