@@ -347,7 +347,7 @@ def _loopback(address: str) -> bool:
 
 @needs_data
 def test_a_two_worker_run_listens_on_loopback_only(tmp_path):
-    spec = _spec(tmp_path)
+    spec = _spec(tmp_path, extra="distributed: {placement: time}\n")  # rank 0's timings reach rank 1 as a tensor
     metrics = tmp_path / "m.jsonl"
     cmd = [sys.executable, "-m", "dnicompile", "examples/mlp.py", "--spec", str(spec), "--train", "--workers", "2"]
     cmd += ["--steps", "1000000", "--eval-every", "1000000", "--data", str(DATA), "--metrics", str(metrics)]
