@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -158,3 +159,33 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path):
     model = load_module(ROOT / "examples/mlp.py").build_model()
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     assert not list(out.glob(".*.tmp"))  # no half-written files left behind
+
+
+@needs_data
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_stage(tmp_path, capsys):
+    """The output layer (stage 4, no batch norm after it) at SGD lr 1e38 overflows within a few steps: exit 2 with
+    the step and the first stage whose parameters are not finite, no traceback; the checkpoints written before it
+    (every step) are kept, and none of the failed step."""
+    text = (ROOT / "specs/mlp_backprop.yaml").read_text()
+    text = text.replace(
+        "  default: {optimizer: {name: Adam, lr: 1.0e-3}}",
+        "  default: {optimizer: {name: Adam, lr: 1.0e-3}}\n  4: {optimizer: {name: SGD, lr: 1.0e38}}",
+    )
+    text = text.replace(
+        "train: {steps: 1000, batch_size: 128, eval_every: 250}",
+        "train: {steps: 1000, batch_size: 128, eval_every: 250, checkpoint_every: 1}",
+    )
+    assert "1.0e38" in text and "checkpoint_every: 1" in text
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    out = tmp_path / "run"
+    argv = [str(ROOT / "examples/mlp.py"), "--spec", str(spec), "--train", "--data", str(DATA), "--steps", "50"]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the training loss is" in err, err
+    assert re.search(r"stage\d's parameters are the first that are not finite", err) or "loss itself overflowed" in err
+    assert "Traceback" not in err and "bug" not in err
+    step = int(err.split(" at step ")[1].split(":")[0])
+    assert 1 < step < 50
+    saved = sorted(out.glob("ckpt-*.pt"))
+    assert saved and all(int(p.stem.split("-")[1]) < step for p in saved), (saved, step)

@@ -21,6 +21,7 @@ values only and is read with weights_only=True.
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -265,6 +266,29 @@ class _StopSignals:
         return None if self.signum is None else signal.Signals(self.signum).name
 
 
+def _non_finite(program, step: int, loss: float, saved_at: int | None) -> DNIError:
+    """The run stops at a NaN or infinite loss (exit 2): which step, which stage first holds non-finite
+    parameters, what to try, and which checkpoint is the last good one."""
+    bad = next(
+        (
+            i
+            for i in range(program.num_stages)
+            if any(not bool(torch.isfinite(p).all()) for p in program.stage_parameters(i))
+        ),
+        None,
+    )
+    where = (
+        f"stage{bad}'s parameters are the first that are not finite"
+        if bad is not None
+        else "every parameter is still finite (the loss itself overflowed)"
+    )
+    kept = f"; the last good checkpoint is step {saved_at}'s (--resume from --out)" if saved_at else ""
+    return DNIError(
+        f"the training loss is {loss} at step {step}: {where}. Lower the learning rate (of that stage or its "
+        f"synthesizer / head), check the inputs for NaN or huge values, or clip gradients{kept}."
+    )
+
+
 def fit(program, task: Task, options: FitOptions, console: Console | None = None) -> dict:
     """Train `program` on `task` for options.steps steps; returns a summary with every metrics line (`rows`).
     Ctrl-C or SIGTERM stops after the step under way, writing a checkpoint where checkpoints are on
@@ -302,6 +326,8 @@ def fit(program, task: Task, options: FitOptions, console: Console | None = None
                 batch = task.next()
                 t0 = time.perf_counter()
                 result = task.step(program, batch)
+                if not math.isfinite(result.loss):
+                    raise _non_finite(program, step, result.loss, saved_at)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 window_t += time.perf_counter() - t0
