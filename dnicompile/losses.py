@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .errors import SpecError, did_you_mean
+from .errors import DNIError, SpecError, did_you_mean
 
 
 def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -182,3 +182,48 @@ def get_step_loss(name: str, where: str) -> Callable[[torch.Tensor, torch.Tensor
         f"{', '.join(STEP_LOSSES)} or your own per-step function as 'package.module:function' "
         "returning (B, T) losses."
     )
+
+
+def check_loss_inputs(name, output, target, where: str) -> None:
+    """Before the first step: the program's output and the labels must fit the spec's built-in loss. Raises a
+    DNIError that names the loss, the shapes and dtypes, and what to change (checked once: the shapes do not
+    change between batches)."""
+    if not isinstance(name, str) or name not in LOSSES:
+        return  # a loss the model computes, or the user's own function: theirs to check
+    if not isinstance(output, torch.Tensor):
+        got = "None" if output is None else type(output).__name__
+        raise DNIError(
+            f"{where}: loss `{name}` needs the model to return one tensor, but it returned {got}; return the class "
+            "scores (or the predictions), or let the model compute its own loss: `loss: {from_output: <key>}`."
+        )
+    if target is None:
+        return
+    shapes = f"the model's output is {_desc(output)}, the labels are {_desc(target)}"
+    if name == "mse":
+        if not target.is_floating_point():
+            raise DNIError(
+                f"{where}: loss `mse` compares the output with float targets of its shape, but the labels are class "
+                f"indices ({shapes}); use `loss: cross_entropy` for classes."
+            )
+        if target.shape != output.shape:
+            raise DNIError(f"{where}: loss `mse` needs targets of the output's shape ({shapes}).")
+        return
+    if target.is_floating_point():
+        return  # class probabilities: cross_entropy checks their shape itself
+    tokens = output.dim() == 3 and target.dim() == 2
+    if output.dim() < 2 or (tuple(target.shape) != tuple(output.shape[:-1]) and not tokens):
+        raise DNIError(
+            f"{where}: loss `{name}` needs class scores (B, K) with labels (B,), or (B, T, K) with (B, T), but "
+            f"{shapes}."
+        )
+    k = output.shape[-1]
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= k:
+        raise DNIError(
+            f"{where}: the labels run from {low} to {high}, but the model gives {k} class scores ({shapes}); make "
+            f"its last layer at least {high + 1} wide (as many as the data set has classes), or check the labels."
+        )
+
+
+def _desc(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"

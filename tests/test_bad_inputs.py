@@ -293,6 +293,42 @@ def gzip_bomb(declared: tuple[int, ...] = (60000, 28, 28), gib: float = 1.0) -> 
 
 
 MLP_TRAIN = ["{root}/examples/mlp.py", "--spec", "{root}/specs/mlp_cdni.yaml", "--train", "--steps", "1"]
+NARROW_MLP = """import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(784, 32), nn.ReLU())
+        self.head = nn.Linear(32, 5)  # 5 classes, the data has 10
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def build_model():
+    return Net()
+"""
+DICT_MLP = """import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(784, 32), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return {"logits": self.head(self.body(x))}
+
+
+def build_model():
+    return Net()
+"""
+LOSS_SPEC = (
+    "model: build_model\ninputs:\n  x: {{shape: [16, 784]}}\ncuts:\n  - after: body\n"
+    "loss: {loss}\ndata: fashion-mnist\ntrain: {{batch_size: 16}}\n"
+)
 
 SECURITY_ROWS = [
     # --- bounded parsing
@@ -616,6 +652,41 @@ SECURITY_ROWS = [
     Row("model-calls-sys-exit", SYS_EXIT, SPEC, ["model.py:5", "called sys.exit(0)", "__main__"]),
     Row("model-raises-keyboard-interrupt", INTERRUPTS, SPEC, ["model.py:4", "KeyboardInterrupt"]),
     Row("factory-calls-sys-exit", FACTORY_EXITS, SPEC, ["model.py:6", "`build_model()` called sys.exit('no GPU')"]),
+    # --- the model's output and the labels against the loss, checked once at step 0 with the shapes
+    Row(
+        "labels-out-of-range-for-the-model",
+        NARROW_MLP,
+        LOSS_SPEC.format(loss="cross_entropy"),
+        [
+            "the labels run from 0 to ",
+            "the model gives 5 class scores",
+            "float32[16, 5]",
+            "make its last layer at least",
+        ],
+        args=["{model}", "--spec", "{spec}", "--train", "--steps", "1", "--data", "{tmp}/data"],
+        setup=lambda tmp: (
+            small_fashion_mnist(tmp),
+            (tmp / "data" / "train-labels-idx1-ubyte.gz").write_bytes(
+                gzip.compress(idx((128,), bytes(range(10)) * 12 + bytes(8)))
+            ),
+        ),
+    ),
+    Row(
+        "mse-with-class-labels",
+        NARROW_MLP,
+        LOSS_SPEC.format(loss="mse"),
+        ["loss `mse` compares the output with float targets", "class indices", "int64[16]", "cross_entropy"],
+        args=["{model}", "--spec", "{spec}", "--train", "--steps", "1", "--data", "{tmp}/data"],
+        setup=small_fashion_mnist,
+    ),
+    Row(
+        "forward-returns-a-dict-with-a-named-loss",
+        DICT_MLP,
+        LOSS_SPEC.format(loss="cross_entropy"),
+        ["loss `cross_entropy` needs the model to return one tensor", "it returned dict", "from_output"],
+        args=["{model}", "--spec", "{spec}", "--train", "--steps", "1", "--data", "{tmp}/data"],
+        setup=small_fashion_mnist,
+    ),
 ]
 
 

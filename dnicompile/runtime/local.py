@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import SpecError
 from ..interfaces import Interface, interface_for_cut, is_float
-from ..losses import check_output_loss, get_loss
+from ..losses import check_loss_inputs, check_output_loss, get_loss
 from ..synthesizers import one_hot_context
 from .state import FORMAT, StageState, upgrade_state
 
@@ -103,6 +103,7 @@ class LocalRuntime:
             for s in program.stages
         ]
         self.step = 0
+        self._loss_checked = False
 
     # ---------------------------------------------------------------- modes and devices
     def modules(self) -> list[nn.Module]:
@@ -159,6 +160,9 @@ class LocalRuntime:
 
     def apply_loss(self, outputs, ctx: StepContext, open_group: list[int]) -> None:
         """The last stage: the true loss, backward through the open group, and its update."""
+        if not self._loss_checked:  # once, at the first step: the output and labels fit a built-in loss
+            check_loss_inputs(self.program.spec.loss, outputs, ctx.target, self.program.spec.where("loss"))
+            self._loss_checked = True
         loss = self.loss_fn(outputs, ctx.target)
         loss.backward()
         ctx.result.loss = float(loss.detach())
