@@ -324,12 +324,23 @@ class BPTTRuntime:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
+        """Optimizers, clocks and interfaces, and the stream between chunks: the lower core's state, the boundary
+        prediction's input waiting for its target, the segment count the lower clock ticks on, and the upper
+        core's state where its segment is closed (an open upper segment holds a graph and is not saved: the
+        upper core then starts its next segment from zero)."""
+        upper_closed = self.upper_state is not None and not self.upper_segment
         return {
             "format": FORMAT,
             "step": self.step,
             "time": self.time,
             "stages": [s.state_dict() for s in self.stages],
             "interfaces": {i.name: i.state_dict() for i in self.interfaces},
+            "stream": {
+                "state": [t.detach() for t in self.state] if self.state is not None else None,
+                "pending": self.pending,
+                "segments": self.segments,
+                "upper_state": [t.detach() for t in self.upper_state] if upper_closed else None,
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -339,3 +350,11 @@ class BPTTRuntime:
             stage.load_state_dict(s)
         for iface in self.interfaces:
             iface.load_state_dict(state["interfaces"][iface.name])
+        stream = state.get("stream")  # absent in checkpoints written before it was saved: a fresh stream
+        if stream is not None:
+            self.state = tuple(stream["state"]) if stream["state"] is not None else None
+            self.pending = stream["pending"]
+            self.segments = stream["segments"]
+            if stream["upper_state"] is not None:
+                self.upper_state = tuple(t.requires_grad_(True) for t in stream["upper_state"])
+                self.upper_start = self.upper_state
