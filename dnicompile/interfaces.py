@@ -111,6 +111,15 @@ class ExactInterface(Interface):
         return True
 
 
+def _step(loss: torch.Tensor, optimizer, scheduler) -> None:
+    """One step of an interface's own models on `loss`: clear, backward, step, and the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
 def _state(obj) -> dict | None:
     return obj.state_dict() if obj is not None else None
 
@@ -209,11 +218,7 @@ class SyntheticInterface(Interface):
             for name, pred in preds.items()
         }
         loss = torch.stack([F.mse_loss(pred, targets[name]) for name, pred in preds.items()]).sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        _step(loss, self.optimizer, self.scheduler)
         value = float(loss.detach())
         if stats:
             self.stats.add(value, ((preds[n], targets[n]) for n in preds))
@@ -231,11 +236,7 @@ class SyntheticInterface(Interface):
     def learn_input(self, synthetic: Tensors, real: Tensors) -> float:
         """One step of ||I(x) - h||^2 once the real boundary tensors are known."""
         loss = torch.stack([F.mse_loss(synthetic[n], real[n].detach()) for n in synthetic if n in real]).sum()
-        self.input_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.input_optimizer.step()
-        if self.input_scheduler is not None:
-            self.input_scheduler.step()
+        _step(loss, self.input_optimizer, self.input_scheduler)
         value = float(loss.detach())
         self.input_stats.add(value, ())
         return value
@@ -343,11 +344,7 @@ class LocalLossInterface(Interface):
             return {}
         scores = self.head(*leaves)
         loss = self.loss_fn(scores, target)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        _step(loss, self.optimizer, self.scheduler)
         value = float(loss.detach())
         self.stats.add(value, ())
         if not target.is_floating_point() and scores.shape[:-1] == target.shape:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..errors import DNIError, SpecError
 from ..runtime.bptt_distributed import TAG_STATS, LowerRuntime, UpperWorker, recv_upper, send_upper
-from .launch import LoopbackStore, join_group, report_failure, run_workers, write_report, write_started
+from .launch import LoopbackStore, join_group, leave_group, report_failure, run_workers, write_report, write_started
 
 
 @dataclass
@@ -153,11 +153,7 @@ def _entry(rank: int, cfg: HierarchicalRunConfig) -> None:
             write_report(Path(cfg.error_dir), rank, "lower core" if rank == 0 else "upper core", e)
         raise
     finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
+        leave_group()
 
 
 def launch(cfg: HierarchicalRunConfig) -> tuple[int, dict | None]:

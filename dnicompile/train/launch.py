@@ -205,11 +205,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> None:
             write_report(Path(cfg.error_dir), rank, stage_desc, e)
         raise
     finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
+        leave_group()
 
 
 def _rank_device(name: str, rank: int) -> torch.device:
@@ -348,6 +344,15 @@ def launch(cfg: RunConfig, workers: int) -> int:
 # Python exception: the OOM killer, kill -9, a crash in native code), since nothing another rank does kills
 # a process that way; the first rank to report an error of its own (by the report's time: a peer's failure
 # comes after the cause's, which is written before its sockets close); the lowest rank waiting on a peer.
+def leave_group() -> None:
+    """Destroy this process's process group, if it joined one; a peer that is gone cannot make it fail."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
 def failure_kind(e: BaseException) -> str:
     if isinstance(e, DNIError):
         return "bad-input"
