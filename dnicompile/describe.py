@@ -22,6 +22,11 @@ def describe_synthesizer(cut: Cut) -> str:
     """The cut's kind and settings, as the stage table and the drawings show them."""
     if cut.exact:
         text = "exact (true gradient)"
+    elif cut.kind == "delayed":
+        dg = cut.delayed_gradient
+        steps = "step" if dg.delay == 1 else "steps"
+        text = "delayed true gradient, " + ("as it arrives" if dg.delay == "auto" else f"{dg.delay} {steps} late")
+        text += f", weights: {dg.weights}" + (f", shrink {dg.shrink:g}" if dg.shrink != 1 else "")
     elif cut.kind == "local":
         ll = cut.local_loss
         text = f"local loss: {ll.head} head"

@@ -43,7 +43,7 @@ def stages_dot(program: DecoupledProgram) -> str:
     first = ", ".join(str(t) for t in program.stages[0].inputs)
     lines.append(f'  "input" -> {dot_string(program.stages[0].name)} [label={dot_string(first)}];')
     for u, v, cut in program.stage_graph.edges(data="cut"):  # [Note: stage graph]
-        style = "solid" if cut.exact else "dashed"
+        style = {"exact": "solid", "delayed": "dotted"}.get(cut.kind, "dashed")  # delayed: the true gradient, late
         label = _lines(
             f"{cut.name} ({describe_synthesizer(cut)})", *(f"{b.name} {fmt_shape(b.shape)}" for b in cut.boundary)
         )
@@ -87,7 +87,7 @@ def stages_svg(program: DecoupledProgram) -> str:
         cut = program.cut_after(stage.index)
         if cut is not None:
             x = left + box_w / 2
-            dash = "" if cut.exact else ' stroke-dasharray="6,4"'
+            dash = {"exact": "", "delayed": ' stroke-dasharray="2,3"'}.get(cut.kind, ' stroke-dasharray="6,4"')
             parts.append(
                 f'<line x1="{x}" y1="{y + box_h}" x2="{x}" y2="{y + box_h + gap - 4}" stroke="#333"{dash} '
                 'marker-end="url(#arrow)"/>'

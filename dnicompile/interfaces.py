@@ -362,6 +362,319 @@ class LocalLossInterface(Interface):
         super().load_state_dict(state)
 
 
+# [Note: delayed gradients] A delayed cut (DDG, Huo et al. 2018; Features Replay; FDG; PipeDream's weight stashing)
+# lets the stages before it (its group: the stages joined to it by exact cuts) go on without waiting for the true
+# gradient. At step t:
+#   - the group runs forward on batch t (`forward`), giving h_t; the stage after the cut runs on
+#     h_t.detach().requires_grad_() and its backward yields the true gradient delta_t = dL/dh_t, as across a
+#     synthetic cut; it reaches the interface by `arrive(t, delta_t, now)`;
+#   - the group does not backward from h_t now. At step t it runs the backward of the batch whose delta arrived
+#     `delay` steps ago (`backward_due`), with delta * shrink, and steps (where its clocks tick). Until a first
+#     gradient is due it does not step at all: a step on zero gradients would still move Adam or momentum.
+#   - `weights: stash`: the backward uses the weights its forward used: the forward runs (torch.func.functional_call)
+#     on detached clones of the parameters, and their gradients are added to the real parameters' .grad.
+#     `current`: the kept activations with today's weights (DDG): the forward runs on aliases of the parameters
+#     (`p.data`: the same storage, a version counter of their own), so the optimizer's in-place updates do not
+#     trip autograd's saved-tensor check and the backward reads today's values. `recompute`: only the inputs (and
+#     the random state, for dropout) are kept, and the forward runs again with today's weights before the
+#     backward (Features Replay); the least memory. With delay 0 all three are an exact cut.
+#   - buffers (batch norm's running statistics) are updated once, by the forward of step t: they go in as aliases
+#     (their own version counter, so a later forward's in-place update does not break a kept graph), and every
+#     forward run again (recompute, the fresh gradient, a graph rebuilt after a checkpoint) gets clones.
+#   - the gradient the group computes for its own inputs belongs to the batch whose backward it ran. If the group
+#     starts behind another delayed cut, it arrives there (now), so chained delays add (stage k of K sees a gradient
+#     K - k steps old at delay 1, as in DDG / PipeDream). A group behind a synthetic cut is refused by the runtime:
+#     its synthesizer would learn from gradients of older batches than its predictions.
+#   - statistics: `staleness`, the age of the gradient applied (t - s); and where asked (`measure`), `cosine`:
+#     between the stale gradient applied to the group's parameters and the fresh one, the gradient of the newest
+#     batch whose delta is known, with today's weights (one more forward and backward).
+#   - checkpoints: `state_dict` holds the queue of pending batches as tensors (inputs, random state, delta; the
+#     stashed weights and buffers, or the tensors the graph saved for `current`, found with saved-tensor hooks),
+#     and a graph is rebuilt from them when its backward comes, so a resumed run ends exactly as one that never
+#     stopped.
+
+
+class ForwardGroup:
+    """The stages before a delayed cut as its interface runs them: `run(values, tensors)` is their forward on
+    `values`, with the named tensors in `tensors` (parameters, buffers) in place of their own; `params` and
+    `buffers` are the real ones, by name."""
+
+    def __init__(self, run, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]) -> None:
+        self.run = run
+        self.params = {n: p for n, p in params.items() if p.requires_grad}
+        self.buffers = dict(buffers)
+
+    def buffer_aliases(self) -> dict[str, torch.Tensor]:
+        return {n: b.data for n, b in self.buffers.items()}
+
+    def buffer_clones(self) -> dict[str, torch.Tensor]:
+        return {n: b.detach().clone() for n, b in self.buffers.items()}
+
+
+class _Pending:
+    """One batch whose backward is still to come."""
+
+    def __init__(self, step: int, inputs: tuple, rng: dict) -> None:
+        self.step = step
+        self.inputs = inputs  # detached; `requires_grad` where the group owes a gradient for them
+        self.rng = rng  # {"cpu": state, "cuda": state} before the forward
+        self.arrived: int | None = None  # the step the delta came in
+        self.delta: dict[str, torch.Tensor] = {}
+        self.outputs: tuple | None = None  # with graph (stash, current); None: to be (re)built
+        self.leaves: dict[str, torch.Tensor] = {}  # what the graph's parameters are (clones, aliases)
+        self.weights: dict[str, torch.Tensor] | None = None  # stash: the parameters of the forward
+        self.buffers: dict[str, torch.Tensor] | None = None  # stash: the buffers before the forward
+        self.saved: list[torch.Tensor | None] | None = None  # current: what the graph saved
+        self.live: list[bool] | None = None  # current: which of them are today's parameters or buffers
+
+
+def _rng_state(values: tuple) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    cuda = next((v.device for v in values if isinstance(v, torch.Tensor) and v.device.type == "cuda"), None)
+    if cuda is not None:
+        state["cuda"] = torch.cuda.get_rng_state(cuda)
+        state["device"] = cuda.index if cuda.index is not None else torch.cuda.current_device()
+    return state
+
+
+class _Replay:
+    """Run with the random state of a kept batch (dropout draws again what it drew), leaving the global one as
+    it was."""
+
+    def __init__(self, rng: dict) -> None:
+        self.rng = rng
+        self.fork = torch.random.fork_rng(devices=[rng["device"]] if "cuda" in rng else [])
+
+    def __enter__(self):
+        self.fork.__enter__()
+        torch.set_rng_state(self.rng["cpu"])
+        if "cuda" in self.rng:
+            torch.cuda.set_rng_state(self.rng["cuda"], self.rng["device"])
+
+    def __exit__(self, *exc):
+        return self.fork.__exit__(*exc)
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class DelayedGradientInterface(Interface):
+    """A delayed-gradient cut ([Note: delayed gradients]): the stage group before it steps with the true gradient
+    of the batch it ran `delay` steps ago. The runtime gives it the group (`bind`), runs the group's forward
+    through `forward`, hands it each batch's true gradient (`arrive`), and asks for the backward that is due
+    (`backward_due`), which returns the gradient of the group's inputs for the cut before it."""
+
+    kind = "delayed"
+    has_input = False
+
+    def __init__(self, name: str, names: list[str], config, where: str) -> None:
+        super().__init__(name)
+        self.config = config
+        self.names = list(names)  # the boundary tensors, in order
+        self.delay = config.delay  # an int, or "auto": whatever has arrived
+        self.weights = config.weights
+        self.shrink = config.shrink
+        self.where = where
+        self.group: ForwardGroup | None = None
+        self.queue: list[_Pending] = []  # oldest first
+        self.staleness: int | None = None  # of the gradient applied by the last backward_due
+        self.cosine: float | None = None  # cos(stale, fresh) of the last measured backward_due
+
+    def bind(self, group: ForwardGroup) -> None:
+        self.group = group
+
+    # ---------------------------------------------------------------- the forward
+    def forward(self, step: int, values: tuple) -> tuple:
+        """The group's forward on batch `step`, keeping what its backward will need; returns the boundary
+        tensors (with graph for stash and current)."""
+        group = self.group
+        inputs = tuple(_leaf(v) for v in values)
+        entry = _Pending(step, inputs, _rng_state(values))
+        if self.weights == "recompute":
+            with torch.no_grad():
+                outputs = group.run(inputs, {})
+        elif self.weights == "stash":
+            entry.weights = {n: p.detach().clone().requires_grad_(True) for n, p in group.params.items()}
+            entry.buffers = group.buffer_clones()
+            entry.leaves = entry.weights
+            outputs = group.run(inputs, {**entry.weights, **group.buffer_aliases()})
+        else:  # current
+            entry.leaves = {n: p.data.requires_grad_(True) for n, p in group.params.items()}
+            entry.saved, entry.live = [], []
+            live = {_storage(t) for t in [*group.params.values(), *group.buffers.values()]}
+
+            def pack(t):
+                entry.saved.append(t)
+                entry.live.append(_storage(t) in live)
+                return len(entry.saved) - 1
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda i: entry.saved[i]):
+                outputs = group.run(inputs, {**entry.leaves, **group.buffer_aliases()})
+        if self.weights != "recompute":
+            entry.outputs = tuple(outputs)
+        self.queue.append(entry)
+        return tuple(outputs)
+
+    def _build(self, entry: _Pending, tensors: dict) -> tuple:
+        """The graph of a kept batch, run again with its random state (recompute; a graph lost to a checkpoint)."""
+        group = self.group
+        with _Replay(entry.rng):
+            if self.weights != "current":
+                return tuple(group.run(entry.inputs, {**tensors, **group.buffer_clones()}))
+            entry.leaves = {n: p.data.requires_grad_(True) for n, p in group.params.items()}
+            count = iter(range(len(entry.saved)))
+
+            def pack(t):
+                i = next(count)
+                if entry.live[i]:
+                    entry.saved[i] = t
+                return i
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda i: entry.saved[i]):
+                return tuple(group.run(entry.inputs, {**entry.leaves, **group.buffer_clones()}))
+
+    # ---------------------------------------------------------------- the gradient
+    def arrive(self, step: int, delta: Mapping[str, torch.Tensor | None], now: int) -> None:
+        """The true gradient of batch `step`'s boundary tensors (by name; None where one did not reach the loss),
+        known at step `now`."""
+        for entry in self.queue:
+            if entry.step == step:
+                entry.delta = {n: g.detach() for n, g in delta.items() if g is not None}
+                entry.arrived = now
+                return
+        raise RuntimeError(f"cut `{self.name}`: a gradient for batch {step}, which is not waiting for one")
+
+    def due(self, now: int) -> _Pending | None:
+        """The oldest batch whose gradient is due at step `now`."""
+        delay = 0 if self.delay == "auto" else self.delay
+        for entry in self.queue:
+            if entry.arrived is not None and now - entry.arrived >= delay:
+                return entry
+        return None
+
+    def backward_due(self, now: int, measure: bool = False) -> tuple[int, tuple] | None:
+        """Run the backward that is due at step `now`, adding shrink * its gradient to the group's parameters'
+        .grad; returns (its batch, the gradient of the group's inputs, None where there is none), or None when
+        no gradient is due yet. `measure`: the cosine between it and the fresh gradient (`cosine`)."""
+        entry = self.due(now)
+        if entry is None:
+            return None
+        fresh = self.fresh_gradient() if measure else None
+        params = self.group.params
+        if self.weights == "recompute":
+            entry.leaves = params
+        if entry.outputs is None:
+            tensors = entry.leaves if self.weights == "recompute" else None
+            if self.weights == "stash":
+                tensors = entry.weights
+                with _Replay(entry.rng):
+                    outs = self.group.run(entry.inputs, {**entry.weights, **_clones(entry.buffers)})
+                entry.outputs = tuple(outs)
+            else:
+                entry.outputs = self._build(entry, tensors or {})
+        grads_in = self._backward(entry, entry.leaves, scale=self.shrink)
+        names = list(entry.leaves)
+        for name, g in zip(names, grads_in[: len(names)]):
+            if g is not None:
+                p = params[name]
+                p.grad = g if p.grad is None else p.grad + g
+        self.queue.remove(entry)
+        self.staleness = now - entry.step
+        if fresh is not None:
+            stale = [g for g in grads_in[: len(names)]]
+            self.cosine = _cosine(stale, [fresh.get(n) for n in names])
+        return entry.step, tuple(grads_in[len(names) :])
+
+    def _backward(self, entry: _Pending, leaves: Mapping[str, torch.Tensor], scale: float) -> list:
+        roots, grads = [], []
+        for name, h in zip(self.names, entry.outputs):
+            if name in entry.delta and isinstance(h, torch.Tensor) and h.requires_grad:
+                roots.append(h)
+                grads.append(entry.delta[name] * scale if scale != 1 else entry.delta[name])
+        wrt = [*leaves.values(), *(x for x in entry.inputs if x.requires_grad)]
+        if not roots or not wrt:
+            return [None] * (len(leaves) + len(entry.inputs))
+        got = list(torch.autograd.grad(roots, wrt, grads, allow_unused=True))
+        entry.outputs = None  # the graph is spent
+        out, rest = got[: len(leaves)], iter(got[len(leaves) :])
+        return out + [next(rest) if x.requires_grad else None for x in entry.inputs]
+
+    def fresh_gradient(self) -> dict[str, torch.Tensor]:
+        """The gradient the group's parameters would get from the newest batch whose delta is known, with today's
+        weights (no side effects: clones of the parameters and buffers, the batch's random state)."""
+        newest = max((e for e in self.queue if e.arrived is not None), key=lambda e: e.step, default=None)
+        if newest is None:
+            return {}
+        leaves = {n: p.detach().clone().requires_grad_(True) for n, p in self.group.params.items()}
+        probe = _Pending(newest.step, newest.inputs, newest.rng)
+        probe.delta = newest.delta
+        with _Replay(newest.rng):
+            probe.outputs = tuple(self.group.run(newest.inputs, {**leaves, **self.group.buffer_clones()}))
+        got = self._backward(probe, leaves, scale=1.0)
+        return {n: g for n, g in zip(leaves, got) if g is not None}
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """The queue of pending batches, tensors and plain values only."""
+        queue = []
+        for e in self.queue:
+            saved = None
+            if e.saved is not None:
+                saved = [None if live else t.detach() for t, live in zip(e.saved, e.live)]
+            queue.append(
+                {
+                    "step": e.step,
+                    "arrived": e.arrived,
+                    "inputs": [x.detach() for x in e.inputs],
+                    "needs_grad": [bool(x.requires_grad) for x in e.inputs],
+                    "rng": dict(e.rng),
+                    "delta": dict(e.delta),
+                    "weights": None if e.weights is None else {n: w.detach() for n, w in e.weights.items()},
+                    "buffers": e.buffers,
+                    "saved": saved,
+                    "live": e.live,
+                }
+            )
+        return {"queue": queue}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queue = []
+        for q in state.get("queue", []):
+            inputs = tuple(x.detach().requires_grad_(g) for x, g in zip(q["inputs"], q["needs_grad"]))
+            e = _Pending(q["step"], inputs, q["rng"])
+            e.arrived, e.delta = q["arrived"], dict(q["delta"])
+            if q["weights"] is not None:
+                e.weights = {n: w.detach().clone().requires_grad_(True) for n, w in q["weights"].items()}
+                e.leaves = e.weights
+            e.buffers = q["buffers"]
+            e.saved, e.live = (list(q["saved"]), list(q["live"])) if q["saved"] is not None else (None, None)
+            self.queue.append(e)
+
+
+def _leaf(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().requires_grad_(v.requires_grad)
+    return v
+
+
+def _clones(tensors: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for n, t in (tensors or {}).items()}
+
+
+def _cosine(a: list, b: list) -> float:
+    dot = na = nb = 0.0
+    for x, y in zip(a, b):
+        if x is None or y is None:
+            continue
+        x, y = x.detach().flatten().double(), y.detach().flatten().double()
+        dot, na, nb = dot + float(x @ y), na + float(x @ x), nb + float(y @ y)
+    return dot / (na * nb) ** 0.5 if na > 0 and nb > 0 else 0.0
+
+
 def is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
@@ -376,10 +689,13 @@ def interface_for_cut(
     local_per_token: bool = False,
 ) -> Interface:
     """The interface of a feed-forward cut, by its kind; `classes` may replace the class of a kind ("exact",
-    "synthetic", "local") or of one cut (by its name) with a subclass. A local-loss head is trained with
+    "synthetic", "delayed", "local") or of one cut (by its name) with a subclass. A local-loss head is trained with
     `local_loss_fn` and gives one score per class (per token when `local_per_token`)."""
     classes = classes or {}
     tensors = [(b.name, tuple(b.shape[1:])) for b in cut.boundary if is_float(b.dtype)]
+    if cut.kind == "delayed":
+        cls = classes.get(cut.name, classes.get("delayed", DelayedGradientInterface))
+        return cls(cut.name, [b.name for b in cut.boundary], cut.delayed_gradient, where)
     if cut.local_loss is not None:
         cls = classes.get(cut.name, classes.get("local", LocalLossInterface))
         return cls(cut.name, tensors, cut.local_loss, local_loss_fn, num_classes, local_per_token, where)

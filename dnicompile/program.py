@@ -81,12 +81,15 @@ class Cut:
         self.synthetic_gradient: SyntheticGradientConfig | None = spec_cut.synthetic_gradient
         self.synthetic_input: SyntheticInputConfig | None = spec_cut.synthetic_input
         self.local_loss = spec_cut.local_loss
+        self.delayed_gradient = spec_cut.delayed_gradient
 
     @property
     def kind(self) -> str:
-        """exact, synthetic or local (the interface class the runtime gives it: interfaces.py)."""
+        """exact, synthetic, delayed or local (the interface class the runtime gives it: interfaces.py)."""
         if self.local_loss is not None:
             return "local"
+        if self.delayed_gradient is not None:
+            return "delayed"
         return "exact" if self.synthetic_gradient is None else "synthetic"
 
     @property
@@ -95,7 +98,7 @@ class Cut:
         return self.kind == "exact"
 
     def __repr__(self) -> str:
-        kind = {"exact": "exact", "local": "local"}.get(self.kind) or self.synthetic_gradient.model
+        kind = self.synthetic_gradient.model if self.kind == "synthetic" else self.kind
         return f"Cut({self.name!r}, after={self.node}, {kind}, boundary={[b.name for b in self.boundary]})"
 
 

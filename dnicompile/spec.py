@@ -183,9 +183,35 @@ class LocalLossConfig(_Strict):
     )
 
 
+class DelayedGradientConfig(_Strict):
+    """The true gradient, `delay` steps late: the stage before the cut never waits for it, and steps with the
+    gradient of the batch it ran `delay` steps ago (DDG, Features Replay, FDG, PipeDream)."""
+
+    delay: int | Literal["auto"] = Field(
+        1,
+        description="Steps between a batch's forward and the update with its gradient (0: an exact cut, one step "
+        "later); `auto` (several workers only): as late as it arrives, without waiting.",
+    )
+    weights: Literal["stash", "current", "recompute"] = Field(
+        "stash",
+        description="The weights of the late backward: stash (those of the batch's forward, PipeDream), current "
+        "(today's, on the kept activations, DDG), recompute (keep only the inputs and run the forward again with "
+        "today's weights, Features Replay; least memory).",
+    )
+    shrink: float = Field(1.0, gt=0, description="Multiplies the stale gradient (FDG's gradient shrinking).")
+
+    @field_validator("delay", mode="before")
+    @classmethod
+    def _delay(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not (v == "auto" or (isinstance(v, int) and v >= 0)):
+            raise ValueError(f"`delay` is a whole number of steps >= 0 or `auto`, got {v!r}")
+        return v
+
+
 class CutSpec(_Strict):
     """A cut after a module path (`layers.1`) or fx node name (`add_3`). Its kind is the one of
-    `synthetic_gradient` or `local_loss` it has; with neither it is exact (the true gradient crosses it)."""
+    `synthetic_gradient`, `delayed_gradient` or `local_loss` it has; with none it is exact (the true gradient
+    crosses it)."""
 
     after: str = Field(description="Module path or fx node name; the cut comes after the last node computed in it.")
     name: str | None = Field(None, description="Name shown in tables (default: the `after` value).")
@@ -195,18 +221,23 @@ class CutSpec(_Strict):
     synthetic_input: SyntheticInputConfig | None = Field(
         None, description="Optional synthetic-input model: lets the next stage start before this one is done."
     )
+    delayed_gradient: DelayedGradientConfig | None = Field(
+        None, description="The stage before the cut steps with the true gradient of an earlier batch; never waits."
+    )
     local_loss: LocalLossConfig | None = Field(
         None, description="An auxiliary head trains the stage before the cut on the labels; nothing is sent back."
     )
 
     @model_validator(mode="after")
     def _one_kind(self) -> CutSpec:
-        if self.synthetic_gradient is not None and self.local_loss is not None:
+        given = [k for k in ("synthetic_gradient", "delayed_gradient", "local_loss") if getattr(self, k) is not None]
+        if len(given) > 1:
             raise ValueError(
-                "a cut has one kind: give it `synthetic_gradient` or `local_loss`, not both (neither: an exact cut)"
+                f"a cut has one kind: give it one of `synthetic_gradient`, `delayed_gradient` or `local_loss`, not "
+                f"{' and '.join(f'`{k}`' for k in given)} (none: an exact cut)"
             )
-        if self.local_loss is not None and self.synthetic_input is not None:
-            raise ValueError("`synthetic_input` goes with a `synthetic_gradient` cut, not with `local_loss`")
+        if self.synthetic_input is not None and self.synthetic_gradient is None and given:
+            raise ValueError(f"`synthetic_input` goes with a `synthetic_gradient` cut, not with `{given[0]}`")
         return self
 
     @field_validator("after", "name", mode="before")

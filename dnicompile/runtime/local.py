@@ -8,6 +8,11 @@ For a synthetic cut between stages A and B (DESIGN.md, "The training step"):
   4. M learns from ||M(h, c) - batch * delta||^2; I (if any) from ||I(x) - h||^2.
 Stages joined by exact cuts form one locked group: autograd flows through them and they all step
 after the group's backward, which is plain backprop across those cuts.
+
+Across a delayed cut ([Note: delayed gradients] in interfaces.py) the group before it runs forward through its
+interface, which keeps the batch; the stage after it runs as behind a synthetic cut; and at the end of the step
+(`learn_synthesizers`), from the last delayed cut to the first, the interface is handed the true gradient of
+this step's batch and runs the backward that is due (the batch of `delay` steps ago), and the group steps.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from ..errors import SpecError
-from ..interfaces import Interface, interface_for_cut, is_float
+from ..interfaces import DelayedGradientInterface, ForwardGroup, Interface, interface_for_cut, is_float
 from ..losses import check_loss_inputs, check_output_loss, get_loss
 from ..synthesizers import one_hot_context
 from .state import FORMAT, StageState, upgrade_state
@@ -35,6 +41,7 @@ class StepResult:
     cosine: dict[str, float] = field(default_factory=dict)  # cut name -> cos(synthetic, true gradient)
     input_loss: dict[str, float] = field(default_factory=dict)  # cut name -> synthetic-input L2 loss
     head_accuracy: dict[str, float] = field(default_factory=dict)  # local-loss cut -> its head's batch accuracy
+    staleness: dict[str, int] = field(default_factory=dict)  # delayed cut -> age in steps of the gradient applied
     ticked: list[bool] = field(default_factory=list)  # stage index -> did it update
 
 
@@ -61,6 +68,7 @@ class StepContext:
     ticks: list[bool]
     result: StepResult
     pending: list[PendingCut] = field(default_factory=list)
+    delayed: list[tuple] = field(default_factory=list)  # (cut, what the stage after it ran on), in stage order
 
 
 class LocalRuntime:
@@ -104,6 +112,14 @@ class LocalRuntime:
         ]
         self.step = 0
         self._loss_checked = False
+        self._delays_checked = False
+        self.delayed_groups = self._bind_delayed_groups()  # first stage -> (delayed cut, the stages before it)
+        # [Note: delayed gradients] the cosine between a delayed cut's stale gradient and the fresh one costs a
+        # forward and a backward of the group: it is measured on every `measure_every`-th step (1-based, as the
+        # training loop's log lines: its default log_every is 10), or on every step with `measure_fresh`.
+        # train/loop.py does not set them; a loop that logs on another grid may.
+        self.measure_every: int | None = 10
+        self.measure_fresh = False
 
     # ---------------------------------------------------------------- modes and devices
     def modules(self) -> list[nn.Module]:
@@ -119,12 +135,28 @@ class LocalRuntime:
 
     # ---------------------------------------------------------------- the step
     def train_step(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> StepResult:
+        if not self._delays_checked:
+            self._check_delays()
         ctx = self.begin_step(inputs, target)
         outputs, open_group = self.run_stages(0, len(self.program.stages) - 1, tuple(inputs), ctx)
         self.apply_loss(outputs, ctx, open_group)
         self.learn_synthesizers(ctx)
         self.step += 1
         return ctx.result
+
+    def _check_delays(self) -> None:
+        """`delay: auto` means "as late as it arrives" across workers; in one process there is no such time."""
+        spec = self.program.spec
+        for cut, iface in zip(self.program.cuts, self.interfaces):
+            if iface.kind == "delayed" and iface.delay == "auto":
+                where = spec.where(
+                    "cuts", self.program.partition.cuts[cut.index].spec_index, "delayed_gradient", "delay"
+                )
+                raise SpecError(
+                    f"{where}: `delay: auto` on cut `{cut.name}` needs several workers (--workers N: the gradient is "
+                    "used when it arrives); in one process give the delay in steps, e.g. `delay: 1`."
+                )
+        self._delays_checked = True
 
     def begin_step(self, inputs: tuple, target: torch.Tensor) -> StepContext:
         """Tick the clocks, clear gradients, and prepare the labels' one-hot context."""
@@ -139,17 +171,35 @@ class LocalRuntime:
         return StepContext(self.step, tuple(inputs), target, context, batch, ticks, result)
 
     def run_stages(self, first: int, last: int, values: tuple, ctx: StepContext) -> tuple[tuple, list[int]]:
-        """Run stages first..last on `values`, crossing the synthetic cuts between them (steps 1-3 of the
-        training step). Returns the last stage's outputs and the stages whose backward is still to come
+        """Run stages first..last on `values`, crossing the synthetic and delayed cuts between them (steps 1-3 of
+        the training step). Returns the last stage's outputs and the stages whose backward is still to come
         (those joined to it by exact cuts)."""
         open_group: list[int] = []
         order = self.program.stage_order
-        for i in order[order.index(first) : order.index(last) + 1]:
+        span = order[order.index(first) : order.index(last) + 1]
+        k = 0
+        while k < len(span):
+            i = span[k]
+            delayed = self.delayed_groups.get(i) if not open_group else None
+            if delayed is not None:  # a group that ends at a delayed cut: its interface runs it and keeps the batch
+                cut, stages = delayed
+                if not set(stages) <= set(span):
+                    raise SpecError(
+                        f"the stages before delayed cut `{cut.name}` ({', '.join(f'stage{j}' for j in stages)}) are "
+                        "not all in this runtime's part of the program: a delayed cut needs them in one process."
+                    )
+                outputs = self.interfaces[cut.index].forward(ctx.step, tuple(values))
+                k += len(stages)
+                if stages[-1] == last:
+                    return outputs, []
+                values = self.receive(cut, outputs, {}, ctx)
+                continue
             outputs = self.program.stages[i](*values)
             open_group.append(i)
             if i == last:
                 return outputs, open_group
             cut = self.program.cut_after(i)
+            k += 1
             if self.interfaces[cut.index].exact:
                 values = outputs
                 continue
@@ -173,6 +223,11 @@ class LocalRuntime:
         """Backward from the cut's boundary tensors with the interface's gradient, then update the open group.
         Returns the interface's predictions (with graph), which learn once the true gradient is known."""
         iface = self.interfaces[cut.index]
+        if iface.kind == "delayed":
+            raise SpecError(
+                f"delayed cut `{cut.name}` between two workers: the distributed runtime does not run delayed cuts "
+                "yet; place the stages on both sides of it on one rank, or train in one process."
+            )
         h = {b.name: t for b, t in zip(cut.boundary, outputs)}
         context = ctx.target if iface.wants_target else ctx.context
         preds = iface.predict(h, context)
@@ -195,6 +250,9 @@ class LocalRuntime:
         if not iface.sends_back:  # nothing goes back: the stage after needs no gradient for its input
             return tuple(h.detach() for h in outputs)
         received = tuple(h.detach().requires_grad_(True) if is_float(h.dtype) else h.detach() for h in outputs)
+        if iface.kind == "delayed":  # its gradient is handed over at the end of the step (apply_delayed_gradients)
+            ctx.delayed.append((cut, received))
+            return received
         used, synthetic = received, None
         if iface.has_input:
             synthetic = iface.predict_input(ctx.inputs[0])  # I(x), (B, ...)
@@ -212,7 +270,9 @@ class LocalRuntime:
                 self.stages[s].step()
 
     def learn_synthesizers(self, ctx: StepContext) -> None:
-        """Step 4: each interface learns from the gradient the stage behind its cut produced."""
+        """Step 4: each interface learns from the gradient the stage behind its cut produced (and the groups
+        before delayed cuts run their due backward and step)."""
+        self.apply_delayed_gradients(ctx)
         for p in ctx.pending:
             iface = self.interfaces[p.cut.index]
             deltas = {b.name: leaf.grad for b, leaf in zip(p.cut.boundary, p.used) if b.name in p.preds}
@@ -223,6 +283,90 @@ class LocalRuntime:
                 ctx.result.cosine[p.cut.name] = iface.stats.cosine
             if p.synthetic is not None:
                 ctx.result.input_loss[p.cut.name] = iface.learn_input(p.synthetic, p.h)
+
+    # ---------------------------------------------------------------- delayed cuts
+    def _bind_delayed_groups(self) -> dict[int, tuple]:
+        """For each delayed cut, the stage group before it (the stages joined to it by exact cuts), bound to its
+        interface; keyed by the group's first stage. Refuses a group behind a synthetic cut and a tied tensor
+        shared across the group's edge ([Note: delayed gradients])."""
+        program, spec = self.program, self.program.spec
+        groups: dict[int, tuple] = {}
+        for cut in program.cuts:
+            iface = self.interfaces[cut.index]
+            if not isinstance(iface, DelayedGradientInterface):
+                continue
+            where = spec.where("cuts", program.partition.cuts[cut.index].spec_index)
+            stages = [cut.index]
+            before = program.cut_before(cut.index)
+            while before is not None and self.interfaces[before.index].exact:
+                stages.insert(0, before.index)
+                before = program.cut_before(before.index)
+            if before is not None and self.interfaces[before.index].kind == "synthetic":
+                raise SpecError(
+                    f"{where}: the stages before delayed cut `{cut.name}` start behind synthetic cut `{before.name}`, "
+                    "whose synthesizer would learn from the gradients of older batches than its predictions. A "
+                    "delayed cut's group must start at the program input, behind a local-loss cut or behind another "
+                    "delayed cut (or an exact cut that joins it to one of these)."
+                )
+            for tied in getattr(program.partition, "tied", ()):
+                if set(tied.stages) & set(stages) and not set(tied.stages) <= set(stages):
+                    raise SpecError(
+                        f"{where}: `{tied.names[0]}` is used by stages {list(tied.stages)}, inside and outside the "
+                        f"group before delayed cut `{cut.name}`; a tied tensor across a delayed cut is not supported."
+                    )
+            iface.bind(self._forward_group(stages))
+            groups[stages[0]] = (cut, stages)
+        return groups
+
+    def _forward_group(self, stages: list[int]) -> ForwardGroup:
+        modules = [self.program.stages[i].graph_module for i in stages]
+        params = {n: p for gm in modules for n, p in gm.named_parameters()}
+        buffers = {n: b for gm in modules for n, b in gm.named_buffers()}
+        names = [({n for n, _ in gm.named_parameters()} | {n for n, _ in gm.named_buffers()}) for gm in modules]
+
+        def run(values: tuple, tensors: dict) -> tuple:
+            for gm, own in zip(modules, names):
+                mine = {n: t for n, t in tensors.items() if n in own}
+                values = functional_call(gm, mine, tuple(values)) if mine else gm(*values)
+            return values
+
+        return ForwardGroup(run, params, buffers)
+
+    def apply_delayed_gradients(self, ctx: StepContext) -> None:
+        """From the last delayed cut crossed in this step to the first: hand the interface this batch's true
+        gradient (from the stage after the cut, or from the backward of the delayed group after it), run the
+        backward that is due, and step the group where its clocks tick; a group with no gradient yet does not
+        step ([Note: delayed gradients])."""
+        if not ctx.delayed:
+            return
+        now = ctx.step
+        measure = self.measure_fresh or bool(self.measure_every and (now + 1) % self.measure_every == 0)
+        fed: dict[int, tuple] = {}  # cut index -> (batch, gradient) from the delayed group behind it
+        for cut, received in reversed(ctx.delayed):
+            iface = self.interfaces[cut.index]
+            if cut.index in fed:
+                batch, grads = fed.pop(cut.index)
+                iface.arrive(batch, {b.name: g for b, g in zip(cut.boundary, grads)}, now)
+            elif not self._feeds_delayed(cut):
+                iface.arrive(now, {b.name: getattr(h, "grad", None) for b, h in zip(cut.boundary, received)}, now)
+            stages = next(st for c, st in self.delayed_groups.values() if c is cut)
+            done = iface.backward_due(now, measure=measure)
+            if done is None:
+                for s in stages:
+                    ctx.result.ticked[s] = False
+                continue
+            self.step_stages(stages, ctx.ticks)
+            ctx.result.staleness[cut.name] = iface.staleness
+            if measure and iface.cosine is not None:
+                ctx.result.cosine[cut.name] = iface.cosine
+            before = self.program.cut_before(stages[0])
+            if before is not None and self.interfaces[before.index].kind == "delayed":
+                fed[before.index] = done
+
+    def _feeds_delayed(self, cut) -> bool:
+        """Whether the stage after `cut` starts a group that ends at a delayed cut (its gradient comes from
+        that cut's interface, for an older batch, instead of from this step's backward)."""
+        return (cut.index + 1) in self.delayed_groups
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
