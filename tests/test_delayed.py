@@ -280,3 +280,28 @@ def test_delayed_cut_learns_fashion_mnist(tmp_path):
         os.chdir(cwd)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] > 0.75, summary
+
+
+@pytest.mark.skipif(not (DATA / "train-images-idx3-ubyte.gz").is_file(), reason=f"Fashion-MNIST not found at {DATA}")
+def test_a_resumed_cli_run_ends_like_one_that_never_stopped(tmp_path, capsys):
+    """--resume from a checkpoint taken with a batch waiting for its gradient (delay 2): the weights of the straight
+    run, to the bit (the run checkpoint carries the interface's queue)."""
+    spec = tmp_path / "spec.yaml"
+    text = (
+        (ROOT / "specs" / "mlp_delayed.yaml")
+        .read_text()
+        .replace("delay: 1, weights: stash", "delay: 2, weights: stash")
+    )
+    spec.write_text(text.replace("batch_size: 128", "batch_size: 32"))
+    base = [str(ROOT / "examples" / "mlp.py"), "--spec", str(spec), "--train", "--data", str(DATA)]
+    base += ["--eval-every", "1000", "--seed", "3", "--threads", "1"]
+    assert main([*base, "--steps", "24", "--out", str(tmp_path / "straight")]) == 0
+    assert main([*base, "--steps", "13", "--out", str(tmp_path / "resumed")]) == 0
+    capsys.readouterr()
+    assert main([*base, "--steps", "24", "--resume", str(tmp_path / "resumed")]) == 0
+    assert "resum" in capsys.readouterr().out
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
