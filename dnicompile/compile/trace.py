@@ -273,9 +273,19 @@ def make_example(spec: TensorSpec, batch_size: int | None = None) -> torch.Tenso
     return torch.randint(spec.low, max(spec.high, spec.low + 1), shape, dtype=dtype)
 
 
+def concrete_args(model: nn.Module, spec: Spec) -> dict[str, Any]:
+    """forward()'s arguments fixed while tracing: the spec's `concrete_args`, and `use_cache=False` where forward()
+    takes a `use_cache` flag the spec does not set (Hugging Face models): a training program keeps no key/value
+    cache, and a cache object (transformers' DynamicCache) is nothing torch.export can return."""
+    constants = dict(spec.trace.concrete_args)
+    if "use_cache" in forward_arg_names(model) and "use_cache" not in constants and "use_cache" not in spec.inputs:
+        constants["use_cache"] = False
+    return constants
+
+
 def example_inputs_for(model: nn.Module, spec: Spec, example_inputs: Any) -> tuple[list[str], tuple[torch.Tensor, ...]]:
     """Input names and example tensors, from `example_inputs` (tensor, tuple or dict) or the spec's `inputs`."""
-    names = [n for n in forward_arg_names(model) if n not in spec.trace.concrete_args]
+    names = [n for n in forward_arg_names(model) if n not in concrete_args(model, spec)]
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
@@ -368,7 +378,7 @@ def _trace(model: nn.Module, spec: Spec, example_inputs: Any) -> Traced:
     if frontend == "export" and ran_real:  # cheap enough to run twice more: check eval mode on the examples
         from .export import check_eval_mode
 
-        check_eval_mode(model, gm, names, examples, dict(spec.trace.concrete_args))
+        check_eval_mode(model, gm, names, examples, concrete_args(model, spec))
     return Traced(gm, tuple(names), examples, frontend, reason, output_type)
 
 
@@ -388,7 +398,7 @@ class _ExportError(Exception):
 def _export(model: nn.Module, names: list[str], examples: tuple, spec: Spec) -> tuple[fx.GraphModule, OutputType]:
     from .export import export_failure, export_model, to_graph_module
 
-    constants = dict(spec.trace.concrete_args)
+    constants = concrete_args(model, spec)
     try:
         with _plain_forward(model) as seen:
             ep = export_model(model, names, examples, constants)
@@ -463,11 +473,22 @@ def _symbolic_trace(model: nn.Module, spec: Spec, inputs: list[str]) -> fx.Graph
     # the arguments that are not inputs of the program take their default values (plain constants: None, a flag)
     simple = (type(None), bool, int, float, str)
     defaults = {n: v for n, v in _defaults(model).items() if n not in inputs and isinstance(v, simple)}
-    concrete = defaults | dict(spec.trace.concrete_args)
+    concrete = defaults | concrete_args(model, spec)
     tracer = _Tracer(spec.trace.leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
+        if isinstance(e, ValueError) and "co_varnames" in str(e):
+            code = getattr(type(model).forward, "__code__", None)
+            wrapper = getattr(code, "co_qualname", getattr(code, "co_name", "?")).split(".<locals>")[0]
+            raise _FxTraceError(
+                f"torch.fx could not trace {type(model).__name__}: its forward() is wrapped by a decorator "
+                f"(`{wrapper}`) and takes **kwargs, and torch.fx's tracer cannot rebuild the arguments of such a "
+                f"function ({type(e).__name__}: {e}). Hugging Face models are like this.\n"
+                "Hint: use `trace: {frontend: export}` (`auto` falls back to it).",
+                " (a decorated forward() with **kwargs)",
+                "",
+            ) from None
         where = user_frame(e.__traceback__)
         inside = next((p for p in reversed(tracer.failed_in or []) if p), "")
         module = f"module `{inside}` ({type(modules[inside]).__name__})" if inside else type(model).__name__
