@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,12 +181,13 @@ def test_a_failing_worker_stops_the_whole_run_with_its_error(tmp_path):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_to_the_launcher_stops_every_worker(tmp_path, sig, code):
-    """`kill PID` (or Ctrl-C sent to the launcher alone) stops the workers too: none is left behind."""
+    """`kill PID` (or Ctrl-C sent to the launcher alone) stops the workers too, after a step they agree on: each
+    writes its shard of that step's checkpoint and the driver the run's outputs; none is left behind."""
     spec = _small_spec(tmp_path, "specs/mlp_cdni.yaml")
     metrics = tmp_path / "m.jsonl"
     cmd = [sys.executable, "-m", "dnicompile", "examples/mlp.py", "--spec", str(spec), "--train", "--workers", "2"]
     cmd += ["--steps", "100000", "--batch-size", "64", "--eval-every", "1000000", "--data", str(DATA)]
-    cmd += ["--metrics", str(metrics)]
+    cmd += ["--metrics", str(metrics), "--out", str(tmp_path / "run")]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # SIGINT must reach it with its default meaning even where the test runner's shell ignores it
     proc = subprocess.Popen(
@@ -213,9 +215,14 @@ def test_a_signal_to_the_launcher_stops_every_worker(tmp_path, sig, code):
             proc.kill()
     assert proc.returncode == code, err
     assert time.monotonic() - stopped < 30
-    assert "all workers stopped" in err and "Traceback" not in err, err
+    assert "the workers stop after an agreed step" in err and "Traceback" not in err, err
     time.sleep(1)
     assert [pid for pid in children if _alive(pid)] == []
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["interrupted"] and summary["stopped_by"] == "SIGTERM"  # the launcher's one SIGTERM each
+    latest = (tmp_path / "run/LATEST").read_text().strip()
+    assert latest == f"ckpt-{summary['steps_done']:08d}"
+    assert sorted(p.name for p in (tmp_path / "run" / latest).iterdir()) == ["rank0.pt", "rank1.pt"]
 
 
 def _children(pid: int) -> list[int]:
@@ -244,7 +251,10 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     common = ["examples/mlp.py", "--spec", str(spec), "--train", "--batch-size", "64", "--workers", "2"]
     first = _cli(*common, "--steps", "7", "--out", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
-    assert (tmp_path / "a/LATEST").read_text().strip() == "ckpt-00000005"
+    # every 5 steps and at the end, as in one process
+    assert (tmp_path / "a/LATEST").read_text().strip() == "ckpt-00000007"
+    assert sorted(p.name for p in (tmp_path / "a").glob("ckpt-*")) == ["ckpt-00000005", "ckpt-00000007"]
+    shutil.rmtree(tmp_path / "a/ckpt-00000007")  # as if the run had died at step 7
     # continue to step 10 from the checkpoint at step 5, and compare with a run that never stopped
     resumed = _cli(*common, "--steps", "10", "--out", str(tmp_path / "a"), "--resume", str(tmp_path / "a"))
     assert resumed.returncode == 0, resumed.stderr

@@ -384,20 +384,25 @@ def distributed_runtime(program, placement=None, device=None, timeout_s: float |
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(worker: RankWorker, out_dir: Path, step: int, keep: int = 2) -> None:
+def save_checkpoint(worker: RankWorker, out_dir: Path, step: int, keep: int = 2, task: dict | None = None) -> Path:
     """Every rank writes its shard into ckpt-<step>/ (atomically, fsynced); then the driver points LATEST at it
     and keeps the newest `keep` checkpoints ([Note: checkpoint files]). A crash at any moment leaves the
-    checkpoints before whole; resuming takes the newest whose shards all load (find_checkpoint)."""
+    checkpoints before whole; resuming takes the newest whose shards all load (find_checkpoint). `task`: the
+    training task's state (data position, running averages), as in a one-process checkpoint. Drain the worker
+    first."""
     folder = out_dir / checkpoint_name(step, "dir")
     folder.mkdir(parents=True, exist_ok=True)
     shard = {"step": step, "world": worker.world, "placement": (worker.first, worker.last)}
     shard.update(model=worker.owned_state(), runtime=worker.runtime_state(), rng=torch.get_rng_state())
+    if task is not None:
+        shard["task"] = task
     save_atomic(shard, folder / f"rank{worker.rank}.pt")
     dist.barrier()
     if worker.is_driver:
         write_text_atomic(out_dir / "LATEST", folder.name + "\n")
         prune_checkpoints(out_dir, keep, "dir")
     dist.barrier()
+    return folder
 
 
 def find_checkpoint(resume_dir: Path, world: int | None = None, say=None) -> Path:
@@ -455,7 +460,9 @@ def _check_shards(folder: Path, step: int, world: int | None) -> None:
         )
 
 
-def load_checkpoint(worker: RankWorker, folder: Path) -> int:
+def load_checkpoint(worker: RankWorker, folder: Path) -> dict:
+    """Load this rank's shard of a checkpoint folder into its stages and runtime; returns the shard (its `step`,
+    and the task's state under `task` where the run wrote one)."""
     path = folder / f"rank{worker.rank}.pt"
     if not path.is_file():
         raise DNIError(f"--resume: {path} is missing; was the run made with {worker.world} workers?")
@@ -469,4 +476,4 @@ def load_checkpoint(worker: RankWorker, folder: Path) -> int:
     worker.load_runtime_state(shard["runtime"])
     if isinstance(shard.get("rng"), torch.Tensor):
         torch.set_rng_state(shard["rng"])
-    return int(shard["step"])
+    return shard

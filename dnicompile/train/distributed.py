@@ -1,132 +1,166 @@
-"""The training loop of one rank of the distributed runtime: data, steps, evaluation, checkpoints, metrics.
+"""One rank of a multi-process run, trained by the one training loop (train/loop.py, [Note: runners]).
 
-Every rank draws the same batches (same seed); the last rank (the driver, which computes the loss)
-drives the progress bar and writes the metrics file, the final weights and the plots.
+`RankRunner` is what every rank's runner shares: agreeing with the other ranks to stop ([Note: agreed stop]).
+`PipelineRank` runs a feed-forward program's stages on one rank (runtime/distributed.RankWorker); the two cores of
+a hierarchical program have theirs in train/hierarchical.py. Every rank draws the same batches (same seed); the
+last rank (the driver, which computes the loss) measures, writes the metrics file, the final weights and the
+plots.
+
+[Note: agreed stop] A signal reaches each rank at its own moment, but a checkpoint must hold the same step on
+every rank. So a rank never acts on its own signal: every `log_every` steps each rank contributes "a signal asked
+me to stop" to an all-reduce (MAX), started without waiting and read `log_every` steps later, before that step
+runs; when any rank asked, every rank stops after that same step (checkpointing it where checkpoints are on).
+A stop takes effect within two log intervals; the all-reduce never makes a rank wait for a slower one, since it
+was started a whole interval before it is read.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from ..files import remove_stale_tmp, write_atomic
+from ..files import write_atomic
 from ..runtime.distributed import RankWorker, load_checkpoint, save_checkpoint
-from .data import Batches, load_dataset
-from .outputs import MetricsWriter, plot_curves, resume_metrics
-from .tasks import shape_batch
+from .data import load_dataset
+from .loop import FitOptions, RunCheckpoint, Runner, fit
+from .outputs import plot_curves
+from .tasks import Classification
+
+
+class RankRunner(Runner):
+    """A rank of several: the stop is agreed by every rank ([Note: agreed stop])."""
+
+    def __init__(self, rank: int, device: torch.device) -> None:
+        self.rank, self.device = rank, device
+        self._vote: tuple[torch.Tensor, object] | None = None
+        self._agreed = False
+
+    def setup(self, program, task, options: FitOptions, stop) -> None:
+        super().setup(program, task, options, stop)
+        self.options = options
+
+    def agree(self, step: int) -> None:
+        """Before step `step`: on the grid, read the vote started one interval ago and start the next one."""
+        if self._agreed or step % self.options.log_every:
+            return
+        if self._vote is not None:
+            flag, work = self._vote
+            work.wait()
+            self._vote = None
+            if float(flag.max()) > 0:
+                self._agreed = True
+                return
+        flag = torch.tensor([1.0 if self.stop.signum is not None else 0.0], device=self.device)
+        self._vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
+
+    def stopping(self, step: int) -> bool:
+        return self._agreed
+
+    def finish(self) -> None:
+        """After the loop: wait for the vote still under way (every rank started it)."""
+        if self._vote is not None:
+            self._vote[1].wait()
+            self._vote = None
+
+
+class PipelineRank(RankRunner):
+    """The stages a placement gives this rank, in the one training loop: its steps, every rank's statistics at
+    each log line, evaluation through the pipeline, and a checkpoint of per-rank shards
+    (runtime/distributed.save_checkpoint)."""
+
+    def __init__(self, rank: int, world: int, placement, device: torch.device, timeout_s: float) -> None:
+        super().__init__(rank, device)
+        self.world, self.placement, self.timeout_s = world, placement, timeout_s
+        self.is_driver = rank == world - 1
+
+    def build(self, program, device, options) -> None:
+        program.build_runtime().to(device)  # [Note: seeds]: as in one process
+        self.worker = RankWorker(program, self.rank, self.world, self.placement, device, self.timeout_s)
+
+    def setup(self, program, task, options, stop) -> None:
+        super().setup(program, task, options, stop)
+        self.saving = options.out_dir is not None and bool(options.checkpoint_every)
+        self.worker.mark_pause()
+        self.worker.pause_stats()  # CPU time per step counts from here
+
+    def step(self, task, program, batch, step: int):
+        self.agree(step)
+        o, x, y = self.options, *batch
+        last = step == o.steps
+        evaluating = step % o.eval_every == 0 or last
+        checkpointing = self.saving and step % o.checkpoint_every == 0
+        # cosine and synthesizer loss of the outgoing cut: measured over the last steps before a log line
+        stats = (-step) % o.log_every <= self.worker.depth + 1 or last
+        # the next step's activations may be received during this one, if it is a training step like this
+        prefetch = not (evaluating or checkpointing or self._agreed or last)
+        return self.worker.train_step(step - 1, x, y, stats=stats, prefetch=prefetch)
+
+    def log_fields(self, result) -> dict:
+        return self.worker.gather_stats(result) or {}
+
+    def pause(self) -> None:
+        self.worker.mark_pause()
+        self.worker.drain()
+
+    def unpause(self) -> None:
+        self.worker.pause_stats()
+
+    def evaluate(self, task, program, step: int):
+        scored = self.worker.evaluate(task.data.test_x, task.data.test_y)
+        return None if scored is None else task.scored(step, *scored)
+
+    def save_checkpoint(self, out_dir: Path, step: int, program, task, keep: int) -> str:
+        return save_checkpoint(self.worker, out_dir, step, keep, task.state_dict()).name
+
+    def restore(self, program, task, resume: RunCheckpoint, device) -> tuple[int, Path]:
+        shard = load_checkpoint(self.worker, resume.path)
+        step = int(shard["step"])
+        if "task" in shard:
+            task.load_state_dict(shard["task"])
+        else:  # a shard from before tasks kept their state: the batches depend on the step alone
+            task.batches.skip(step)
+        return step, resume.path.parent
+
+    def finish(self) -> None:
+        super().finish()
+        self.worker.drain()
 
 
 def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
+    """Train this rank's stages with the one training loop; the driver writes the outputs. Returns the summary."""
     spec = program.spec
-    dcfg = spec.distributed
-    data = load_dataset(spec.data.name, cfg.data_dir or spec.data.path)
-    program.to(device)
-    program.train()
-    torch.manual_seed(cfg.seed)  # as fit() does, right before the interfaces are built [Note: seeds]
-    program.build_runtime().to(device)
-    worker = RankWorker(program, rank, world, placement, device, dcfg.timeout_s)
+    runner = PipelineRank(rank, world, placement, device, spec.distributed.timeout_s)
+    driver = runner.is_driver
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
-    start = 0
-    if cfg.resume:  # the folder the launcher chose (find_checkpoint)
-        start = load_checkpoint(worker, Path(cfg.resume))
-    batches = Batches(data.train_x, data.train_y, cfg.batch_size, cfg.seed)
-    batches.skip(start)
-    console = Console(quiet=not (worker.is_driver and cfg.progress), highlight=False)
-    metrics_path = Path(cfg.metrics_path) if worker.is_driver and cfg.metrics_path else None
-    history = []
-    if worker.is_driver and out_dir is not None:
-        remove_stale_tmp(out_dir)
-    if start and metrics_path is not None:  # cut back to the checkpoint's step
-        history = resume_metrics(metrics_path, start, Path(cfg.resume).parent / "metrics.jsonl")
-    metrics = MetricsWriter(metrics_path, append=start > 0)
-    metrics.rows = history
-    if start:
-        console.print(f"resumed from step {start}")
-    console.print(
-        f"rank {rank}/{world}: {worker.stage_names}"
-        if not worker.is_driver
-        else f"{world} workers; driver rank {rank} runs {worker.stage_names}"
+    options = FitOptions(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        eval_every=cfg.eval_every,
+        seed=cfg.seed,
+        device=str(device),
+        log_every=cfg.log_every,
+        metrics_path=Path(cfg.metrics_path) if driver and cfg.metrics_path else None,
+        out_dir=out_dir,
+        checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints,
+        resume=RunCheckpoint(Path(cfg.resume), {}) if cfg.resume else None,  # the folder find_checkpoint chose
     )
-    summary = {"steps_done": start, "test_accuracy": None, "workers": world, "placement": placement}
-    log_every = dcfg.log_every
-    window_start, window_samples, begin = time.perf_counter(), 0, time.perf_counter()
-    worker.stats.cpu_mark = time.process_time()
-    paused = 0.0  # seconds spent in evaluation and checkpoints: `train_s` is elapsed_s without them
-    for step in range(start, cfg.steps):
-        x, y = batches.next()
-        x, y = shape_batch(program, x).to(device), y.to(device)
-        done = step + 1
-        evaluating = done % cfg.eval_every == 0 or done == cfg.steps
-        checkpointing = out_dir is not None and bool(dcfg.checkpoint_every) and done % dcfg.checkpoint_every == 0
-        # cosine and synthesizer loss of the outgoing cut: measured over the last steps before a log line
-        stats = (-done) % log_every <= worker.depth + 1 or done == cfg.steps
-        result = worker.train_step(step, x, y, stats=stats, prefetch=not (evaluating or checkpointing))
-        window_samples += len(x)
-        summary["steps_done"] = done
-        if done % log_every == 0 or done == cfg.steps:
-            gathered = worker.gather_stats(result)
-            if worker.is_driver:
-                now = time.perf_counter()
-                row = {
-                    "step": done,
-                    "loss": result.loss,
-                    "train_accuracy": float((result.output.argmax(-1) == y).float().mean()),
-                    "samples_per_s": window_samples / (now - window_start),
-                    "elapsed_s": now - begin,
-                    "train_s": now - begin - paused,
-                    **gathered,
-                }
-                metrics.write(row)
-                console.print(
-                    f"step {done:>6}: loss {row['loss']:.4f}, {row['samples_per_s']:.0f} samples/s, "
-                    f"staleness {row['staleness']:.2f}"
-                )
-                window_start, window_samples = now, 0
-        if evaluating or checkpointing:
-            worker.mark_pause()
-        if evaluating:
-            pause = time.perf_counter()
-            worker.drain()
-            train_s = pause - begin - paused  # the pipeline is drained inside the evaluation's time
-            evaluated = worker.evaluate(data.test_x, data.test_y)
-            if worker.is_driver:
-                acc, test_loss = evaluated
-                summary["test_accuracy"] = acc
-                metrics.write(
-                    {
-                        "step": done,
-                        "loss": result.loss,
-                        "test_accuracy": acc,
-                        "test_loss": test_loss,
-                        "elapsed_s": time.perf_counter() - begin,
-                        "train_s": train_s,
-                    }
-                )
-                console.print(f"step {done:>6}: test accuracy {acc:.4f}")
-            window_start = time.perf_counter()
-            paused += window_start - pause
-        if checkpointing:
-            pause = time.perf_counter()
-            worker.drain()
-            save_checkpoint(worker, out_dir, done, getattr(cfg, "keep_checkpoints", 2))
-            window_start = time.perf_counter()
-            paused += window_start - pause
-        if evaluating or checkpointing:
-            worker.pause_stats()
-    worker.drain()
-    summary["elapsed_s"] = time.perf_counter() - begin
-    full = gather_weights(worker)
-    if worker.is_driver:
-        metrics.close()
+    console = Console(quiet=not (driver and cfg.progress), highlight=False)
+    data = load_dataset(spec.data.name, cfg.data_dir or spec.data.path)
+    summary = fit(program, Classification(data), options, console, runner)
+    runner.finish()
+    summary.update(workers=world, placement=placement)
+    full = gather_weights(runner.worker)
+    if driver:
         if out_dir is not None:
             write_atomic(out_dir / "model.pt", lambda p: torch.save(full, p))
-            write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
-            plot_curves(metrics.rows, out_dir / "curves.png", f"{type(program.model).__name__}, {world} workers")
+            final = {k: v for k, v in summary.items() if k != "rows"}
+            write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(final, indent=2) + "\n"))
+            plot_curves(summary["rows"], out_dir / "curves.png", f"{type(program.model).__name__}, {world} workers")
         acc = summary["test_accuracy"]
         console.print(
             f"done: {summary['steps_done']} steps in {summary['elapsed_s']:.1f}s"

@@ -1,39 +1,24 @@
-"""Launching a hierarchical recurrent program on two processes (the runtime is dnicompile.runtime.bptt_distributed):
-rank 0 trains the lower core, rank 1 the upper; rank 0 writes the metrics and outputs."""
+"""A hierarchical recurrent program on two processes (the runtime is dnicompile.runtime.bptt_distributed), trained by
+the one training loop ([Note: runners]): rank 0 trains the lower core and is the driver (it measures, evaluates
+and writes the metrics and outputs), rank 1 trains the upper core. Launched by train/launch.py."""
 
 from __future__ import annotations
 
-import json
-import tempfile
-import time
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
 
 from ..errors import DNIError, SpecError
 from ..runtime.bptt_distributed import TAG_STATS, LowerRuntime, UpperWorker, recv_upper, send_upper
-from .launch import LoopbackStore, join_group, leave_group, report_failure, run_workers, write_report, write_started
-
-
-@dataclass
-class HierarchicalRunConfig:
-    model_path: str
-    spec_path: str
-    steps: int
-    batch_size: int
-    eval_every: int
-    seed: int
-    data: str | None
-    threads: int = 1
-    log_every: int = 10
-    out_dir: str | None = None
-    metrics_path: str | None = None
-    title: str = ""
-    error_dir: str = ""
-    store_port: int = 0  # the launcher's loopback TCPStore ([Note: loopback] in train/launch.py)
+from .distributed import RankRunner
+from .loop import FitOptions, fit
+from .outputs import write_outputs
+from .tasks import LN2, TextTask
 
 
 def check_distributed(program) -> None:
@@ -53,124 +38,111 @@ def check_distributed(program) -> None:
         raise DNIError(f"{spec.where('data')}: a hierarchical program trains on `data: text`.")
 
 
-# --------------------------------------------------------------------------- the two loops
-def train_rank(rank: int, cfg: HierarchicalRunConfig) -> dict | None:
-    """Train this rank's core; rank 0 returns the summary (and writes metrics and outputs)."""
-    from ..compile.model_file import build_model
-    from ..recurrent import compile_recurrent
-    from ..spec import load_spec
-    from .outputs import MetricsWriter
-    from .tasks import LN2, TextStreams, evaluate_text, load_text
+# --------------------------------------------------------------------------- the two ranks
+class LowerCore(RankRunner):
+    """Rank 0, the driver: the lower core on the local runtime's schedule, the upper core behind messages."""
 
-    torch.set_num_threads(cfg.threads)
-    spec = load_spec(Path(cfg.spec_path))
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model_path, spec.model, spec.model_args)
-    program = compile_recurrent(model, spec)
+    is_driver = True
+
+    def __init__(self, timeout: timedelta) -> None:
+        super().__init__(0, torch.device("cpu"))
+        self.timeout = timeout
+
+    def build(self, program, device, options) -> None:
+        self.runtime = LowerRuntime(program, self.timeout)  # [Note: seeds]: as the local runtime is built
+        program._runtime = self.runtime
+
+    def step(self, task, program, batch, step: int):
+        self.agree(step)
+        return task.step(program, batch)
+
+    def log_fields(self, result) -> dict:
+        stats = torch.zeros(3)  # rank 1's upper loss sum and count since the last line, and its updates
+        dist.recv(stats, 1, tag=TAG_STATS)
+        upper = self.runtime.iface.stats  # the upper interface's learning since the last log line
+        fields = {
+            "cosine": {**result.cosine, **({"upper": upper.cosine} if upper.count else {})},
+            "upper_updates": int(stats[2]),
+            "queued": len(self.runtime.awaiting),
+        }
+        if stats[1] > 0:
+            fields["upper_train_bpc"] = float(stats[0] / stats[1]) / LN2
+        upper.reset()
+        return fields
+
+    def evaluate(self, task, program, step: int):
+        recv_upper(program)  # the upper core's parameters as rank 1 has trained them
+        return task.evaluate(program, step)
+
+    def finish(self) -> None:
+        super().finish()
+        self.runtime.drain()
+
+
+@dataclass
+class UpperStep:
+    """What a step of rank 1 gives the loop (it measures nothing itself: rank 0 reports its statistics)."""
+
+    loss: float = math.nan
+    cosine: dict = field(default_factory=dict)
+    synth_loss: dict = field(default_factory=dict)
+
+
+class UpperCore(RankRunner):
+    """Rank 1: the upper core on the lower's messages (runtime/bptt_distributed.UpperWorker)."""
+
+    is_driver = False
+
+    def __init__(self, timeout: timedelta) -> None:
+        super().__init__(1, torch.device("cpu"))
+        self.timeout = timeout
+
+    def build(self, program, device, options) -> None:
+        self.worker = UpperWorker(program, self.timeout)
+
+    def step(self, task, program, batch, step: int):
+        self.agree(step)
+        x, y, first = batch
+        self.worker.step(y, x.shape[1], x.shape[0], first)
+        return UpperStep()
+
+    def log_fields(self, result) -> dict:
+        w = self.worker
+        dist.send(torch.tensor([w.loss_sum, float(w.loss_n), float(len(w.updates))]), 0, tag=TAG_STATS)
+        w.loss_sum, w.loss_n = 0.0, 0
+        return {}
+
+    def evaluate(self, task, program, step: int):
+        send_upper(program)
+        return None
+
+    def finish(self) -> None:
+        super().finish()
+        self.worker.drain()
+
+
+def train_core(program, rank: int, cfg) -> dict:
+    """Train this rank's core with the one training loop; rank 0 writes the outputs. Returns the summary."""
+    spec = program.spec
     check_distributed(program)
     timeout = timedelta(seconds=spec.distributed.timeout_s)
-    data = load_text(cfg.data, spec.data.split)
-    streams = TextStreams(data.train, cfg.batch_size, spec.data.seq_len, program.upper.horizon - 1)
-    valid = data.valid[: spec.data.eval_chars] if spec.data.eval_chars else data.valid
-    if rank == 1:
-        worker = UpperWorker(program, timeout)
-        for step in range(1, cfg.steps + 1):
-            x, y, first = streams.next()
-            worker.step(y, x.shape[1], x.shape[0], first)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                stats = torch.tensor([worker.loss_sum, float(worker.loss_n), float(len(worker.updates))])
-                dist.send(stats, 0, tag=TAG_STATS)
-                worker.loss_sum, worker.loss_n = 0.0, 0
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                send_upper(program)
-        worker.drain()
-        dist.barrier()
-        return {"updates": worker.updates}
-    runtime = LowerRuntime(program, timeout)
-    program._runtime = runtime
-    metrics = MetricsWriter(Path(cfg.metrics_path) if cfg.metrics_path else None)
-    summary = {"task": "text", "steps_done": 0, "interrupted": False, "bpc": None, "workers": 2}
-    start = time.perf_counter()
-    upper = runtime.iface.stats  # the upper interface's learning since the last log line
-    try:
-        for step in range(1, cfg.steps + 1):
-            x, y, first = streams.next()
-            t0 = time.perf_counter()
-            result = program.train_step(x, y, start=first, end=False)
-            train_s = time.perf_counter() - t0
-            summary["steps_done"] = step
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                stats = torch.zeros(3)
-                dist.recv(stats, 1, tag=TAG_STATS)
-                row = {
-                    "step": step,
-                    "loss": result.loss,
-                    "train_bpc": result.loss / LN2,
-                    "chars_per_s": x.numel() / train_s if train_s > 0 else 0.0,
-                    "elapsed_s": time.perf_counter() - start,
-                    "cosine": {**result.cosine, **({"upper": upper.cosine} if upper.count else {})},
-                    "synth_loss": result.synth_loss,
-                    "upper_updates": int(stats[2]),
-                    "queued": len(runtime.awaiting),
-                }
-                if stats[1] > 0:
-                    row["upper_train_bpc"] = float(stats[0] / stats[1]) / LN2
-                upper.reset()
-                metrics.write(row)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                recv_upper(program)
-                scores = evaluate_text(program, valid)
-                summary.update(scores)
-                metrics.write({"step": step, **scores, "elapsed_s": time.perf_counter() - start})
-                print(f"step {step:>6}: held-out bpc {scores['bpc']:.4f}, upper {scores['upper_bpc']:.4f}", flush=True)
-        runtime.drain()
-        dist.barrier()
-    finally:
-        metrics.close()
-    summary["elapsed_s"] = time.perf_counter() - start
-    summary["rows"] = metrics.rows
-    if cfg.out_dir:
-        from .outputs import write_outputs
-
+    runner = LowerCore(timeout) if rank == 0 else UpperCore(timeout)
+    options = FitOptions(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        eval_every=cfg.eval_every,
+        seed=cfg.seed,
+        log_every=cfg.log_every,
+        metrics_path=Path(cfg.metrics_path) if rank == 0 and cfg.metrics_path else None,
+        checkpoint_every=None,  # a hierarchical run on two workers does not resume (yet)
+    )
+    console = Console(quiet=True)
+    summary = fit(program, TextTask(spec.data, cfg.data_dir), options, console, runner)
+    runner.finish()
+    dist.barrier()
+    summary["workers"] = 2
+    if rank == 0 and cfg.out_dir:
         write_outputs(program, summary, Path(cfg.out_dir), cfg.title)
+    if rank == 1:
+        summary["updates"] = runner.worker.updates
     return summary
-
-
-def _entry(rank: int, cfg: HierarchicalRunConfig) -> None:
-    try:
-        from ..spec import load_spec
-
-        timeout = timedelta(seconds=load_spec(Path(cfg.spec_path)).distributed.timeout_s)
-        if cfg.error_dir:
-            write_started(Path(cfg.error_dir), rank, "lower core" if rank == 0 else "upper core")
-        join_group("gloo", rank, 2, timeout, cfg.store_port)
-        summary = train_rank(rank, cfg)
-        if rank == 0 and cfg.error_dir and summary is not None:
-            final = {k: v for k, v in summary.items() if k != "rows"}
-            (Path(cfg.error_dir) / "summary.json").write_text(json.dumps(final))
-    except BaseException as e:
-        if cfg.error_dir:
-            write_report(Path(cfg.error_dir), rank, "lower core" if rank == 0 else "upper core", e)
-        raise
-    finally:
-        leave_group()
-
-
-def launch(cfg: HierarchicalRunConfig) -> tuple[int, dict | None]:
-    """Start the two ranks on this host and wait: (exit code, rank 0's summary)."""
-    from ..spec import load_spec
-
-    store = LoopbackStore(load_spec(Path(cfg.spec_path)).distributed.timeout_s)
-    try:
-        cfg.store_port = store.port
-        with tempfile.TemporaryDirectory(prefix="dnicompile-hier-") as box:
-            cfg.error_dir = box
-            result = run_workers(_entry, (cfg,), 2)
-            if result.stop_code is not None:
-                return result.stop_code, None
-            if not result.failed:
-                path = Path(box) / "summary.json"
-                return 0, json.loads(path.read_text()) if path.exists() else None
-            return report_failure(Path(box), result.exits), None
-    finally:
-        store.close()

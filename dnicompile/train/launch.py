@@ -30,7 +30,7 @@ from ..runtime.distributed import find_checkpoint
 from ..runtime.placement import measure_stage_costs, plan_placement
 from ..runtime.transport import PeerError
 from .data import find_fashion_mnist
-from .outputs import check_outputs, cli_schedule, resolve_device
+from .outputs import check_outputs, cli_schedule, exit_code, resolve_device
 
 
 def run_fields(args, spec) -> dict:
@@ -67,14 +67,17 @@ def train_distributed_from_cli(program, args, console) -> int:
         data_dir=args.data,
         device=args.device,
         threads=threads,
+        log_every=spec.distributed.log_every,
         out_dir=str(out_dir) if out_dir else None,
         metrics_path=str(metrics_path) if metrics_path else None,
-        resume=resume,
+        # distributed.checkpoint_every, the older spelling, still wins where a spec sets it
+        checkpoint_every=spec.distributed.checkpoint_every or spec.train.checkpoint_every,
         keep_checkpoints=spec.train.keep_checkpoints,
+        resume=resume,
     )
     if under_torchrun:
         try:
-            run_rank(int(os.environ["RANK"]), world, cfg)
+            summary = run_rank(int(os.environ["RANK"]), world, cfg)
         except Exception as e:
             if failure_kind(e) != "peer":
                 raise
@@ -83,15 +86,16 @@ def train_distributed_from_cli(program, args, console) -> int:
 
             sys.stderr.write(f"dnicompile: error: rank {os.environ['RANK']} stopped: {e}\n")
             return 1
-        return 0
+        return exit_code(summary)
     console.print(f"starting {world} workers with {threads} thread(s) each", highlight=False)
-    return launch(cfg, world)
+    return launch(cfg, world)[0]
 
 
 # --------------------------------------------------------------------------- launching
 @dataclass
 class RunConfig:
-    """Everything a worker process needs to rebuild the program and train its part."""
+    """Everything a worker process needs to rebuild the program and train its part: a feed-forward program's
+    stages (train/distributed.py) or a hierarchical program's core (train/hierarchical.py)."""
 
     model_path: str
     spec_path: str
@@ -99,13 +103,16 @@ class RunConfig:
     batch_size: int
     eval_every: int
     seed: int
-    data_dir: str | None
-    device: str
-    threads: int
+    data_dir: str | None  # the data set's folder (feed-forward) or text file (hierarchical)
+    device: str = "cpu"
+    threads: int = 1
+    log_every: int = 10
     out_dir: str | None = None
     metrics_path: str | None = None
-    resume: str | None = None  # the checkpoint folder to continue from (find_checkpoint's choice)
+    checkpoint_every: int | None = None  # with out_dir
     keep_checkpoints: int = 2
+    resume: str | None = None  # the checkpoint folder to continue from (find_checkpoint's choice)
+    title: str = ""  # of the plots
     error_dir: str = ""
     store_port: int = 0  # the launcher's loopback TCPStore; 0 under torchrun (env:// rendezvous)
     progress: bool = True
@@ -162,26 +169,45 @@ def join_group(backend: str, rank: int, world: int, timeout: timedelta, store_po
 
 
 def _worker_entry(rank: int, world: int, cfg: RunConfig) -> None:
-    """Process entry point (torch.multiprocessing): rank `rank` of `world`."""
-    run_rank(rank, world, cfg)
+    """Process entry point (torch.multiprocessing): rank `rank` of `world`. Ctrl-C reaches the launcher, which
+    asks every worker to stop with one SIGTERM ([Note: agreed stop] in train/distributed.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    summary = run_rank(rank, world, cfg)
+    if summary is not None and cfg.error_dir:  # the driver's summary, for the launcher
+        final = {k: v for k, v in summary.items() if k != "rows"}
+        write_text_atomic(Path(cfg.error_dir) / "summary.json", json.dumps(final))
 
 
-def run_rank(rank: int, world: int, cfg: RunConfig) -> None:
-    """Build the program, join the process group, train this rank's stages; report errors to a file."""
-    stage_desc = "?"
+def run_rank(rank: int, world: int, cfg: RunConfig) -> dict | None:
+    """Build the program, join the process group, train this rank's part with the one training loop; report
+    errors to a file. Returns the summary on the driver, None elsewhere."""
+    where = "?"
     try:
         torch.set_num_threads(cfg.threads)
         from ..compile.model_file import build_model
-        from ..program import compile_decoupled
         from ..spec import load_spec
 
         spec = load_spec(Path(cfg.spec_path))
+        timeout = timedelta(seconds=spec.distributed.timeout_s)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model_path, spec.model, spec.model_args)
+        if spec.recurrent is not None:  # a hierarchical program: one core per rank
+            from ..recurrent import compile_recurrent
+            from .hierarchical import train_core
+
+            program = compile_recurrent(model, spec)
+            where = "lower core" if rank == 0 else "upper core"
+            if cfg.error_dir:
+                write_started(Path(cfg.error_dir), rank, where)
+            join_group("gloo", rank, world, timeout, cfg.store_port)
+            summary = train_core(program, rank, cfg)
+            return summary if rank == 0 else None
+        from ..program import compile_decoupled
+        from .distributed import train_rank
+
         program = compile_decoupled(model, spec)
         device = _rank_device(cfg.device, rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = timedelta(seconds=spec.distributed.timeout_s)
         join_group(backend, rank, world, timeout, cfg.store_port)
         costs = None
         if spec.distributed.placement == "time":  # rank 0 measures, so that every rank splits alike
@@ -194,15 +220,14 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> None:
             costs = box.cpu().tolist()
         placement = plan_placement(program, world, spec.distributed, costs)
         first, last = placement[rank]
-        stage_desc = ", ".join(f"stage{s}" for s in range(first, last + 1))
+        where = ", ".join(f"stage{s}" for s in range(first, last + 1))
         if cfg.error_dir:
-            write_started(Path(cfg.error_dir), rank, stage_desc)
-        from .distributed import train_rank
-
-        train_rank(program, rank, world, placement, device, cfg)
+            write_started(Path(cfg.error_dir), rank, where)
+        summary = train_rank(program, rank, world, placement, device, cfg)
+        return summary if rank == world - 1 else None
     except BaseException as e:
         if cfg.error_dir:
-            write_report(Path(cfg.error_dir), rank, stage_desc, e)
+            write_report(Path(cfg.error_dir), rank, where, e)
         raise
     finally:
         leave_group()
@@ -252,12 +277,13 @@ class WorkersResult:
     exits: list[WorkerExit]
 
 
-def run_workers(entry, args: tuple, nprocs: int) -> WorkersResult:
+def run_workers(entry, args: tuple, nprocs: int, stop_grace_s: float = 3.0) -> WorkersResult:
     """Spawn `nprocs` processes running entry(rank, *args) and wait for all of them. When one fails (an exit
     code other than 0, or a signal), every other is stopped at once (SIGTERM, then SIGKILL after 3 s), so the run
     ends as soon as its first worker does; each worker's exit is recorded (`WorkersResult.exits`) for the report.
-    Ctrl-C (SIGINT) or SIGTERM to the launcher stops every worker too (stop_code 130 or 143). No worker outlives
-    this."""
+    Ctrl-C (SIGINT) or SIGTERM to the launcher sends every worker one SIGTERM and gives them `stop_grace_s` to
+    finish (they agree on a step, checkpoint and write their outputs), then kills them; a second Ctrl-C or
+    SIGTERM kills them at once (stop_code 130 or 143). No worker outlives this."""
     import multiprocessing.connection
     import sys
 
@@ -276,9 +302,15 @@ def run_workers(entry, args: tuple, nprocs: int) -> WorkersResult:
                     break
                 multiprocessing.connection.wait([p.sentinel for p in alive], timeout=1)
         except (KeyboardInterrupt, _Terminated) as stop:
-            _stop(procs, exits)
             interrupted = isinstance(stop, KeyboardInterrupt)
-            sys.stderr.write(f"dnicompile: {'interrupted' if interrupted else 'terminated'}; all workers stopped\n")
+            sys.stderr.write(
+                f"dnicompile: {'interrupted' if interrupted else 'terminated'}; the workers stop after an agreed step "
+                "and keep what they wrote (again to stop them at once)\n"
+            )
+            try:
+                _stop(procs, exits, grace_s=stop_grace_s)
+            except (KeyboardInterrupt, _Terminated):
+                pass  # killed below
             return WorkersResult(False, 130 if interrupted else 143, exits)
         _stop(procs, exits)
         return WorkersResult(any(e.failed for e in exits), None, exits)
@@ -314,23 +346,27 @@ def _stop(procs, exits: list[WorkerExit], grace_s: float = 3.0) -> None:
         e.exitcode = p.exitcode
 
 
-def launch(cfg: RunConfig, workers: int) -> int:
-    """Start `workers` processes on this host and wait; returns the exit code. If any rank fails,
+def launch(cfg: RunConfig, workers: int) -> tuple[int, dict | None]:
+    """Start `workers` processes on this host and wait: (exit code, the driver's summary). If any rank fails,
     the others are stopped and the root cause is printed, naming the rank and its stages (report_failure).
-    Ctrl-C (SIGINT) or SIGTERM stops every worker; the exit code is then 130 or 143."""
+    Ctrl-C (SIGINT) or SIGTERM asks every worker to stop after an agreed step, checkpoint and write what it
+    has (a second one stops them at once); the exit code is then 130 or 143."""
     from ..spec import load_spec
 
-    store = LoopbackStore(load_spec(Path(cfg.spec_path)).distributed.timeout_s)
+    timeout_s = load_spec(Path(cfg.spec_path)).distributed.timeout_s
+    store = LoopbackStore(timeout_s)
     try:
         cfg.store_port = store.port
-        with tempfile.TemporaryDirectory(prefix="dnicompile-errors-") as error_dir:
-            cfg.error_dir = error_dir
-            result = run_workers(_worker_entry, (workers, cfg), workers)
+        with tempfile.TemporaryDirectory(prefix="dnicompile-errors-") as box:
+            cfg.error_dir = box
+            result = run_workers(_worker_entry, (workers, cfg), workers, stop_grace_s=timeout_s)
+            path = Path(box) / "summary.json"
+            summary = json.loads(path.read_text()) if path.exists() else None
             if result.stop_code is not None:
-                return result.stop_code
+                return result.stop_code, summary
             if not result.failed:
-                return 0
-            return report_failure(Path(error_dir), result.exits)
+                return 0, summary
+            return report_failure(Path(box), result.exits), None
     finally:
         store.close()
 

@@ -17,6 +17,14 @@ checkpoint files]). Resuming (`FitOptions.resume`, from `load_run_checkpoint`) b
 run does, loads those states, cuts the metrics file back to the checkpoint's step and goes on from the next
 step: the run ends with the parameters of one that never stopped. Every file holds tensors and plain
 values only and is read with weights_only=True.
+
+[Note: runners] Where the steps run is a `Runner`: the default runs them in this process, on the program's
+local runtime. A rank of a multi-process run brings its own (train/distributed.py: the feed-forward ranks;
+train/hierarchical.py: the two cores of a hierarchical program), so every rank runs this same loop. Some hooks
+are collective (the statistics of a log line, evaluation, checkpoints, agreeing to stop): fit calls them on every
+rank at the same steps, which depend on the options alone. Only the driver (the rank that computes the loss)
+measures, checks the loss, writes metrics and prints; a stop asked by a signal is agreed by every rank before
+any acts on it, so that they all checkpoint the same step.
 """
 
 from __future__ import annotations
@@ -118,6 +126,51 @@ class Task:
         """Restore `state_dict()`'s result; called after `setup`, before the first step of a resumed run."""
 
 
+class Runner:
+    """Where fit's steps run ([Note: runners]): in this process, on the program's local runtime. Subclasses run
+    one rank of several; their collective hooks are called by every rank at the same steps."""
+
+    is_driver = True  # measures, checks the loss, writes the metrics and prints
+
+    def build(self, program, device: torch.device, options: FitOptions) -> None:
+        """Right after the run's seed is set ([Note: seeds]): the runtime, on its device."""
+        program.runtime.to(device)
+
+    def setup(self, program, task: Task, options: FitOptions, stop) -> None:
+        """After the task's setup; `stop.signum` is set once a signal asks the run to stop."""
+        self.stop = stop
+
+    def step(self, task: Task, program, batch, step: int):
+        """Training step `step` (1-based) on `batch`."""
+        return task.step(program, batch)
+
+    def log_fields(self, result) -> dict:
+        """Collective, on each log line's step: fields of the line beyond the task's (every rank's statistics)."""
+        return {}
+
+    def evaluate(self, task: Task, program, step: int):
+        """Collective: the task's evaluation, as Task.evaluate (None on ranks that do not score)."""
+        return task.evaluate(program, step)
+
+    def stopping(self, step: int) -> bool:
+        """Collective: whether every rank stops after this step (a signal asked for it)."""
+        return self.stop.signum is not None
+
+    def save_checkpoint(self, out_dir: Path, step: int, program, task: Task, keep: int) -> str:
+        """Collective: write this run's checkpoint after `step`; returns its name."""
+        return save_run_checkpoint(out_dir, step, program, task, keep).name
+
+    def restore(self, program, task: Task, resume, device: torch.device) -> tuple[int, Path]:
+        """Load `resume` (options.resume) into the freshly built run: (its step, the folder of its metrics)."""
+        return _restore(program, task, resume, device), resume.path.parent
+
+    def pause(self) -> None:
+        """Evaluation or a checkpoint begins: their time is not training time."""
+
+    def unpause(self) -> None:
+        """Evaluation and checkpoints are over."""
+
+
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]train"),
@@ -126,7 +179,7 @@ def _progress(console: Console) -> Progress:
         TextColumn("{task.fields[status]}"),
         TimeRemainingColumn(),
         console=console,
-        disable=not console.is_terminal,
+        disable=console.quiet or not console.is_terminal,
     )
 
 
@@ -289,92 +342,117 @@ def _non_finite(program, step: int, loss: float, saved_at: int | None) -> DNIErr
     )
 
 
-def fit(program, task: Task, options: FitOptions, console: Console | None = None) -> dict:
+def fit(program, task: Task, options: FitOptions, console: Console | None = None, runner: Runner | None = None) -> dict:
     """Train `program` on `task` for options.steps steps; returns a summary with every metrics line (`rows`).
     Ctrl-C or SIGTERM stops after the step under way, writing a checkpoint where checkpoints are on
     (`interrupted` and `stopped_by` in the summary); a second one stops at once. With `options.resume` the run
-    goes on from that checkpoint's step ([Note: run checkpoints])."""
+    goes on from that checkpoint's step ([Note: run checkpoints]). `runner`: where the steps run (default: this
+    process; [Note: runners])."""
     console = console or Console(quiet=True)
+    runner = runner or Runner()
     device = resolve_device(options.device)
     torch.manual_seed(options.seed)  # [Note: seeds]: right before the runtime's models are drawn
     program.to(device)
     program.train()
-    program.runtime.to(device)
+    runner.build(program, device, options)
     task.setup(program, device, options, console)
     out_dir = options.out_dir
     saving = out_dir is not None and bool(options.checkpoint_every)
-    if out_dir is not None:
+    if out_dir is not None and runner.is_driver:
         remove_stale_tmp(out_dir)
     start = 0
+    history, previous = [], None
     if options.resume is not None:
-        start = _restore(program, task, options.resume, device)
+        start, previous = runner.restore(program, task, options.resume, device)
         console.print(f"resumed from step {start} ({options.resume.path.name})", highlight=False)
-    history = []
     if start and options.metrics_path is not None:
-        history = resume_metrics(options.metrics_path, start, options.resume.path.parent / "metrics.jsonl")
+        history = resume_metrics(options.metrics_path, start, previous / "metrics.jsonl")
     metrics = MetricsWriter(options.metrics_path, append=bool(start))
     metrics.rows = history
     summary: dict = {**task.summary(), "steps_done": start, "interrupted": False}
     saved_at = start if options.resume is not None else None
-    window_t, window_n, begin = 0.0, 0, time.perf_counter()
+    window_t, window_n, begin, paused = 0.0, 0, time.perf_counter(), 0.0
     progress = _progress(console)
     stop = _StopSignals()
+    stopped, saved_name = False, None
+
+    def pause() -> float:
+        runner.pause()
+        return time.perf_counter()
+
+    def unpause(since: float) -> None:
+        nonlocal paused
+        paused += time.perf_counter() - since
+        runner.unpause()
+
     try:
         with stop, progress:
+            runner.setup(program, task, options, stop)
             bar = progress.add_task("train", total=options.steps, completed=start, status="")
             for step in range(start + 1, options.steps + 1):
                 batch = task.next()
                 t0 = time.perf_counter()
-                result = task.step(program, batch)
-                if not math.isfinite(result.loss):
+                result = runner.step(task, program, batch, step)
+                if runner.is_driver and not math.isfinite(result.loss):
                     raise _non_finite(program, step, result.loss, saved_at)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 window_t += time.perf_counter() - t0
                 window_n += task.count(batch)
-                fields = task.measure(result, batch)
+                fields = task.measure(result, batch) if runner.is_driver else {}
                 summary.update(task.summary(), steps_done=step)
                 if step % options.log_every == 0 or step == options.steps or task.log_now():
+                    extra = runner.log_fields(result)
                     rate = window_n / window_t if window_t > 0 else 0.0
+                    now = time.perf_counter()
                     row = {
                         "step": step,
                         "loss": result.loss,
                         task.rate_key: rate,
-                        "elapsed_s": time.perf_counter() - begin,
+                        "elapsed_s": now - begin,
+                        "train_s": now - begin - paused,
                         "cosine": result.cosine,
                         "synth_loss": result.synth_loss,
                         **fields,
+                        **extra,
                     }
-                    metrics.write(row)
-                    progress.update(bar, status=task.status(rate))
+                    if runner.is_driver:
+                        metrics.write(row)
+                        progress.update(bar, status=task.status(rate))
                     window_t, window_n = 0.0, 0
-                note = task.note(step)
+                note = task.note(step) if runner.is_driver else None
                 if note:
                     progress.console.print(note, highlight=False)
                 if step % options.eval_every == 0 or step == options.steps:
-                    evaluated = task.evaluate(program, step)
+                    since = pause()
+                    train_s = since - begin - paused
+                    evaluated = runner.evaluate(task, program, step)
                     if evaluated is not None:
                         scores, line = evaluated
-                        metrics.write({"step": step, **scores, "elapsed_s": time.perf_counter() - begin})
+                        now = time.perf_counter()
+                        metrics.write({"step": step, **scores, "elapsed_s": now - begin, "train_s": train_s})
                         summary.update(task.summary())
                         if line:
                             progress.console.print(line, highlight=False)
-                if saving and (step % options.checkpoint_every == 0 or stop.signum is not None):
-                    save_run_checkpoint(out_dir, step, program, task, options.keep_checkpoints)
+                    unpause(since)
+                stopped = runner.stopping(step)
+                if saving and (step % options.checkpoint_every == 0 or stopped):
+                    since = pause()
+                    saved_name = runner.save_checkpoint(out_dir, step, program, task, options.keep_checkpoints)
                     saved_at = step
+                    unpause(since)
                 progress.update(bar, advance=1)
-                if stop.signum is not None:
+                if stopped:
                     break
-        if stop.signum is not None:
-            summary.update(interrupted=True, stopped_by=stop.name)
-            wrote = f"; wrote {checkpoint_name(saved_at, 'file')}" if saving and saved_at else ""
-            console.print(
-                f"{'interrupted' if stop.signum == signal.SIGINT else 'stopped by ' + stop.name} at step "
-                f"{summary['steps_done']}{wrote}; keeping what was written.",
-                highlight=False,
-            )
+        if stopped:
+            summary.update(interrupted=True, stopped_by=stop.name or "another worker's signal")
+            wrote = f"; wrote {saved_name}" if saving and saved_at == summary["steps_done"] else ""
+            how = "interrupted" if stop.signum == signal.SIGINT else "stopped by " + summary["stopped_by"]
+            console.print(f"{how} at step {summary['steps_done']}{wrote}; keeping what was written.", highlight=False)
         elif saving and summary["steps_done"] != saved_at:
-            save_run_checkpoint(out_dir, summary["steps_done"], program, task, options.keep_checkpoints)
+            since = pause()
+            runner.save_checkpoint(out_dir, summary["steps_done"], program, task, options.keep_checkpoints)
+            unpause(since)
     except KeyboardInterrupt:
         summary.update(interrupted=True, stopped_by="SIGINT")
         console.print(f"interrupted at step {summary['steps_done']}; keeping what was written.", highlight=False)
@@ -382,5 +460,6 @@ def fit(program, task: Task, options: FitOptions, console: Console | None = None
         metrics.close()
     summary.update(task.summary())
     summary["elapsed_s"] = time.perf_counter() - begin
+    summary["train_s"] = summary["elapsed_s"] - paused
     summary["rows"] = metrics.rows
     return summary

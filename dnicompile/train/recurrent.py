@@ -57,8 +57,8 @@ def _outputs(args) -> tuple[Path | None, Path | None]:
 
 def train_hierarchical_distributed(program, args, console: Console) -> int:
     """`--workers 2`: the lower core on one process, the upper core on another (runtime/bptt_distributed)."""
-    from .hierarchical import HierarchicalRunConfig, check_distributed, launch
-    from .launch import run_fields
+    from .hierarchical import check_distributed
+    from .launch import RunConfig, launch, run_fields
 
     if args.workers != 2:
         raise DNIError(
@@ -74,16 +74,16 @@ def train_hierarchical_distributed(program, args, console: Console) -> int:
         program, None, load_text(data, spec.data.split).vocab_size, "text"
     )  # here, not in the workers
     out_dir, metrics_path = _outputs(args)
-    cfg = HierarchicalRunConfig(
+    cfg = RunConfig(
         **run_fields(args, spec),
-        data=str(Path(data).resolve()),
+        data_dir=str(Path(data).resolve()),
         threads=args.threads or 1,
         out_dir=str(out_dir) if out_dir else None,
         metrics_path=str(metrics_path) if metrics_path else None,
         title=f"{type(program.model).__name__} ({args.spec}), 2 workers",
     )
     console.print("starting 2 workers: the lower core on rank 0, the upper core on rank 1", highlight=False)
-    code, summary = launch(cfg)
+    code, summary = launch(cfg, 2)
     if code == 0 and summary is not None:
         console.print(
             f"done: {summary['steps_done']} steps in {summary['elapsed_s']:.1f}s, held-out bpc {summary['bpc']:.4f}, "

@@ -308,7 +308,10 @@ class Classification(Task):
         return f"loss {self.loss_avg:.3f} acc {self.acc_avg:.3f} {rate / self.batch_size:.1f} steps/s"
 
     def evaluate(self, program, step: int):
-        acc, loss = evaluate_classifier(program, self.data.test_x, self.data.test_y, self.device)
+        return self.scored(step, *evaluate_classifier(program, self.data.test_x, self.data.test_y, self.device))
+
+    def scored(self, step: int, acc: float, loss: float):
+        """The evaluation's line and fields, from the test accuracy and loss (however they were computed)."""
         self.test_accuracy = acc
         line = f"step {step:>6}: train loss {self.loss_avg:.4f}, test accuracy {acc:.4f}"
         return {"loss": self.loss_avg, "test_accuracy": acc, "test_loss": loss}, line
