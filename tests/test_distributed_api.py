@@ -1,8 +1,9 @@
 """The distributed runtime started from Python, without the command line: two processes join a gloo group (a
 file store: nothing listens on the network), each builds the same program and takes its stages with
 `distributed_runtime`, and ends with the parameters of the local runtime trained on the same batches: with exact
-cuts (pipeline parallelism), and with a local-loss cut between the ranks (nothing is sent back across it, so
-the first rank never waits for the second)."""
+cuts (pipeline parallelism), with a local-loss cut between the ranks (nothing is sent back across it, so
+the first rank never waits for the second), and with delayed cuts between the ranks (each `weights` setting,
+delays 1 and 2, and two chained delayed cuts on three ranks, whose delays add)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ inputs:
 cuts:
   - after: layers.0
   - after: layers.1
+    __KIND1__
   - after: layers.2
     __KIND__
 stages:
@@ -31,7 +33,15 @@ loss: cross_entropy
 STEPS, BATCH = 6, 16
 
 
-KINDS = {"exact": "", "local": "local_loss: {head: mlp, hidden: 32, optimizer: {name: SGD, lr: 0.1}}"}
+TWO = [[0, 1, 2], [3]]
+KINDS = {  # name -> (the last cut's kind, the middle cut's kind, placement)
+    "exact": ("", "", TWO),
+    "local": ("local_loss: {head: mlp, hidden: 32, optimizer: {name: SGD, lr: 0.1}}", "", TWO),
+    "delayed1-stash": ("delayed_gradient: {delay: 1}", "", TWO),
+    "delayed2-current": ("delayed_gradient: {delay: 2, weights: current, shrink: 0.5}", "", TWO),
+    "delayed1-recompute": ("delayed_gradient: {delay: 1, weights: recompute}", "", TWO),
+    "delayed-chain": ("delayed_gradient: {delay: 1}", "delayed_gradient: {delay: 1}", [[0, 1], [2], [3]]),
+}
 
 
 def _program(kind: str = "exact"):
@@ -41,7 +51,9 @@ def _program(kind: str = "exact"):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     torch.manual_seed(0)
-    return compile_decoupled(module.build_model(depth=3, hidden=64), SPEC.replace("__KIND__", KINDS[kind]))
+    last, middle, _ = KINDS[kind]
+    spec = SPEC.replace("__KIND__", last).replace("__KIND1__", middle)
+    return compile_decoupled(module.build_model(depth=3, hidden=64), spec)
 
 
 def _batches():
@@ -60,7 +72,7 @@ def _rank(rank: int, world: int, store: str, out: str, kind: str) -> None:
         program = _program(kind)
         torch.manual_seed(0)
         program.build_runtime()
-        worker = distributed_runtime(program, placement=[[0, 1, 2], [3]])
+        worker = distributed_runtime(program, placement=KINDS[kind][2])
         for step, (x, y) in enumerate(_batches()):
             worker.train_step(step, x, y)
         worker.drain()
@@ -72,9 +84,12 @@ def _rank(rank: int, world: int, store: str, out: str, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_distributed_runtime_from_python_equals_the_local_runtime(tmp_path, kind):
-    mp.start_processes(_rank, args=(2, str(tmp_path / "store"), str(tmp_path), kind), nprocs=2, start_method="spawn")
+    world = len(KINDS[kind][2])
+    mp.start_processes(
+        _rank, args=(world, str(tmp_path / "store"), str(tmp_path), kind), nprocs=world, start_method="spawn"
+    )
     got = {}
-    for r in range(2):
+    for r in range(world):
         got.update(torch.load(tmp_path / f"rank{r}.pt", weights_only=True))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

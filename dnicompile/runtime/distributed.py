@@ -9,6 +9,9 @@ gradients travel:
 - across a synthetic cut, a rank steps with its synthetic gradient and goes on to batch t+1; the true
   gradient of batch t comes back later (irecv) and trains the cut's synthesizer, paired with the h_t the
   rank kept (a queue of at most `queue_depth` batches; its age is reported as `staleness`);
+- across a delayed cut ([Note: delayed gradients across ranks]), a rank sends h_t, posts the receive of its
+  true gradient and steps with the gradient of batch t - delay, which the next rank sent while this one was
+  working on later batches;
 - across an exact cut, a rank waits for the true gradient of batch t: ordinary pipeline parallelism.
   A rank sends the gradient of its input back before it runs its optimizer, so the rank before it
   waits for one backward, not for a backward and an update.
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..errors import DNIError
+from ..errors import DNIError, SpecError
 from ..files import (
     DamagedFileError,
     checkpoint_name,
@@ -50,6 +53,21 @@ from .tied import TiedReplicas
 from .transport import P2P
 
 STATS_TAG = 7  # p2p tag of the per-rank statistics sent to the driver (activations and gradients use 0)
+
+# [Note: delayed gradients across ranks] A delayed cut between rank r and r+1 runs the local runtime's semantics
+# ([Note: delayed gradients] in interfaces.py) over messages. Rank r runs its group's forward through the cut's
+# interface, sends h_t and posts the receive of delta_t; rank r+1 sends delta_t at the end of its step t, as for
+# a synthetic cut (or, where rank r+1's own stages end at a delayed cut, the input gradient of the batch its
+# due backward ran: the delays add, as in one process). Deltas come back in batch order. With a fixed delay d,
+# rank r at step t takes the gradient of batch t - d - lag (lag: the delays of the delayed cuts after this one
+# that feed it), waiting for it if it has not come yet, and records it as arrived at step t - d, when it was
+# computed: so the run is the local runtime's, step for step (a test compares the parameters). With `delay:
+# auto` (only where lag is 0) rank r waits for nothing: each step it takes the deltas that have come and steps
+# with the oldest, or skips its update when none has; it waits only when more than `queue_depth` batches (at
+# least one) are owed a gradient. Draining (evaluation, checkpoints) takes every delta the next rank has sent by
+# then; the interface's queue (with those deltas) is the checkpoint's, and a resumed rank posts receives for the
+# batches still owed one. Delayed cuts inside a rank that also has a delayed cut at its edge are refused (their
+# gradients would have to cross the same step's backward between ranks); put them between ranks.
 
 
 # --------------------------------------------------------------------------- one rank
@@ -96,10 +114,58 @@ class RankWorker:
         self.out_cut = program.cut_after(self.last)
         self.is_driver = rank == world - 1
         self.p2p = P2P(rank, self.stage_names, self.timeout)
+        self.delayed_out = self._delayed_out()  # the outgoing cut's DelayedGradientInterface, if it is one
+        self.owed: deque = deque()  # (step, buffers, works): deltas of the delayed outgoing cut not taken yet
+        self.lag = self._lag(self.out_cut) if self.delayed_out is not None else 0
+        # the stages of this rank start a group that ends at its delayed outgoing cut: the gradient this rank
+        # sends back is that of the batch its due backward ran, not of this step's batch
+        self.sends_due = self.delayed_out is not None and self.rt.delayed_groups.get(self.first, (None,))[0] is (
+            self.out_cut
+        )
 
     @property
     def stage_names(self) -> str:
         return ", ".join(s.name for s in self.program.stages[self.first : self.last + 1])
+
+    def _delayed_out(self):
+        """The outgoing cut's interface if it is delayed; refuses what the runtime cannot run across ranks."""
+        rt, cuts = self.rt, self.program.cuts
+        mine = [c for c in cuts if self.first <= c.index < self.last and rt.interfaces[c.index].kind == "delayed"]
+        edge = [c for c in (self.in_cut, self.out_cut) if c is not None and rt.interfaces[c.index].kind == "delayed"]
+        spec = self.program.spec
+        if mine and edge:
+            raise SpecError(
+                f"{spec.where('cuts')}: delayed cut `{mine[0].name}` is inside rank {self.rank}, which also has "
+                f"delayed cut `{edge[0].name}` at its edge; put delayed cuts between ranks (`distributed.placement`) "
+                "or all on one rank."
+            )
+        for c in mine:
+            if rt.interfaces[c.index].delay == "auto":
+                raise SpecError(
+                    f"{spec.where('cuts')}: `delay: auto` on cut `{c.name}`, which is inside rank {self.rank}: auto "
+                    "means as late as the gradient arrives from the next rank; give a delay in steps, or place the "
+                    "cut between ranks."
+                )
+        if self.out_cut is None or rt.interfaces[self.out_cut.index].kind != "delayed":
+            return None
+        iface = rt.interfaces[self.out_cut.index]
+        if iface.delay == "auto" and self._lag(self.out_cut):
+            raise SpecError(
+                f"{spec.where('cuts')}: `delay: auto` on cut `{self.out_cut.name}`, whose gradient comes from "
+                "another delayed cut's backward; give it a delay in steps."
+            )
+        return iface
+
+    def _lag(self, cut) -> int:
+        """How many steps after its batch the true gradient at `cut` is computed: the delays of the delayed
+        cuts that feed it ([Note: delayed gradients across ranks])."""
+        rt = self.rt
+        group = rt.delayed_groups.get(cut.index + 1)  # the stages after the cut end at a delayed cut
+        if group is None:
+            return 0
+        nxt = group[0]
+        delay = rt.interfaces[nxt.index].delay
+        return (0 if delay == "auto" else int(delay)) + self._lag(nxt)
 
     # ---------------------------------------------------------------- messages
     def _shape(self, b, batch: int) -> tuple[int, ...]:
@@ -156,9 +222,14 @@ class RankWorker:
             back = self.rt.interfaces[self.in_cut.index].sends_back  # a local-loss cut sends nothing back
             values = tuple(v.requires_grad_(back) if v.is_floating_point() else v for v in received)
         outputs, open_group = rt.run_stages(self.first, self.last, values, ctx)
+        due = None
         # the group's backward; its update waits until the gradient for the rank before is on its way
         if self.out_cut is None:
             rt.apply_loss(outputs, ctx, [])
+        elif self.delayed_out is not None:
+            self.send(outputs, self.rank + 1)
+            self.owe(step, batch)
+            due = self.delayed_backward(step, ctx)
         else:
             self.send(outputs, self.rank + 1)
             if self.out_cut.exact:
@@ -172,8 +243,14 @@ class RankWorker:
                     self.await_delta(step, outputs, preds, ctx.context, batch)
         if self.in_cut is not None and self.rt.interfaces[self.in_cut.index].sends_back:
             # the gradient this rank sends back: delta for the cut before it
-            grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in values if v.is_floating_point()]
-            self.send(grads, self.rank - 1)
+            if not self.sends_due:
+                grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in values]
+            elif due is not None:  # that of the batch whose backward ran ([Note: delayed gradients across ranks])
+                grads = [g if g is not None else torch.zeros_like(v) for g, v in zip(due[1], values)]
+            else:
+                grads = None
+            if grads is not None:
+                self.send([g for g, v in zip(grads, values) if v.is_floating_point()], self.rank - 1)
         rt.step_stages(open_group, ctx.ticks)
         self.tied.step(ctx.ticks)  # sum the gradients of tied tensors with the other ranks holding them; update
         rt.learn_synthesizers(ctx)  # cuts inside this rank
@@ -189,6 +266,64 @@ class RankWorker:
             self.p2p.recv(buf, self.rank + 1, f"{what} (`{b.name}`) from rank {self.rank + 1}")
             grads[b.name] = buf
         return grads
+
+    # ---------------------------------------------------------------- a delayed outgoing cut
+    def owe(self, step: int, batch: int) -> None:
+        """Post the receive of batch `step`'s true gradient across the delayed outgoing cut."""
+        bufs = [
+            torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
+            for b in self.float_boundary(self.out_cut)
+        ]
+        self.owed.append((step, bufs, [self.p2p.irecv(buf, self.rank + 1) for buf in bufs]))
+
+    def take(self, upto: int | None, block: bool) -> None:
+        """Hand the interface the deltas of the owed batches up to step `upto` (every owed one for None): those
+        that have come, or, with `block`, waiting for them. Each is recorded as arrived when it was computed."""
+        iface = self.delayed_out
+        names = [b.name for b in self.float_boundary(self.out_cut)]
+        while self.owed and (upto is None or self.owed[0][0] <= upto):
+            step, bufs, works = self.owed[0]
+            if not block and not all(w.is_completed() for w in works):
+                return
+            for w in works:
+                self.p2p.wait(w, f"the true gradient of batch {step} from rank {self.rank + 1}")
+            self.owed.popleft()
+            arrived = self.rt.step if iface.delay == "auto" else step + self.lag
+            iface.arrive(step, dict(zip(names, bufs)), arrived)
+
+    def delayed_backward(self, step: int, ctx):
+        """The backward that is due at step `step` across the delayed outgoing cut, and the group's update
+        ([Note: delayed gradients across ranks]); returns (batch, gradient of the group's inputs) or None."""
+        iface, rt = self.delayed_out, self.rt
+        if iface.delay == "auto":
+            self.take(None, block=False)
+            owed = sum(1 for e in iface.queue if e.arrived is None)
+            if owed > max(1, self.depth):  # too far ahead: wait for the oldest
+                self.take(self.owed[0][0], block=True)
+        else:
+            self.take(step - int(iface.delay) - self.lag, block=True)
+        measure = rt.measure_fresh or bool(rt.measure_every and (step + 1) % rt.measure_every == 0)
+        done = iface.backward_due(step, measure=measure)
+        stages = rt.delayed_groups[self.first][1] if self.sends_due else []
+        if done is None:
+            for s in stages:
+                ctx.result.ticked[s] = False
+            return None
+        rt.step_stages(stages, ctx.ticks)
+        ctx.result.staleness[iface.name] = iface.staleness
+        self.stats.staleness.append(iface.staleness)
+        if measure and iface.cosine is not None:
+            ctx.result.cosine[iface.name] = iface.cosine
+        return done
+
+    def post_owed(self) -> None:
+        """After loading a checkpoint: receive the gradients its delayed cut's queue is still owed, in order."""
+        if self.delayed_out is None:
+            return
+        for entry in self.delayed_out.queue:
+            if entry.arrived is None:
+                batch = entry.inputs[0].shape[0] if entry.inputs else self.program.example_batch
+                self.owe(entry.step, batch)
 
     def await_delta(self, step: int, outputs, preds: dict, context, batch: int) -> None:
         deltas, works = {}, []
@@ -228,6 +363,8 @@ class RankWorker:
     def drain(self) -> None:
         """Use every outstanding true gradient and finish every send (before evaluation and checkpoints)."""
         self.use_deltas(block=True)
+        if self.delayed_out is not None:  # what the next rank has sent by now: its batches up to step - lag
+            self.take(self.rt.step - self.lag if self.delayed_out.delay != "auto" else None, block=True)
         if self.prefetched is not None:
             raise RuntimeError(f"rank {self.rank}: a receive for batch {self.prefetched[0]} is still posted")
         self.p2p.flush()
@@ -363,6 +500,7 @@ class RankWorker:
         for iface in rt.interfaces:
             if iface.name in state["interfaces"]:
                 iface.load_state_dict(state["interfaces"][iface.name])
+        self.post_owed()
 
 
 def distributed_runtime(program, placement=None, device=None, timeout_s: float | None = None) -> RankWorker:

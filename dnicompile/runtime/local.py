@@ -223,11 +223,8 @@ class LocalRuntime:
         """Backward from the cut's boundary tensors with the interface's gradient, then update the open group.
         Returns the interface's predictions (with graph), which learn once the true gradient is known."""
         iface = self.interfaces[cut.index]
-        if iface.kind == "delayed":
-            raise SpecError(
-                f"delayed cut `{cut.name}` between two workers: the distributed runtime does not run delayed cuts "
-                "yet; place the stages on both sides of it on one rank, or train in one process."
-            )
+        if iface.kind == "delayed":  # its group runs through the interface (run_stages, RankWorker.train_step)
+            raise RuntimeError(f"delayed cut `{cut.name}` reached as a synthetic one")
         h = {b.name: t for b, t in zip(cut.boundary, outputs)}
         context = ctx.target if iface.wants_target else ctx.context
         preds = iface.predict(h, context)
