@@ -47,7 +47,10 @@ SPECS = {
     "dni": ROOT / "specs" / "wide_mlp_dni.yaml",
     "backprop": ROOT / "specs" / "wide_mlp_backprop.yaml",
     "local": ROOT / "specs" / "wide_mlp_local.yaml",
+    "delayed": ROOT / "specs" / "wide_mlp_delayed.yaml",
 }
+CUT_KEYS = {"dni": "synthetic_gradient", "local": "local_loss", "delayed": "delayed_gradient"}
+KIND_LABELS = {"dni": "cDNI", "local": "local loss", "delayed": "delayed gradient"}
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
 LR = 3.0e-4  # the specs' stage learning rate; plain PyTorch and the pipeline schedules use the same
 DEPTH = 8  # hidden layers of the model (--depth)
@@ -86,17 +89,18 @@ def cut_layers(stages: int) -> list[int]:
     return [round(DEPTH * i / stages) - 1 for i in range(1, stages)]
 
 
-def spec_for(kind: str, stages: int, log_every: int, folder: Path) -> Path:
+def spec_for(kind: str, stages: int, log_every: int, folder: Path, source: Path | None = None) -> Path:
     """The shipped spec (2 stages), or the same settings with a cut between every DEPTH/S layers, plus a
-    `distributed: {log_every}` for fine-grained samples/s."""
-    text = SPECS[kind].read_text()
+    `distributed: {log_every}` for fine-grained samples/s. `source` replaces the shipped spec of `kind`
+    (--race-spec: a variant written elsewhere, same layout)."""
+    text = (source or SPECS[kind]).read_text()
     if DEPTH != 8:
         text = text.replace("model: build_model\n", f"model: build_model\nmodel_args: {{depth: {DEPTH}}}\n", 1)
     if stages != 2 or DEPTH != 8:
         head, _, rest = text.partition("cuts:\n")
         cut_lines, _, tail = rest.partition("stages:\n")
-        if kind in ("dni", "local"):
-            key = "synthetic_gradient" if kind == "dni" else "local_loss"
+        if kind in CUT_KEYS:
+            key = CUT_KEYS[kind]
             setting = cut_lines.split(f"{key}:", 1)[1].strip()
             cuts = "".join(f"  - after: layers.{i}\n    {key}: {setting}\n" for i in cut_layers(stages))
         else:
@@ -184,6 +188,8 @@ def _pipe_rank(rank: int, world: int, args, port: int, out: str) -> None:
     import torch.nn.functional as F
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+    global DEPTH
+    DEPTH = args.depth  # a spawned rank imports this file afresh: DEPTH would be the default 8
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model = _model(args.seed)
@@ -240,23 +246,25 @@ def _free_port() -> int:
 
 
 def child_time_to_acc(args) -> dict:
-    """(a) until --target test accuracy: training seconds (clock stopped while evaluating)."""
+    """(a) / (b) until --target test accuracy, args.threads threads: training seconds (clock stopped while
+    evaluating), and the CPU time per training step of the process (all its threads)."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     model = _model(args.seed)
     opt = _adam(model.parameters())
     data, batches = _data(args.data, args.batch_size, args.seed)
     test_x, test_y = data.test_x.flatten(1), data.test_y
-    trained, evals = 0.0, []
+    trained, cpu, evals = 0.0, 0.0, []
     for step in range(1, args.steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         x, y = batches.next()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x.flatten(1)), y).backward()
         opt.step()
         trained += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         if step % args.eval_every == 0:
             model.eval()
             with torch.no_grad():
@@ -270,11 +278,119 @@ def child_time_to_acc(args) -> dict:
             model.train()
             evals.append({"step": step, "train_s": trained, "test_accuracy": acc})
             if acc >= args.target:
-                return {"reached": True, "step": step, "train_s": trained, "evals": evals}
-    return {"reached": False, "step": args.steps, "train_s": trained, "evals": evals}
+                return _acc_result(True, step, trained, evals, args, [1e3 * cpu / step])
+    return _acc_result(False, args.steps, trained, evals, args, [1e3 * cpu / args.steps])
 
 
-CHILDREN = {"plain": child_plain, "local": child_local, "pipe": child_pipe, "acc": child_time_to_acc}
+def _acc_result(reached: bool, step: int, trained: float, evals: list, args, cpu_ms: list) -> dict:
+    rate = step * args.batch_size / trained if trained else float("nan")
+    return {
+        "reached": reached,
+        "step": step,
+        "train_s": trained,
+        "evals": evals,
+        "samples_per_s": rate,
+        "cpu_ms": cpu_ms,
+    }
+
+
+def _pipe_acc_rank(rank: int, world: int, args, port: int, out: str) -> None:
+    """One rank of (c) Schedule1F1B until --target: the ranks stop their clock together (a barrier) every
+    --eval-every steps, rank 0's part runs the test set forward and sends it on, the last rank scores it and
+    tells every rank whether to stop."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    global DEPTH
+    DEPTH = args.depth  # a spawned rank imports this file afresh: DEPTH would be the default 8
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = _model(args.seed)
+    bounds = [0, *(i + 1 for i in cut_layers(world)), DEPTH]
+    part = list(model.layers)[bounds[rank] : bounds[rank + 1]]
+    last = rank == world - 1
+    if last:
+        part.append(model.head)
+    sub = nn.Sequential(*part)
+    micro = args.batch_size // args.microbatches
+    width = 784 if rank == 0 else 1024
+    stage = PipelineStage(sub, rank, world, torch.device("cpu"), input_args=(torch.empty(micro, width),))
+    schedule = Schedule1F1B(stage, n_microbatches=args.microbatches, loss_fn=F.cross_entropy)
+    opt = _adam(sub.parameters())
+    data, batches = _data(args.data, args.batch_size, args.seed)
+    test_x, test_y = data.test_x.flatten(1), data.test_y
+    trained, cpu, evals, reached, step = 0.0, 0.0, [], False, 0
+    dist.barrier()
+    t0, c0 = time.perf_counter(), time.process_time()
+    while step < args.steps and not reached:
+        step += 1
+        x, y = batches.next()
+        opt.zero_grad(set_to_none=True)
+        if rank == 0:
+            schedule.step(x.flatten(1))
+        elif last:
+            schedule.step(target=y, losses=[])
+        else:
+            schedule.step()
+        opt.step()
+        if step % args.eval_every and step < args.steps:
+            continue
+        dist.barrier()
+        trained += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+        sub.eval()
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(test_x), 1000):
+                n = min(1000, len(test_x) - i)
+                if rank == 0:
+                    h = test_x[i : i + n]
+                else:
+                    h = torch.empty(n, 1024)
+                    dist.recv(h, rank - 1)
+                h = sub(h)
+                if last:
+                    correct += int((h.argmax(-1) == test_y[i : i + n]).sum())
+                else:
+                    dist.send(h.contiguous(), rank + 1)
+        sub.train()
+        acc = correct / len(test_x)
+        flag = torch.tensor([1.0 if acc >= args.target else 0.0])
+        dist.broadcast(flag, world - 1)
+        reached = bool(flag.item())
+        if last:
+            evals.append({"step": step, "train_s": trained, "test_accuracy": acc})
+        dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+    Path(f"{out}.{rank}").write_text(json.dumps({"cpu_ms": 1e3 * cpu / step, "evals": evals, "step": step}))
+    if last:
+        Path(out).write_text(json.dumps(_acc_result(reached, step, trained, evals, args, [])))
+    dist.destroy_process_group()
+
+
+def child_pipe_acc(args) -> dict:
+    """(c) Schedule1F1B to --target accuracy: args.workers ranks of 1 thread over gloo on localhost."""
+    import torch.multiprocessing as mp
+
+    world = int(args.workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        mp.start_processes(_pipe_acc_rank, args=(world, args, _free_port(), out), nprocs=world, start_method="spawn")
+        result = json.loads(Path(out).read_text())
+        result["cpu_ms"] = [json.loads(Path(f"{out}.{r}").read_text())["cpu_ms"] for r in range(world)]
+        return result
+
+
+CHILDREN = {
+    "plain": child_plain,
+    "local": child_local,
+    "pipe": child_pipe,
+    "acc": child_time_to_acc,
+    "pipeacc": child_pipe_acc,
+}
 
 
 # =========================================================================== parent: running children
@@ -328,8 +444,9 @@ def run_distributed(spec: Path, workers: int, args, tmp: Path) -> dict:
 
 
 def time_to_acc_distributed(spec: Path, args, tmp: Path, seed: int) -> dict:
-    """(e) with cDNI until --target: `train_s` of the first evaluation at or above it. The run is stopped
-    with Ctrl-C (SIGINT to the launcher, which stops its workers) once that line is written."""
+    """(e) until --target: `train_s` of the first evaluation at or above it. The run is stopped with Ctrl-C
+    (SIGINT to the launcher, which stops its workers) once that line is written. Also from the metrics lines
+    up to that step: each rank's median `cpu_ms_per_step`, the `staleness` and the cut's `cosine` values."""
     metrics = tmp / f"acc-{seed}-{time.monotonic_ns()}.jsonl"
     cmd = cli_command(spec, 2, args.acc_steps, args.eval_every, metrics, args, seed=seed)
     started = time.perf_counter()
@@ -365,10 +482,23 @@ def time_to_acc_distributed(spec: Path, args, tmp: Path, seed: int) -> dict:
     first_row = next((row for row in rows if "train_s" in row), None)
     startup = wall - found["elapsed_s"] if found else None  # spawning, compiling, data: before train_rank's clock
     summary = [{"step": r["step"], "train_s": r["train_s"], "test_accuracy": r["test_accuracy"]} for r in evals]
+    end = found["step"] if found else args.acc_steps
+    train = [r for r in rows if "samples_per_s" in r and r["step"] <= end]
+    per_rank = [[r["cpu_ms_per_step"][i] for r in train if (r.get("cpu_ms_per_step") or [None] * 2)[i] is not None]
+                for i in range(2)]  # fmt: skip
+    stats = {
+        "cpu_ms": [median(v) for v in per_rank],
+        "staleness": [r["staleness"] for r in train if r.get("staleness") is not None],
+        "cosine": [next(iter(r["cosine"].values())) for r in train if r.get("cosine")],
+    }
     if found is None:
         last = evals[-1] if evals else first_row or {"step": 0, "train_s": float("nan")}
-        return {"reached": False, "step": last["step"], "train_s": last["train_s"], "evals": summary}
-    return {"reached": True, "step": found["step"], "train_s": found["train_s"], "startup_s": startup, "evals": summary}
+        rate = last["step"] * args.batch_size / last["train_s"] if last["train_s"] else float("nan")
+        return {"reached": False, "step": last["step"], "train_s": last["train_s"], "evals": summary,
+                "samples_per_s": rate, **stats}  # fmt: skip
+    rate = found["step"] * args.batch_size / found["train_s"]
+    return {"reached": True, "step": found["step"], "train_s": found["train_s"], "startup_s": startup,
+            "evals": summary, "samples_per_s": rate, **stats}  # fmt: skip
 
 
 # =========================================================================== report
@@ -456,36 +586,7 @@ def markdown(results: dict) -> str:
         ]
     acc = results.get("accuracy")
     if acc:
-        lines += [
-            f"### Time to {acc['target']:.0%} test accuracy (S = 2)",
-            "",
-            f"Training wall-clock until the first evaluation at or above {acc['target']:.0%} (every "
-            f"{acc['eval_every']} steps, full test set); evaluation time excluded (plain PyTorch stops its "
-            "clock while evaluating, the distributed runtime reports `train_s` = elapsed time less "
-            "evaluation); start-up excluded (for (e) it is listed apart: spawning 2 workers, compiling, "
-            "decoding the data).",
-            "",
-            f"| seed | (a) backprop, 1 process, 1 thread | (e) {acc.get('kind_label', 'cDNI')}, 2 workers of 1 thread "
-            "| (e) start-up |",
-            "|---|---|---|---:|",
-        ]
-        for row in acc["runs"]:
-            pa, pe = row["a"], row["e"]
-            lines.append(
-                f"| {row['seed']} | {_acc_cell(pa)} | {_acc_cell(pe)} | "
-                + (f"{pe['startup_s']:.1f} s |" if pe.get("startup_s") is not None else "- |")
-            )
-        a_s = [r["a"]["train_s"] for r in acc["runs"] if r["a"]["reached"]]
-        e_s = [r["e"]["train_s"] for r in acc["runs"] if r["e"]["reached"]]
-        if a_s and e_s:
-            ma, me = median(a_s), median(e_s)
-            verdict = f"Median: (a) {ma:.1f} s, (e) {me:.1f} s: (e) is **{'sooner' if me < ma else 'not sooner'}**."
-        else:
-            verdict = (
-                f"(a) reached the target in {len(a_s)} of {len(acc['runs'])} runs, (e) in {len(e_s)}: "
-                f"(e) is **{'sooner' if e_s and not a_s else 'not sooner'}**."
-            )
-        lines += ["", verdict, ""]
+        lines += race_markdown(acc)
     return "\n".join(lines) + "\n"
 
 
@@ -493,6 +594,66 @@ def _acc_cell(r: dict) -> str:
     if not r["reached"]:
         return f"not reached in {r['step']} steps ({r['train_s']:.1f} s)"
     return f"{r['train_s']:.1f} s (step {r['step']})"
+
+
+def _acc_extra(r: dict) -> str:
+    """samples/s over the training time, CPU ms per step of each process, staleness."""
+    parts = []
+    if r.get("samples_per_s"):
+        parts.append(f"{r['samples_per_s']:.0f} samples/s")
+    if r.get("cpu_ms"):
+        parts.append("CPU ms/step " + " / ".join("-" if c is None else f"{c:.0f}" for c in r["cpu_ms"]))
+    if r.get("staleness"):
+        parts.append(f"staleness {median(r['staleness']):.1f}")
+    if r.get("startup_s") is not None:
+        parts.append(f"start-up {r['startup_s']:.1f} s")
+    return "; ".join(parts)
+
+
+RACERS = {
+    "a": "(a) backprop, 1 process, 1 thread",
+    "b": "(b) backprop, 1 process, 2 threads",
+    "c": "(c) Schedule1F1B, 2 ranks of 1 thread",
+    "e": "(e) {kind}, 2 workers of 1 thread",
+}
+
+
+def race_markdown(acc: dict) -> list[str]:
+    chosen = acc.get("contenders", ["a", "e"])
+    label = {k: RACERS[k].format(kind=acc.get("kind_label", "cDNI")) for k in chosen}
+    lines = [
+        f"### Time to {acc['target']:.0%} test accuracy (S = 2)",
+        "",
+        f"Training wall-clock until the first evaluation at or above {acc['target']:.0%} (every "
+        f"{acc['eval_every']} steps, full test set); evaluation time excluded (plain PyTorch and the 1F1B ranks "
+        "stop their clock while evaluating, the distributed runtime reports `train_s` = elapsed time less "
+        "evaluation); start-up excluded (for (e) it is listed apart: spawning 2 workers, compiling, decoding "
+        "the data). Contenders interleaved per seed, in the order of the columns; each cell: seconds (step), "
+        "then samples/s over the training time and CPU ms per step of each process.",
+        "",
+        "| seed | " + " | ".join(label[k] for k in chosen) + " |",
+        "|---|" + "---|" * len(chosen),
+    ]
+    for row in acc["runs"]:
+        lines.append(
+            f"| {row['seed']} | " + " | ".join(f"{_acc_cell(row[k])}; {_acc_extra(row[k])}" for k in chosen) + " |"
+        )
+    times = {k: [r[k]["train_s"] for r in acc["runs"] if r[k]["reached"]] for k in chosen}
+    steps = {k: [r[k]["step"] for r in acc["runs"] if r[k]["reached"]] for k in chosen}
+    lines.append("")
+    if "a" in chosen and times["a"]:
+        ma = median(times["a"])
+        for k in chosen:
+            if k == "a" or not times[k]:
+                continue
+            mk = median(times[k])
+            lines.append(
+                f"- {label[k]}: median {mk:.1f} s against (a) {ma:.1f} s = **{ma / mk:.2f}x** (a)'s speed to the "
+                f"target ({len(times[k])} of {len(acc['runs'])} runs reached it; median step {median(steps[k]):.0f} "
+                f"against (a)'s {median(steps['a']):.0f})"
+            )
+    lines.append("")
+    return lines
 
 
 LABELS = [
@@ -545,7 +706,20 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--acc-steps", type=int, default=1000, help="give up the race after this many steps")
     p.add_argument(
-        "--race-kind", choices=("dni", "local"), default="dni", help="the cut of (e) in the race: cDNI or a local loss"
+        "--race-kind",
+        choices=("dni", "local", "delayed"),
+        default="dni",
+        help="the cut of (e) in the race: cDNI, a local loss or a delayed gradient (the shipped wide_mlp spec's settings)",
+    )
+    p.add_argument(
+        "--race-spec",
+        help="a variant of the race kind's shipped spec (same layout; its cut's settings and stage optimizers are used)",
+    )
+    p.add_argument(
+        "--race-contenders",
+        default="a,b,c,e",
+        help="which contenders race, interleaved per seed: a (backprop 1 thread), b (backprop 2 threads), "
+        "c (Schedule1F1B, 2 ranks), e (dnicompile, 2 workers); default: %(default)s",
     )
     p.add_argument("--race-only", action="store_true", help="run the time-to-accuracy race alone (no throughput)")
     p.add_argument(
@@ -611,20 +785,33 @@ def main() -> int:
                     )
             results["throughput"][str(s)] = runs
         if args.seeds:
-            spec = spec_for(args.race_kind, 2, 25, tmp)
+            source = Path(args.race_spec).resolve() if args.race_spec else None
+            spec = spec_for(args.race_kind, 2, 25, tmp, source=source)
+            racers = {
+                "a": lambda seed: _run_acc_child("acc", args, seed, threads=1),
+                "b": lambda seed: _run_acc_child("acc", args, seed, threads=2),
+                "c": lambda seed: _run_acc_child("pipeacc", args, seed, workers=2, microbatches=args.microbatches),
+                "e": lambda seed: time_to_acc_distributed(spec, args, tmp, seed),
+            }
+            chosen = [c.strip() for c in args.race_contenders.split(",") if c.strip()]
             acc_runs = []
             for seed in range(args.seeds):
-                loads.append(load())
-                pa = _run_acc_plain(args, seed)
-                loads.append(load())
-                pe = time_to_acc_distributed(spec, args, tmp, seed)
-                acc_runs.append({"seed": seed, "a": pa, "e": pe})
-                print(f"seed {seed}: (a) {_acc_cell(pa)}; (e) {_acc_cell(pe)}", flush=True)
+                row = {"seed": seed, "load": {}}
+                for key in chosen:
+                    row["load"][key] = load()
+                    loads.append(row["load"][key])
+                    row[key] = racers[key](seed)
+                    print(f"seed {seed}: ({key}) {_acc_cell(row[key])} {_acc_extra(row[key])} "
+                          f"(load {row['load'][key]:.2f})", flush=True)  # fmt: skip
+                acc_runs.append(row)
             results["accuracy"] = {
                 "target": args.target,
                 "eval_every": args.eval_every,
                 "runs": acc_runs,
-                "kind_label": {"dni": "cDNI", "local": "local loss"}[args.race_kind],
+                "contenders": chosen,
+                "kind": args.race_kind,
+                "kind_label": KIND_LABELS[args.race_kind],
+                "spec": spec.read_text(),
             }
     loads.append(load())
     results["load_min"], results["load_max"] = min(loads), max(loads)
@@ -638,16 +825,22 @@ def main() -> int:
     return 0
 
 
-def _run_acc_plain(args, seed: int) -> dict:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", "acc", "--data", args.data, "--seed", str(seed)]
+def _run_acc_child(child: str, args, seed: int, **extra) -> dict:
+    """(a), (b) or (c) to the target, in a fresh process."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--data", args.data, "--seed", str(seed)]
     argv += ["--depth", str(DEPTH)]
     argv += ["--batch-size", str(args.batch_size), "--steps", str(args.acc_steps), "--eval-every", str(args.eval_every)]
     argv += ["--target", str(args.target)]
+    for k, v in extra.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    started = time.perf_counter()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=3600, env=env(), cwd=ROOT)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
-        raise RuntimeError(f"time to accuracy (a) failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+        raise RuntimeError(f"time to accuracy ({child} {extra}) failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result["wall_s"] = time.perf_counter() - started
+    return result
 
 
 if __name__ == "__main__":
