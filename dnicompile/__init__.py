@@ -3,6 +3,7 @@
 from .errors import DNIError, ModelError, PartitionError, SpecError
 from .program import Cut, DecoupledProgram, Stage, compile_decoupled
 from .spec import CutSpec, Spec, load_spec
+from .train.api import fit
 
 __all__ = [
     "Cut",
@@ -15,6 +16,7 @@ __all__ = [
     "SpecError",
     "Stage",
     "compile_decoupled",
+    "fit",
     "load_spec",
 ]
 __version__ = "0.1.0"

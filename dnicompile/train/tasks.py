@@ -297,12 +297,7 @@ class Classification(Task):
         self.loss_avg = result.loss if self.loss_avg is None else 0.9 * self.loss_avg + 0.1 * result.loss
         self.acc_avg = acc if self.acc_avg is None else 0.9 * self.acc_avg + 0.1 * acc
         self.batch_size = len(batch[0])
-        fields = {"train_accuracy": acc}
-        if result.input_loss:
-            fields["input_loss"] = result.input_loss
-        if result.head_accuracy:  # local-loss cuts: their head's accuracy on this batch (its loss is in synth_loss)
-            fields["head_accuracy"] = result.head_accuracy
-        return fields
+        return {"train_accuracy": acc, **_step_fields(result)}
 
     def status(self, rate: float) -> str:
         return f"loss {self.loss_avg:.3f} acc {self.acc_avg:.3f} {rate / self.batch_size:.1f} steps/s"
@@ -528,3 +523,218 @@ def check_recurrent_sizes(program, inputs: int | None, outputs: int, what: str) 
             f"{where}: {what} has {outputs} {unit} but the model's readout `{program.spec.recurrent.output}` gives "
             f"{y.shape[-1]}; set its output size to {outputs} in `model_args`."
         )
+
+
+# --------------------------------------------------------------------------- any data
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")  # where a dict batch's labels are looked for
+
+
+def describe_batch(batch, depth: int = 0) -> str:
+    """A batch's structure, for errors: tuple(Tensor[64, 1, 28, 28] float32, Tensor[64] int64)."""
+    if isinstance(batch, torch.Tensor):
+        return f"Tensor[{', '.join(str(d) for d in batch.shape)}] {str(batch.dtype).removeprefix('torch.')}"
+    if depth > 2:
+        return type(batch).__name__
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{k!r}: {describe_batch(v, depth + 1)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return f"{type(batch).__name__}(" + ", ".join(describe_batch(v, depth + 1) for v in batch) + ")"
+    return type(batch).__name__
+
+
+class DataTask(Task):
+    """Batches from any iterables (a DataLoader, a list, a generator), for `dnicompile.fit` ([Note: batches]).
+
+    [Note: batches] A batch's parts go to the program's inputs (`program.input_names`, the model's forward()
+    arguments) and its labels: a tuple or list holds the inputs in that order and then the labels (no labels where
+    the model computes its own loss, `loss: {from_output: ...}`); a dict names them (the inputs by name, the labels
+    under `target` or the first of labels / label / targets / target / y); a tensor is the one input of a model
+    that needs no labels. Anything else, or a part of the wrong rank, is a DataError that shows the batch's
+    structure. The training data are iterated again at the end of each pass (an epoch); a checkpoint keeps the
+    epoch, the place in it and the random state at its start, so a resumed run draws the same batches as one
+    that never stopped (for a DataLoader whose shuffling comes from torch's generator, the default)."""
+
+    name = "data"
+
+    def __init__(self, train_data, eval_data=None, target: str | None = None):
+        self.train_data, self.eval_data, self.target = train_data, eval_data, target
+        self.epoch, self.index = 0, 0  # the pass over train_data, and batches drawn in it
+        self._iter = None
+        self._epoch_rng: torch.Tensor | None = None
+        self.loss_avg = self.acc_avg = None
+        self.scores: dict = {}
+        self._checked = False
+
+    def setup(self, program, device, options, console) -> None:
+        super().setup(program, device, options, console)
+        if not hasattr(program, "input_names"):
+            raise DNIError(
+                "dnicompile.fit takes a feed-forward program (compile_decoupled); recurrent programs train "
+                "with the command line's tasks."
+            )
+        self.names = list(program.input_names)
+        self.own_loss = not isinstance(program.spec.loss, str)  # the model returns its loss: no labels
+        self.loss_fn = program.runtime.loss_fn
+
+    # ---------------------------------------------------------------- batches
+    def _start_epoch(self) -> None:
+        self._epoch_rng = torch.get_rng_state()
+        self._iter = iter(self.train_data)
+        self.index = 0
+
+    def next(self):
+        if self._iter is None:
+            self._start_epoch()
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self.epoch += 1
+            self._start_epoch()
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                raise DataError(
+                    "the training data gave no batch: it is empty (or a generator already used up; "
+                    "pass a list or a DataLoader, which can be iterated again)."
+                ) from None
+        self.index += 1
+        return self.split(batch)
+
+    def split(self, batch) -> tuple[tuple, torch.Tensor | None]:
+        """(the program's inputs, the labels or None) of a batch, on the device ([Note: batches])."""
+        n, names = len(self.names), self.names
+        want = f"{n} input(s) {names}" + ("" if self.own_loss else " and then the labels")
+        if isinstance(batch, dict):
+            missing = [k for k in names if k not in batch]
+            key = self.target or next((k for k in LABEL_KEYS if k in batch), None)
+            if missing or (not self.own_loss and key not in batch):
+                lack = missing + ([] if self.own_loss or key in batch else [self.target or "labels"])
+                raise DataError(
+                    f"a batch is {describe_batch(batch)}, without {lack}: a dict batch names the program's inputs "
+                    f"{names}" + ("" if self.own_loss else " and its labels (fit(..., target='key'))") + "."
+                )
+            inputs, target = [batch[k] for k in names], None if self.own_loss else batch[key]
+        elif isinstance(batch, (tuple, list)) and len(batch) == n + (0 if self.own_loss else 1):
+            inputs, target = list(batch[:n]), None if self.own_loss else batch[n]
+        elif isinstance(batch, torch.Tensor) and n == 1 and self.own_loss:
+            inputs, target = [batch], None
+        else:
+            raise DataError(
+                f"a batch is {describe_batch(batch)}, but the program takes {want}: give batches as a tuple "
+                f"({', '.join(names)}{'' if self.own_loss else ', labels'}) or a dict by name."
+            )
+        if not all(isinstance(t, torch.Tensor) for t in inputs):
+            raise DataError(f"a batch is {describe_batch(batch)}: the program's inputs {names} must be tensors.")
+        if not self._checked:
+            self._check_ranks(inputs, batch)
+        inputs = tuple(t.to(self.device) for t in inputs)
+        return inputs, (target.to(self.device) if isinstance(target, torch.Tensor) else target)
+
+    def _check_ranks(self, inputs: list, batch) -> None:
+        for name, t, info in zip(self.names, inputs, self.program.stages[0].inputs):
+            if len(t.shape) != len(info.shape):
+                raise DataError(
+                    f"input `{name}`: the model was traced with {tuple(info.shape)} (the spec's `inputs:`), but a "
+                    f"batch gives {tuple(t.shape)} (the batch: {describe_batch(batch)}); reshape it in the dataset or "
+                    f"the DataLoader's collate_fn, e.g. x.reshape(len(x), {', '.join(map(str, info.shape[1:]))})."
+                )
+        self._checked = True
+
+    # ---------------------------------------------------------------- steps and scores
+    def step(self, program, batch):
+        inputs, target = batch
+        return program.runtime.train_step(inputs, target)
+
+    def measure(self, result, batch) -> dict:
+        fields = _step_fields(result)
+        self.loss_avg = result.loss if self.loss_avg is None else 0.9 * self.loss_avg + 0.1 * result.loss
+        acc = _accuracy(result.output, batch[1])
+        if acc is not None:
+            fields["train_accuracy"] = acc
+            self.acc_avg = acc if self.acc_avg is None else 0.9 * self.acc_avg + 0.1 * acc
+        return fields
+
+    def status(self, rate: float) -> str:
+        acc = f" acc {self.acc_avg:.3f}" if self.acc_avg is not None else ""
+        return f"loss {self.loss_avg:.3f}{acc} epoch {self.epoch}"
+
+    @torch.no_grad()
+    def evaluate(self, program, step: int):
+        if self.eval_data is None:
+            return None
+        program.eval()
+        loss_sum, correct, count, scored = 0.0, 0, 0, True
+        try:
+            for batch in self.eval_data:
+                inputs, target = self.split(batch)
+                out = program(*inputs)
+                size = len(inputs[0])
+                loss_sum += float(self.loss_fn(out, target)) * size
+                count += size
+                acc = _accuracy(out, target)
+                scored = scored and acc is not None
+                correct += round(acc * size) if acc is not None else 0
+        finally:
+            program.train()
+        if count == 0:
+            raise DataError("the evaluation data gave no batch.")
+        self.scores = {"test_loss": loss_sum / count}
+        if scored:
+            self.scores["test_accuracy"] = correct / count
+        acc = f", test accuracy {self.scores['test_accuracy']:.4f}" if scored else ""
+        line = f"step {step:>6}: train loss {self.loss_avg:.4f}, test loss {self.scores['test_loss']:.4f}{acc}"
+        return {"loss": self.loss_avg, **self.scores}, line
+
+    def summary(self) -> dict:
+        return {
+            "test_accuracy": self.scores.get("test_accuracy"),
+            "test_loss": self.scores.get("test_loss"),
+            "epochs_begun": self.epoch + (1 if self._iter is not None else 0),
+        }
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "epoch_rng": self._epoch_rng,
+            "averages": [self.loss_avg, self.acc_avg],
+            "scores": dict(self.scores),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Draw the batches of this epoch up to the checkpoint's place again, from the epoch's random state."""
+        self.epoch, index = int(state["epoch"]), int(state["index"])
+        self.loss_avg, self.acc_avg = state["averages"]
+        self.scores = dict(state["scores"])
+        if state["epoch_rng"] is None:
+            return
+        now = torch.get_rng_state()
+        torch.set_rng_state(state["epoch_rng"])
+        self._start_epoch()
+        for _ in range(index):
+            next(self._iter)
+        self.index = index
+        torch.set_rng_state(now)
+
+
+def _accuracy(output, target) -> float | None:
+    """The batch's accuracy where the output is class scores (B, K) and the labels class indices (B,)."""
+    if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)):
+        return None
+    if output.dim() != 2 or target.shape != output.shape[:1] or target.dtype.is_floating_point:
+        return None
+    return float((output.argmax(-1) == target).float().mean())
+
+
+def _step_fields(result) -> dict:
+    """A feed-forward step's per-cut fields beyond loss, cosine and synth_loss: synthetic inputs' loss, local
+    heads' accuracy, the age of the gradient each delayed cut applied."""
+    fields = {}
+    if result.input_loss:
+        fields["input_loss"] = result.input_loss
+    if result.head_accuracy:  # local-loss cuts: their head's accuracy on this batch (its loss is in synth_loss)
+        fields["head_accuracy"] = result.head_accuracy
+    if getattr(result, "staleness", None):  # delayed cuts
+        fields["staleness"] = result.staleness
+    return fields
