@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="let the spec name Python code to import and run: a loss 'package.module:function' or a synthesizer "
         "'package.module:ClassName' (refused without it; see README, Security)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec value, e.g. --set stages.default.optimizer.lr=1e-4 --set cuts.0.synthetic_gradient.model=mlp "
+        "(a dotted path, numbers index lists; the value is YAML); checked as the file is",
+    )
     inspect = p.add_argument_group("inspect")
     inspect.add_argument("--code", action="store_true", help="print each stage's generated Python")
     inspect.add_argument("--nodes", action="store_true", help="list the fx nodes and module paths you can cut after")
@@ -235,7 +243,7 @@ def _run(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
     _check_flags(args)
-    spec = load_spec(Path(args.spec), allow_imports=True if args.allow_imports else None)
+    spec = load_spec(Path(args.spec), allow_imports=True if args.allow_imports else None, overrides=args.set)
     _check_spec(spec)  # optimizers, schedulers, the loss: before the model file runs
     _note_imports(spec)
     if args.train:  # the same initial weights in this process and in every distributed worker

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -462,13 +463,7 @@ class Spec(_Strict):
 
     def where(self, *loc: Any) -> str:
         """`file:line:col` of the key at `loc` (e.g. where('cuts', 0, 'after')), as precisely as known."""
-        loc = tuple(loc)
-        while loc and loc not in self._marks:
-            loc = loc[:-1]
-        if loc in self._marks:
-            line, col = self._marks[loc]
-            return f"{self._origin}:{line}:{col}"
-        return self._origin
+        return _where(tuple(loc), self._origin, self._marks, bare=True)
 
     @property
     def allows_imports(self) -> bool:
@@ -593,17 +588,28 @@ def imports_allowed_by_environment() -> bool:
     return os.environ.get(ALLOW_IMPORTS_ENV) == "1"
 
 
-def load_spec(source: str | Path | dict | Spec, allow_imports: bool | None = None) -> Spec:
+def load_spec(
+    source: str | Path | dict | Spec, allow_imports: bool | None = None, overrides: list[str] | tuple = ()
+) -> Spec:
     """Read a spec from a YAML path, a YAML string, a dict or a Spec; raise SpecError with file:line:col.
+
+    `overrides`: `KEY=VALUE` settings laid over the file before it is checked (the command line's --set, e.g.
+    `stages.default.optimizer.lr=1e-4`, `cuts.0.synthetic_gradient.model=mlp`): KEY is a dotted path (numbers
+    index lists), VALUE is YAML. A mistake there is reported at `--set KEY=VALUE`, as one in the file is at
+    its line.
 
     A spec that names Python code to import (a loss 'package.module:function', a synthesizer
     'package.module:ClassName') is refused unless `allow_imports` is true (the command line's --allow-imports;
     None: allowed where the environment has DNICOMPILE_ALLOW_IMPORTS=1, or where the Spec was allowed already).
     """
     if isinstance(source, Spec):
+        if overrides:
+            raise SpecError("overrides apply to a spec being read (a path, YAML or a dict), not to a Spec object.")
         return _check_imports(source, allow_imports)
     if isinstance(source, dict):
-        return _check_imports(_validate(source, origin="<dict>", marks={}), allow_imports)
+        data, marks = copy.deepcopy(source), {}
+        _apply_sets(data, marks, overrides)
+        return _check_imports(_validate(data, origin="<dict>", marks=marks), allow_imports)
     if isinstance(source, Path) or (isinstance(source, str) and _looks_like_path(source)):
         path = Path(source)
         if path.is_dir():
@@ -619,10 +625,10 @@ def load_spec(source: str | Path | dict | Spec, allow_imports: bool | None = Non
             text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise SpecError(f"cannot read spec file {str(path)!r}: {e}") from e
-        return _check_imports(_parse(text, origin=str(path)), allow_imports)
+        return _check_imports(_parse(text, origin=str(path), overrides=overrides), allow_imports)
     if isinstance(source, str):
         _check_size(len(source.encode("utf-8", "replace")), "<yaml>")
-        return _check_imports(_parse(source, origin="<yaml>"), allow_imports)
+        return _check_imports(_parse(source, origin="<yaml>", overrides=overrides), allow_imports)
     raise SpecError(f"a spec is a path, a YAML string, a dict or a Spec, not {type(source).__name__}")
 
 
@@ -675,7 +681,7 @@ def _looks_like_path(s: str) -> bool:
     return "\n" not in s and ":" not in s.split("/")[-1] and (s.endswith((".yaml", ".yml")) or Path(s).exists())
 
 
-def _parse(text: str, origin: str) -> Spec:
+def _parse(text: str, origin: str, overrides: list[str] | tuple = ()) -> Spec:
     _check_events(text, origin)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -691,7 +697,69 @@ def _parse(text: str, origin: str) -> Spec:
         )
     marks: dict[tuple, tuple[int, int]] = {}
     _collect_marks(root, (), marks, origin)
+    _apply_sets(data, marks, overrides)
     return _validate(data, origin=origin, marks=marks)
+
+
+def _unshared(value: Any) -> Any:
+    """A copy of YAML data in which no mapping or list appears twice."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
+class _SetMark(tuple):
+    """The place of a value a --set put there: errors about it name the --set (sorts after every line)."""
+
+    def __new__(cls, text: str) -> _SetMark:
+        mark = super().__new__(cls, (10**9, 0))
+        mark.text = text
+        return mark
+
+
+def _apply_sets(data: dict, marks: dict, overrides: list[str] | tuple) -> None:
+    """Lay `KEY=VALUE` overrides over the spec's data ([load_spec]); what they set is marked as theirs."""
+    if overrides:  # a YAML alias (`*cdni`) is the same object at every use: a --set changes one place only
+        data.update(_unshared(data))
+    for text in overrides:
+        where = f"--set {text}"
+        key, eq, raw = text.partition("=")
+        key = key.strip()
+        if not eq or not key or len(text) > 10_000:
+            raise SpecError(f"{where}: expected KEY=VALUE, e.g. --set stages.default.optimizer.lr=1e-4.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise SpecError(f"{where}: the value is not YAML ({str(e).splitlines()[0]}); quote a string.") from None
+        parts: list[str | int] = [int(k) if k.isdigit() else k for k in key.split(".")]
+        if any(k == "" for k in parts):
+            raise SpecError(f"{where}: `{key}` has an empty part; keys are joined by single dots.")
+        node: Any = data
+        for i, part in enumerate(parts):
+            loc, last = tuple(parts[: i + 1]), i == len(parts) - 1
+            here = _dotted(loc[:-1]) or "the spec"
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    size = f" (it has {len(node)})" if isinstance(node, list) else " (it is not a list)"
+                    raise SpecError(f"{where}: `{here}` has no item {part}{size}.")
+            elif not isinstance(node, dict):
+                raise SpecError(f"{where}: `{here}` is not a mapping, so it has no key `{part}`.")
+            elif not last and not isinstance(node.get(part), (dict, list)):
+                if node.get(part) is not None:
+                    raise SpecError(
+                        f"{where}: `{_dotted(loc)}` is {node[part]!r}, not a mapping with `{parts[i + 1]}`."
+                    )
+                node[part] = {}
+                marks[loc] = _SetMark(where)  # made by this --set: an unknown key here is the --set's
+            if last:
+                node[part] = value
+                for k in [k for k in marks if k[: len(loc)] == loc]:  # what the file had there is gone
+                    del marks[k]
+                marks[loc] = _SetMark(where)
+            else:
+                node = node[part]
 
 
 _SAFE_TAGS = {"!", *(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map"))}
@@ -888,13 +956,17 @@ def _format_validation(err: ValidationError, origin: str, marks: dict) -> str:
 _UNION_TAGS = {"int", "str", "float", "bool", "none", "list", "dict"}
 
 
-def _where(loc: tuple, origin: str, marks: dict) -> str:
+def _where(loc: tuple, origin: str, marks: dict, bare: bool = False) -> str:
+    """`origin:line:col` of the key at `loc` (or of the nearest key above it that has a place), or the --set
+    that put it there; without a place, `origin` (`origin:1:1` unless `bare`)."""
     while loc and loc not in marks:
         loc = loc[:-1]
     if loc in marks:
+        if isinstance(marks[loc], _SetMark):
+            return marks[loc].text
         line, col = marks[loc]
         return f"{origin}:{line}:{col}"
-    return f"{origin}:1:1" if marks else origin
+    return f"{origin}:1:1" if marks and not bare else origin
 
 
 def _dotted(loc: tuple) -> str:

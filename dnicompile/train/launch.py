@@ -17,7 +17,7 @@ import signal
 import socket
 import tempfile
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,6 +38,7 @@ def run_fields(args, spec) -> dict:
     return {
         "model_path": str(Path(args.model).resolve()),
         "spec_path": str(Path(args.spec).resolve()),
+        "overrides": list(getattr(args, "set", None) or []),
         **cli_schedule(args, spec),
     }
 
@@ -113,6 +114,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     resume: str | None = None  # the checkpoint folder to continue from (find_checkpoint's choice)
     title: str = ""  # of the plots
+    overrides: list[str] = field(default_factory=list)  # the command line's --set KEY=VALUE
     error_dir: str = ""
     store_port: int = 0  # the launcher's loopback TCPStore; 0 under torchrun (env:// rendezvous)
     progress: bool = True
@@ -187,7 +189,7 @@ def run_rank(rank: int, world: int, cfg: RunConfig) -> dict | None:
         from ..compile.model_file import build_model
         from ..spec import load_spec
 
-        spec = load_spec(Path(cfg.spec_path))
+        spec = load_spec(Path(cfg.spec_path), overrides=cfg.overrides)
         timeout = timedelta(seconds=spec.distributed.timeout_s)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model_path, spec.model, spec.model_args)
@@ -353,7 +355,7 @@ def launch(cfg: RunConfig, workers: int) -> tuple[int, dict | None]:
     has (a second one stops them at once); the exit code is then 130 or 143."""
     from ..spec import load_spec
 
-    timeout_s = load_spec(Path(cfg.spec_path)).distributed.timeout_s
+    timeout_s = load_spec(Path(cfg.spec_path), overrides=cfg.overrides).distributed.timeout_s
     store = LoopbackStore(timeout_s)
     try:
         cfg.store_port = store.port
