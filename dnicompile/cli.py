@@ -25,6 +25,15 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dnicompile")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="dnicompile",
@@ -33,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="Python file defining the model (`model`, `build_model`, or the spec's `model:`)")
     p.add_argument("--spec", required=True, help="YAML file of cut points (see specs/)")
+    p.add_argument("--version", action="version", version=f"dnicompile {_version()}")
     p.add_argument(
         "--allow-imports",
         action="store_true",

@@ -9,11 +9,19 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from ..errors import DNIError
 from ..files import write_atomic
 from .data import load_dataset
 from .loop import FitOptions, fit, load_run_checkpoint
-from .outputs import check_outputs, checkpoint_options, cli_schedule, exit_code, plot_curves, resolve_device
+from .outputs import (
+    check_outputs,
+    checkpoint_options,
+    cli_schedule,
+    exit_code,
+    outputs_written,
+    plot_curves,
+    require_data,
+    resolve_device,
+)
 from .tasks import Classification
 
 
@@ -22,8 +30,7 @@ def train_from_cli(program, args, console: Console) -> int:
     spec = program.spec
     opts = FitOptions(**cli_schedule(args, spec), **checkpoint_options(spec), device=args.device)
     resolve_device(opts.device)
-    if spec.data is None:
-        raise DNIError(f"{spec.where('cuts')}: --train needs a data set: add `data: fashion-mnist` to the spec.")
+    require_data(spec)
     out_dir, metrics_path = check_outputs(args)
     opts.metrics_path = metrics_path
     opts.out_dir = out_dir
@@ -53,7 +60,7 @@ def train_from_cli(program, args, console: Console) -> int:
         plot_curves(summary["rows"], out_dir / "curves.png", f"{type(program.model).__name__} ({args.spec})")
         final = {k: v for k, v in summary.items() if k != "rows"}
         write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(final, indent=2) + "\n"))
-        console.print(f"wrote model.pt, checkpoint.pt, curves.png, summary.json, metrics.jsonl to {out_dir}")
+        console.print(f"wrote {outputs_written(out_dir, metrics_path)}", highlight=False)
     acc = summary["test_accuracy"]
     console.print(
         f"done: {summary['steps_done']} steps in {summary['elapsed_s']:.1f}s"

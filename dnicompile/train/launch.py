@@ -30,7 +30,7 @@ from ..runtime.distributed import find_checkpoint
 from ..runtime.placement import measure_stage_costs, plan_placement
 from ..runtime.transport import PeerError
 from .data import find_fashion_mnist
-from .outputs import check_outputs, cli_schedule, exit_code, resolve_device
+from .outputs import check_outputs, cli_schedule, exit_code, require_data, resolve_device
 
 
 def run_fields(args, spec) -> dict:
@@ -45,8 +45,7 @@ def run_fields(args, spec) -> dict:
 
 def train_distributed_from_cli(program, args, console) -> int:
     spec = program.spec
-    if spec.data is None:
-        raise DNIError(f"{spec.where('cuts')}: --train needs a data set: add `data: fashion-mnist` to the spec.")
+    require_data(spec)
     find_fashion_mnist(args.data or spec.data.path)  # fail here, not in every worker
     resolve_device(args.device)
     under_torchrun = "WORLD_SIZE" in os.environ

@@ -220,3 +220,28 @@ def plot_recurrent(rows: list[dict], path: Path, title: str, synthetic: bool = T
     fig.tight_layout()
     write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
+
+
+def require_data(spec) -> None:
+    """`--train` of a feed-forward program needs `data:` in the spec; say what the command line can train on and
+    where other data go."""
+    if spec.data is None:
+        raise DNIError(
+            f"{spec.where('cuts')}: --train needs a data set, and the spec has no `data:`. The command line trains "
+            "feed-forward programs on `data: fashion-mnist` (with --data DIR); for data of your own, train from "
+            "Python with dnicompile.fit(program, loader, ...) (README, 'Train on your own data'), or run the "
+            "example's own script where it has one (python examples/gpt.py --data ...)."
+        )
+
+
+def outputs_written(out_dir: Path, metrics_path: Path | None) -> str:
+    """What a run wrote, for its last line: the files in --out, and the metrics file where it is elsewhere."""
+    names = [
+        n
+        for n in ("model.pt", "checkpoint.pt", "curves.png", "summary.json", "metrics.jsonl")
+        if (out_dir / n).exists()
+    ]
+    text = f"{', '.join(names)} to {out_dir}"
+    if metrics_path is not None and metrics_path.parent.resolve() != out_dir.resolve():
+        text += f", and the metrics to {metrics_path}"
+    return text

@@ -13,7 +13,15 @@ from rich.console import Console
 from ..errors import DNIError
 from ..recurrent import compile_recurrent
 from .loop import FitOptions, fit, load_run_checkpoint
-from .outputs import check_outputs, checkpoint_options, cli_schedule, exit_code, resolve_device, write_outputs
+from .outputs import (
+    check_outputs,
+    checkpoint_options,
+    cli_schedule,
+    exit_code,
+    outputs_written,
+    resolve_device,
+    write_outputs,
+)
 from .tasks import CopyCurriculum, TextTask, check_recurrent_sizes, load_text
 
 RECURRENT_DATA = ("copy", "repeat_copy", "text")
@@ -118,7 +126,7 @@ def train_recurrent_from_cli(program, args, console: Console) -> int:
         torch.set_num_threads(threads)
     if out_dir is not None:
         write_outputs(program, summary, out_dir, f"{type(program.model).__name__} ({args.spec})")
-        console.print(f"wrote model.pt, checkpoint.pt, curves.png, summary.json, metrics.jsonl to {out_dir}")
+        console.print(f"wrote {outputs_written(out_dir, metrics_path)}", highlight=False)
     tail = []
     if summary.get("solved_length") is not None:
         tail.append(f"solved length {summary['solved_length']}")
