@@ -102,13 +102,18 @@ class Cut:
         return f"Cut({self.name!r}, after={self.node}, {kind}, boundary={[b.name for b in self.boundary]})"
 
 
-class ProgramBase:
+class ProgramBase(nn.Module):
     """[Note: program protocol] What every compiled program offers, feed-forward (`DecoupledProgram`) or recurrent
     (`RecurrentProgram`): `model` and `spec`; `num_stages` and `stage_parameters(i)`; `train(mode)` / `eval()` /
     `to(device)`, which reach the model, the stages and the runtime's own models; `parameters()` (each tensor once)
     and `state_dict()` (the model's own keys); `summary()` (plain text, made without the renderer); `runtime`
     (the local runtime, built on first use) and `build_runtime()` (a fresh one, [Note: seeds]); `train_step`.
-    A program never trains itself: the runtimes (runtime/) and the one training loop (train/loop.py) do."""
+    A program never trains itself: the runtimes (runtime/) and the one training loop (train/loop.py) do.
+
+    A program is an `nn.Module` whose one child is the model: `named_parameters`, `named_modules`, `buffers`,
+    `state_dict` and `load_state_dict` use the model's own names, so a program goes where a module goes (a
+    LightningModule's attribute, `torch.save(program.state_dict())`), and `state_dict(interfaces=True)` adds the
+    cuts' own models (synthesizers, heads) under `interfaces.<cut>.`."""
 
     model: nn.Module
     spec: Spec
@@ -140,7 +145,7 @@ class ProgramBase:
     def stage_parameters(self, index: int) -> list[nn.Parameter]:
         raise NotImplementedError
 
-    def parameters(self) -> list[nn.Parameter]:
+    def parameters(self, recurse: bool = True) -> list[nn.Parameter]:
         """Every parameter a stage updates, each once."""
         seen, out = set(), []
         for i in range(self.num_stages):
@@ -174,9 +179,41 @@ class ProgramBase:
             self._runtime.to(device)
         return self
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's own state_dict: loadable into the original model class."""
-        return self.model.state_dict()
+    def state_dict(self, *args, interfaces: bool = False, **kwargs) -> dict[str, torch.Tensor]:
+        """The model's own state_dict: loadable into the original model class. `interfaces=True`: also the cuts'
+        models (synthesizers, local heads) under `interfaces.<cut>.<index>.` (their optimizers are in the
+        runtime's checkpoint, not here)."""
+        state = self.model.state_dict(*args, **kwargs)
+        if interfaces and self._runtime is not None:
+            for iface in self._runtime.interfaces:
+                for i, module in enumerate(iface.modules()):
+                    for k, v in module.state_dict().items():
+                        state[f"interfaces.{iface.name}.{i}.{k}"] = v
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load `state_dict()`'s result: the model's keys into the model, `interfaces.` keys (if any) into the
+        cuts' models of the runtime (built if it is not yet). Returns the model's missing and unexpected keys."""
+        own = {k: v for k, v in state_dict.items() if not k.startswith("interfaces.")}
+        result = self.model.load_state_dict(own, strict=strict, assign=assign)
+        cut_keys = {k: v for k, v in state_dict.items() if k.startswith("interfaces.")}
+        if cut_keys:
+            for iface in self.runtime.interfaces:
+                for i, module in enumerate(iface.modules()):
+                    prefix = f"interfaces.{iface.name}.{i}."
+                    mine = {k[len(prefix) :]: v for k, v in cut_keys.items() if k.startswith(prefix)}
+                    if mine or strict:
+                        module.load_state_dict(mine, strict=strict)
+        return result
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return self.model.named_parameters(prefix, recurse, remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return self.model.named_buffers(prefix, recurse, remove_duplicate)
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        return self.model.named_modules(memo, prefix, remove_duplicate)
 
     def summary(self) -> str:
         raise NotImplementedError
@@ -190,6 +227,7 @@ class DecoupledProgram(ProgramBase):
     """
 
     def __init__(self, model: nn.Module, spec: Spec, part: Partition, stages: list[Stage], cuts: list[Cut], traced):
+        super().__init__()
         self.model = model
         self.spec = spec
         self.partition = part

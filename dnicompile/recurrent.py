@@ -65,6 +65,7 @@ class RecurrentProgram(ProgramBase):
     is_recurrent = True
 
     def __init__(self, model: nn.Module, spec: Spec, core: Core, input_module, output_module, upper, stage_configs):
+        super().__init__()
         self.model, self.spec = model, spec
         self.core, self.input, self.output, self.upper = core, input_module, output_module, upper
         self.truncation = spec.bptt.truncation
