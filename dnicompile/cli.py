@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, help="batch size (default: the spec's train.batch_size)")
     train.add_argument("--eval-every", type=_positive_int, help="evaluate on the test set every N steps")
     train.add_argument("--seed", type=_seed, help="random seed (default: the spec's train.seed)")
+    train.add_argument(
+        "--log-every",
+        type=_positive_int,
+        help="a metrics line every N steps (default 10; on several workers the spec's distributed.log_every)",
+    )
     train.add_argument("--metrics", metavar="FILE.jsonl", help="write one JSON object per line of metrics")
     train.add_argument("--out", metavar="DIR", help="write learning curves (PNG), metrics and final weights here")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -205,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         args = build_parser().parse_args(argv)
+        args.argv = ["dnicompile", *argv]  # for the run's summary
     except SystemExit as e:  # --help (0) or a bad flag (2): argparse has printed the message
         return int(e.code or 0)
     try:

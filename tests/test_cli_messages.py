@@ -62,3 +62,30 @@ def test_the_last_line_names_where_the_metrics_went(tmp_path, capsys):
     assert f"wrote model.pt, checkpoint.pt, curves.png, summary.json to {tmp_path / 'run'}" in out
     assert f"and the metrics to {tmp_path / 'm.jsonl'}" in out
     assert not (tmp_path / "run/metrics.jsonl").exists()
+
+
+def test_plain_progress_lines_log_every_and_the_run_record(tmp_path, capsys):
+    """Output that is not a terminal gets plain progress lines; --log-every sets the metrics grid; summary.json
+    records the spec, seed, device, versions and the command line."""
+    import json
+
+    import torch
+
+    data = Path(os.environ.get("DNICOMPILE_FASHION_MNIST", ROOT.parent / "shared" / "data" / "fashion-mnist"))
+    if not data.exists():
+        pytest.skip("Fashion-MNIST not found")
+    argv = [str(ROOT / "examples/mlp.py"), "--spec", str(ROOT / "specs/mlp_cdni.yaml"), "--train", "--steps", "6"]
+    argv += ["--batch-size", "16", "--data", str(data), "--out", str(tmp_path / "run"), "--log-every", "2"]
+    argv += ["--seed", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if "/6:" in line] == [
+        "step      2/6",
+        "step      4/6",
+        "step      6/6",
+    ]
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "samples_per_s" in r] == [2, 4, 6]
+    run = json.loads((tmp_path / "run/summary.json").read_text())["run"]
+    assert run["seed"] == 3 and run["device"] == "cpu" and run["versions"]["torch"] == torch.__version__
+    assert run["spec"]["cuts"][0]["after"] == "layers.0" and "--log-every" in run["command"]

@@ -148,6 +148,7 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
         checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints,
         resume=RunCheckpoint(Path(cfg.resume), {}) if cfg.resume else None,  # the folder find_checkpoint chose
+        command=cfg.command,
     )
     console = Console(quiet=not (driver and cfg.progress), highlight=False)
     data = load_dataset(spec.data.name, cfg.data_dir or spec.data.path)

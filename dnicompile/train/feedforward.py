@@ -29,6 +29,8 @@ def train_from_cli(program, args, console: Console) -> int:
     """`dnicompile model.py --spec S --train ...`: returns the exit code (130 after Ctrl-C, 143 after SIGTERM)."""
     spec = program.spec
     opts = FitOptions(**cli_schedule(args, spec), **checkpoint_options(spec), device=args.device)
+    opts.log_every = args.log_every or opts.log_every
+    opts.command = getattr(args, "argv", None)
     resolve_device(opts.device)
     require_data(spec)
     out_dir, metrics_path = check_outputs(args)

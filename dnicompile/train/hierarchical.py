@@ -135,6 +135,7 @@ def train_core(program, rank: int, cfg) -> dict:
         log_every=cfg.log_every,
         metrics_path=Path(cfg.metrics_path) if rank == 0 and cfg.metrics_path else None,
         checkpoint_every=None,  # a hierarchical run on two workers does not resume (yet)
+        command=cfg.command,
     )
     console = Console(quiet=True)
     summary = fit(program, TextTask(spec.data, cfg.data_dir), options, console, runner)

@@ -39,6 +39,7 @@ def run_fields(args, spec) -> dict:
         "model_path": str(Path(args.model).resolve()),
         "spec_path": str(Path(args.spec).resolve()),
         "overrides": list(getattr(args, "set", None) or []),
+        "command": getattr(args, "argv", None),
         **cli_schedule(args, spec),
     }
 
@@ -67,7 +68,7 @@ def train_distributed_from_cli(program, args, console) -> int:
         data_dir=args.data,
         device=args.device,
         threads=threads,
-        log_every=spec.distributed.log_every,
+        log_every=args.log_every or spec.distributed.log_every,
         out_dir=str(out_dir) if out_dir else None,
         metrics_path=str(metrics_path) if metrics_path else None,
         # distributed.checkpoint_every, the older spelling, still wins where a spec sets it
@@ -114,6 +115,7 @@ class RunConfig:
     resume: str | None = None  # the checkpoint folder to continue from (find_checkpoint's choice)
     title: str = ""  # of the plots
     overrides: list[str] = field(default_factory=list)  # the command line's --set KEY=VALUE
+    command: list[str] | None = None  # the command line that started the run, for the summary
     error_dir: str = ""
     store_port: int = 0  # the launcher's loopback TCPStore; 0 under torchrun (env:// rendezvous)
     progress: bool = True

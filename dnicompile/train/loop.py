@@ -69,6 +69,7 @@ class FitOptions:
     checkpoint_every: int | None = None  # with out_dir: ckpt-<step>.pt every N steps, at the end, on a stop
     keep_checkpoints: int = 2
     resume: RunCheckpoint | None = None  # continue after this checkpoint's step (see load_run_checkpoint)
+    command: list[str] | None = None  # the command line that started the run (default: sys.argv), for the summary
 
 
 class Task:
@@ -319,6 +320,27 @@ class _StopSignals:
         return None if self.signum is None else signal.Signals(self.signum).name
 
 
+def run_record(program, options: FitOptions) -> dict:
+    """What a summary records of how the run was made: the spec as validated, seed, device, versions, command."""
+    import platform
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("dnicompile")
+    except PackageNotFoundError:
+        own = None
+    return {
+        "seed": options.seed,
+        "device": str(options.device),
+        "steps": options.steps,
+        "batch_size": options.batch_size,
+        "command": list(options.command or sys.argv),
+        "versions": {"dnicompile": own, "torch": torch.__version__, "python": platform.python_version()},
+        "spec": program.spec.model_dump(mode="json"),
+    }
+
+
 def _non_finite(program, step: int, loss: float, saved_at: int | None) -> DNIError:
     """The run stops at a NaN or infinite loss (exit 2): which step, which stage first holds non-finite
     parameters, what to try, and which checkpoint is the last good one."""
@@ -369,10 +391,13 @@ def fit(program, task: Task, options: FitOptions, console: Console | None = None
         history = resume_metrics(options.metrics_path, start, previous / "metrics.jsonl")
     metrics = MetricsWriter(options.metrics_path, append=bool(start))
     metrics.rows = history
-    summary: dict = {**task.summary(), "steps_done": start, "interrupted": False}
+    summary: dict = {**task.summary(), "steps_done": start, "interrupted": False, "run": run_record(program, options)}
     saved_at = start if options.resume is not None else None
     window_t, window_n, begin, paused = 0.0, 0, time.perf_counter(), 0.0
     progress = _progress(console)
+    # where no progress bar can be drawn (a log file, a pipe), a plain line about 20 times a run, on log steps
+    plain = runner.is_driver and not console.quiet and not console.is_terminal
+    line_every = options.log_every * max(1, options.steps // (20 * options.log_every))
     stop = _StopSignals()
     stopped, saved_name = False, None
 
@@ -419,6 +444,8 @@ def fit(program, task: Task, options: FitOptions, console: Console | None = None
                     if runner.is_driver:
                         metrics.write(row)
                         progress.update(bar, status=task.status(rate))
+                        if plain and (step % line_every == 0 or step == options.steps):
+                            console.print(f"step {step:>6}/{options.steps}: {task.status(rate)}", highlight=False)
                     window_t, window_n = 0.0, 0
                 note = task.note(step) if runner.is_driver else None
                 if note:

@@ -86,6 +86,7 @@ def train_hierarchical_distributed(program, args, console: Console) -> int:
         **run_fields(args, spec),
         data_dir=str(Path(data).resolve()),
         threads=args.threads or 1,
+        log_every=args.log_every or 10,
         out_dir=str(out_dir) if out_dir else None,
         metrics_path=str(metrics_path) if metrics_path else None,
         title=f"{type(program.model).__name__} ({args.spec}), 2 workers",
@@ -111,6 +112,8 @@ def train_recurrent_from_cli(program, args, console: Console) -> int:
             "`data: {name: text, path: input.txt}`."
         )
     opts = FitOptions(**cli_schedule(args, spec), **checkpoint_options(spec), device=args.device)
+    opts.log_every = args.log_every or opts.log_every
+    opts.command = getattr(args, "argv", None)
     resolve_device(opts.device)
     if getattr(args, "resume", None):  # before --out (DIR by default) is made
         opts.resume = load_run_checkpoint(Path(args.resume), say=lambda t: console.print(t, highlight=False))
