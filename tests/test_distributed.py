@@ -245,8 +245,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_resume_continues_from_the_last_checkpoint(tmp_path):
+DELAYED = (
+    "  - after: layers.1\n    delayed_gradient: {delay: 1}\n",
+    "distributed: {checkpoint_every: 5, placement: [[0, 1], [2, 3, 4]]}\n",
+)
+
+
+@pytest.mark.parametrize("kind", ["exact", "delayed"])
+def test_resume_continues_from_the_last_checkpoint(tmp_path, kind):
+    """Resumed at step 5 (the checkpoint of step 7 lost), on to step 10: the weights of 10 straight steps; with a
+    delayed cut between the ranks, its queue (a batch owed a gradient) is in the checkpoint."""
     spec = _small_spec(tmp_path, "specs/mlp_backprop.yaml", "distributed: {checkpoint_every: 5}\n")
+    if kind == "delayed":
+        text = spec.read_text().replace("  - after: layers.1\n", DELAYED[0])
+        spec.write_text(text.replace("distributed: {checkpoint_every: 5}\n", DELAYED[1]))
     spec.write_text(spec.read_text().replace("{optimizer: {name: Adam, lr: 1.0e-3}}", SGD))
     common = ["examples/mlp.py", "--spec", str(spec), "--train", "--batch-size", "64", "--workers", "2"]
     first = _cli(*common, "--steps", "7", "--out", str(tmp_path / "a"))
