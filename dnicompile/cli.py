@@ -346,15 +346,23 @@ def _print_nodes(program, out: Console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from .compile.partition import last_node_of_modules
+
     table = Table(title="cut points (fx nodes in program order)")
-    for col in ("node", "op", "module", "stage"):
+    for col in ("node", "op", "module", "stage", "`after:` a module path (leaf or not) that ends here"):
         table.add_column(col)
-    for node in program.partition.graph_module.graph.nodes:
+    nodes = list(program.partition.graph_module.graph.nodes)
+    ends: dict[int, list[str]] = {}
+    for path, at in last_node_of_modules(nodes, {n: i for i, n in enumerate(nodes)}).items():
+        if path:
+            ends.setdefault(at, []).append(path)
+    for i, node in enumerate(nodes):
         if node.op in ("placeholder", "output", "get_attr"):
             continue
         stack = node.meta.get("nn_module_stack") or {}
         path = next(reversed(stack.values()))[0] if stack else (node.target if node.op == "call_module" else "")
-        table.add_row(*(escape(str(v)) for v in (node.name, node.op, path, program.partition.stage_of[node.name])))
+        row = (node.name, node.op, path, program.partition.stage_of[node.name], ", ".join(ends.get(i, [])))
+        table.add_row(*(escape(str(v)) for v in row))
     out.print(table)
 
 

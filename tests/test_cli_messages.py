@@ -89,3 +89,10 @@ def test_plain_progress_lines_log_every_and_the_run_record(tmp_path, capsys):
     run = json.loads((tmp_path / "run/summary.json").read_text())["run"]
     assert run["seed"] == 3 and run["device"] == "cpu" and run["versions"]["torch"] == torch.__version__
     assert run["spec"]["cuts"][0]["after"] == "layers.0" and "--log-every" in run["command"]
+
+
+def test_nodes_lists_the_module_paths_a_cut_can_name(capsys):
+    """--nodes names, at each node, the module paths (leaf or not) whose last node it is: what `after:` takes."""
+    assert main([str(ROOT / "examples/mlp.py"), "--spec", str(ROOT / "specs/mlp_cdni.yaml"), "--nodes"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│ layers_0_2 ")]
+    assert rows and "layers.0, layers.0.2" in rows[0]

@@ -112,7 +112,7 @@ def partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
 def _partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
-    last_in_module = _last_node_of_modules(nodes, pos)
+    last_in_module = last_node_of_modules(nodes, pos)
     modules = dict(model.named_modules())
 
     # 1. resolve every cut to a node position
@@ -218,7 +218,7 @@ def _module_paths(node: fx.Node) -> list[str]:
     return paths
 
 
-def _last_node_of_modules(nodes: list[fx.Node], pos: dict) -> dict[str, int]:
+def last_node_of_modules(nodes: list[fx.Node], pos: dict) -> dict[str, int]:
     """Module path -> position of the last node computed inside it (leaf or not)."""
     last: dict[str, int] = {}
     for node in nodes:
