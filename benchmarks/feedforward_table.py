@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
 
 DEPTHS = (3, 4, 5, 6)
-METHODS = ("backprop", "dni", "cdni", "cdni_p0.2", "frozen", "local")
+DELAYED = tuple(f"delayed{d}_{w}" for d in (1, 3) for w in ("stash", "current", "recompute"))
+METHODS = ("backprop", "dni", "cdni", "cdni_p0.2", "frozen", "local", *DELAYED)
 METHOD_TITLES = {
     "backprop": "backprop",
     "dni": "DNI",
@@ -46,10 +47,13 @@ METHOD_TITLES = {
     "cdni_p0.2": "cDNI, p=0.2 clocks",
     "frozen": "hidden layers frozen",
     "local": "local loss, one cut",
+    **{m: f"delayed {m[7]}, {m.split('_')[1]}" for m in DELAYED},
 }
 # "local" (issue 16) is one cut in the middle of the hidden layers (after layers.{depth // 2 - 1}; conv: after the
 # first block) with a local-loss head trained on the labels (LOCAL_HEAD); nothing is sent back across it.
 LOCAL_HEAD = {"head": "mlp", "hidden": 256, "layers": 1, "optimizer": {"name": "Adam", "lr": 1.0e-3}}
+# "delayed{d}_{weights}" (issue 16) is one cut at the same place as "local", with `delayed_gradient: {delay: d,
+# weights: ...}`: the stages before it step with the true gradient of the batch they ran d steps before.
 # "frozen" is a reference point, not a method: exact cuts, but the hidden stages' clocks never tick, so only the
 # output layer learns, on top of the randomly initialised hidden layers. A synthetic gradient that is no better
 # than no gradient at all ends up about here.
@@ -89,7 +93,7 @@ def stage_optimizer(updates: int, base: dict | None = None) -> dict:
 
 
 def synth_config(arch: str, method: str, mlp_synth: dict, conv_synth: dict, dni_mlp_synth: dict) -> dict | None:
-    if method in ("backprop", "frozen", "local"):
+    if method in ("backprop", "frozen", "local") or method in DELAYED:
         return None
     if arch == "cnn":
         sg = copy.deepcopy(conv_synth)
@@ -148,6 +152,11 @@ def build_spec(
         middle = max(depth // 2 - 1, 0)
         head = {**LOCAL_HEAD, "head": "conv" if arch == "cnn" else LOCAL_HEAD["head"]}
         cuts = [{"after": f"{prefix}.{middle}", "local_loss": copy.deepcopy(head)}]
+    if method in DELAYED:  # one cut, where "local" has its own
+        delay, weights = int(method[7]), method.split("_")[1]
+        cuts = [
+            {"after": f"{prefix}.{max(depth // 2 - 1, 0)}", "delayed_gradient": {"delay": delay, "weights": weights}}
+        ]
     return {
         "model": "build_model",
         "model_args": model_args,
@@ -274,7 +283,7 @@ def markdown_table(records: list[dict]) -> str:
     for rec in records:
         by.setdefault((rec["row"], rec["method"]), []).append(rec["test_error"])
     head = ["net"] + [METHOD_TITLES[m] for m in methods]
-    gaps = [m for m in ("dni", "cdni") if m in methods and "backprop" in methods]
+    gaps = [m for m in ("dni", "cdni", "local", *DELAYED) if m in methods and "backprop" in methods]
     head += [f"{METHOD_TITLES[m]} − backprop" for m in gaps]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
