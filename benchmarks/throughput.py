@@ -17,11 +17,15 @@ included; start-up, data decoding and compilation excluded).
       over the time between them (cDNI spec, and the exact spec, which is pipeline parallelism without
       microbatches)
 
-Then time to 85% test accuracy, (a) against (e) with cDNI (or --race-kind local: a local-loss cut) on S = 2
-workers, one run per seed: training
-wall-clock up to the first evaluation at or above 85%, evaluation (every --eval-every steps) excluded. (a)
-stops its clock while it evaluates; (e) reports `train_s` in its metrics (elapsed time less evaluation).
-Start-up (spawning workers, loading data, compiling) is excluded from both, and reported apart for (e).
+Then time to 85% test accuracy on S = 2, one run per seed and contender, interleaved per seed
+(--race-contenders): (a), (b) with 2 threads, (c) Schedule1F1B on 2 ranks, and (e) with cDNI (or --race-kind
+local: a local-loss cut; delayed: the shipped delayed-gradient spec; --race-spec: a variant of the kind's spec).
+Training wall-clock up to the first evaluation at or above 85%, evaluation (every --eval-every steps) excluded.
+(a) and (b) stop their clock while they evaluate, the 1F1B ranks stop theirs together (a barrier) while rank 0's
+part runs the test set forward and the last rank scores it; (e) reports `train_s` in its metrics (elapsed time
+less evaluation). Start-up (spawning workers, loading data, compiling) is excluded from all, and reported apart
+for (e). Each run also gives its samples/s over the training time, each process's CPU ms per training step, and
+for (e) the staleness and stale-fresh cosine of its metrics lines.
 
 Run from the repository root:  python benchmarks/throughput.py [--reps 3] [--write BENCHMARKS.md]
 """
