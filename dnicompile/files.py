@@ -186,3 +186,22 @@ def _first_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     line = lines[0] if lines else ""
     return line if len(line) <= 160 else line[:157] + "..."
+
+
+def newest_readable(folder: Path, found: list[tuple[int, Path]], read, say=None):
+    """For --resume: the first of `found` (checkpoints, newest first) that `read(step, path)` reads without a
+    DamagedFileError, as (step, path, what read returned); `say(text)` hears the ones skipped and the choice. A
+    DNIError when none can be read."""
+    skipped = []
+    for step, path in found:
+        try:
+            value = read(step, path)
+        except DamagedFileError as e:
+            skipped.append(str(e))
+            continue
+        if say is not None:
+            for line in skipped:
+                say(f"skipping {line}")
+            say(f"resuming from {path.name} (step {step}){' instead' if skipped else ''}")
+        return step, path, value
+    raise DNIError(f"--resume {folder}: no checkpoint there can be read: " + "; ".join(skipped))

@@ -42,6 +42,7 @@ from ..files import (
     checkpoint_name,
     checkpoints,
     load_tensors,
+    newest_readable,
     prune_checkpoints,
     save_atomic,
     write_text_atomic,
@@ -558,19 +559,7 @@ def find_checkpoint(resume_dir: Path, world: int | None = None, say=None) -> Pat
                 "without --workers."
             )
         raise DNIError(f"--resume {resume_dir}: no checkpoint there (no ckpt-<step>/ folder); pass the --out of a run.")
-    skipped = []
-    for step, folder in found:
-        try:
-            _check_shards(folder, step, world)
-        except DamagedFileError as e:
-            skipped.append(str(e))
-            continue
-        if say is not None:
-            for line in skipped:
-                say(f"skipping {line}")
-            say(f"resuming from {folder.name} (step {step}){' instead' if skipped else ''}")
-        return folder
-    raise DNIError(f"--resume {resume_dir}: no checkpoint there can be read: " + "; ".join(skipped))
+    return newest_readable(resume_dir, found, lambda step, folder: _check_shards(folder, step, world), say)[1]
 
 
 def _check_shards(folder: Path, step: int, world: int | None) -> None:

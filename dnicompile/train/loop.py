@@ -47,6 +47,7 @@ from ..files import (
     checkpoint_name,
     checkpoints,
     load_tensors,
+    newest_readable,
     prune_checkpoints,
     remove_stale_tmp,
     save_atomic,
@@ -237,21 +238,14 @@ def load_run_checkpoint(folder: Path, say=None) -> RunCheckpoint:
             f"--resume {folder}: no checkpoint there (no ckpt-<step>.pt); pass the --out of a run made with "
             "train.checkpoint_every set (the default)."
         )
-    skipped = []
-    for _, path in found:
-        try:
-            state = load_tensors(path, map_location="cpu")
-            _check_run_state(state, path)
-        except DamagedFileError as e:
-            skipped.append(str(e))
-            continue
-        if say is not None:
-            for line in skipped:
-                say(f"skipping {line}")
-            fell_back = " instead" if skipped else ""
-            say(f"resuming from {path.name} (step {int(state['step'])}){fell_back}")
-        return RunCheckpoint(path, state)
-    raise DNIError(f"--resume {folder}: no checkpoint there can be read: " + "; ".join(skipped))
+
+    def read(step: int, path: Path) -> dict:
+        state = load_tensors(path, map_location="cpu")
+        _check_run_state(state, path)
+        return state
+
+    _, path, state = newest_readable(folder, found, read, say)
+    return RunCheckpoint(path, state)
 
 
 def _check_run_state(state, path: Path) -> None:
