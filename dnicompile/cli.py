@@ -278,6 +278,9 @@ def _run(args: argparse.Namespace) -> int:
         # build what --train builds (synthesizers against the boundary tensors, optimizers, the loss), so that
         # checking a spec finds every error training would; training builds it itself, after seeding
         program.runtime  # noqa: B018 - built for its checks
+        from .runtime.distributed import check_microbatches
+
+        check_microbatches(program)
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if args.nodes:
         _print_nodes(program, out)

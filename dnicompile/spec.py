@@ -308,6 +308,19 @@ class TrainConfig(_Strict):
     )
 
 
+class LinkConfig(_Strict):
+    """An emulated network link between ranks, for experiments on one machine: every message of the runtime's
+    transport is delivered as a link with this latency and bandwidth would deliver it ([Note: link emulation])."""
+
+    latency_ms: float = Field(0.0, ge=0, le=10**6, description="One-way latency of every message, in milliseconds.")
+    bandwidth_mb_s: float | None = Field(
+        None,
+        gt=0,
+        le=10**9,
+        description="Bandwidth of each direction of a link, in MB/s (10**6 bytes); null: unlimited.",
+    )
+
+
 class DistributedConfig(_Strict):
     """How stages are spread over workers (`--workers N`, or torchrun)."""
 
@@ -325,6 +338,22 @@ class DistributedConfig(_Strict):
     timeout_s: float = Field(30.0, gt=0, le=10**7, description="Seconds any rank waits for another before giving up.")
     checkpoint_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps (needs --out).")
     log_every: int = Field(50, ge=1, description="Gather per-cut statistics from all ranks every N steps.")
+    microbatches: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Split each batch into M microbatches across the exact cuts between ranks and run them with "
+        "`schedule`; gradients accumulate, so a step updates as the whole batch would. Needs every cut between "
+        "ranks exact and a batch size divisible by M.",
+    )
+    schedule: Literal["1f1b", "gpipe"] = Field(
+        "1f1b",
+        description="Order of the microbatches' forwards and backwards: 1f1b (one forward, one backward, least "
+        "memory) or gpipe (all forwards, then all backwards).",
+    )
+    link: LinkConfig | None = Field(
+        None, description="Emulate a slower link between ranks (latency, bandwidth); off by default."
+    )
 
 
 class UpperConfig(_Strict):

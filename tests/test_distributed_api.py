@@ -27,33 +27,48 @@ cuts:
   - after: layers.2
     __KIND__
 stages:
-  default: {optimizer: {name: SGD, lr: 0.05, momentum: 0.9}}
+  default: {optimizer: {name: __OPT__}}
 loss: cross_entropy
+__DISTRIBUTED__
 """
+SGD = "SGD, lr: 0.05, momentum: 0.9"
+ADAM = "Adam, lr: 1.0e-3"
 STEPS, BATCH = 6, 16
 
 
 TWO = [[0, 1, 2], [3]]
-KINDS = {  # name -> (the last cut's kind, the middle cut's kind, placement)
-    "exact": ("", "", TWO),
-    "local": ("local_loss: {head: mlp, hidden: 32, optimizer: {name: SGD, lr: 0.1}}", "", TWO),
-    "delayed1-stash": ("delayed_gradient: {delay: 1}", "", TWO),
-    "delayed2-current": ("delayed_gradient: {delay: 2, weights: current, shrink: 0.5}", "", TWO),
-    "delayed1-recompute": ("delayed_gradient: {delay: 1, weights: recompute}", "", TWO),
-    "delayed-chain": ("delayed_gradient: {delay: 1}", "delayed_gradient: {delay: 1}", [[0, 1], [2], [3]]),
+THREE = [[0, 1], [2], [3]]
+LINK = "link: {latency_ms: 30, bandwidth_mb_s: 50}"
+KINDS = {  # name -> (the last cut's kind, the middle cut's kind, placement, `distributed` keys, optimizer)
+    "exact": ("", "", TWO, "", SGD),
+    "local": ("local_loss: {head: mlp, hidden: 32, optimizer: {name: SGD, lr: 0.1}}", "", TWO, "", SGD),
+    "delayed1-stash": ("delayed_gradient: {delay: 1}", "", TWO, "", SGD),
+    "delayed2-current": ("delayed_gradient: {delay: 2, weights: current, shrink: 0.5}", "", TWO, "", SGD),
+    "delayed1-recompute": ("delayed_gradient: {delay: 1, weights: recompute}", "", TWO, "", SGD),
+    "delayed-chain": ("delayed_gradient: {delay: 1}", "delayed_gradient: {delay: 1}", THREE, "", SGD),
+    # [Note: microbatch schedules]: the parameters of the whole batch's steps, to rounding
+    "1f1b-m4-adam": ("", "", TWO, "microbatches: 4, schedule: 1f1b", ADAM),
+    "gpipe-m4-adam": ("", "", TWO, "microbatches: 4, schedule: gpipe", ADAM),
+    "1f1b-m3-3ranks": ("", "", THREE, "microbatches: 3", SGD),  # 16 = 6 + 5 + 5: unequal microbatches
+    # [Note: link emulation]: a slower link changes when messages arrive, not what a step computes
+    "exact-slow-link": ("", "", TWO, LINK, SGD),
+    "delayed1-slow-link": ("delayed_gradient: {delay: 1}", "", TWO, LINK, SGD),
 }
 
 
 def _program(kind: str = "exact"):
     import importlib.util
 
-    module_spec = importlib.util.spec_from_file_location("mlp_example", ROOT / "examples" / "mlp.py")
+    # microbatches: a model without batch norm, which normalizes each microbatch ([Note: microbatch schedules])
+    example, args = ("wide_mlp", dict(width=64)) if "microbatches" in KINDS[kind][3] else ("mlp", dict(hidden=64))
+    module_spec = importlib.util.spec_from_file_location(f"{example}_example", ROOT / "examples" / f"{example}.py")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     torch.manual_seed(0)
-    last, middle, _ = KINDS[kind]
-    spec = SPEC.replace("__KIND__", last).replace("__KIND1__", middle)
-    return compile_decoupled(module.build_model(depth=3, hidden=64), spec)
+    last, middle, _, distributed, optimizer = KINDS[kind]
+    spec = SPEC.replace("__KIND__", last).replace("__KIND1__", middle).replace("__OPT__", optimizer)
+    spec = spec.replace("__DISTRIBUTED__", f"distributed: {{{distributed}}}" if distributed else "")
+    return compile_decoupled(module.build_model(depth=3, **args), spec)
 
 
 def _batches():
@@ -61,7 +76,9 @@ def _batches():
     return [(torch.randn(BATCH, 784, generator=g), torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def _rank(rank: int, world: int, store: str, out: str, kind: str) -> None:
+def _rank(rank: int, world: int, store: str, out: str) -> None:
+    """Train every kind placed on `world` ranks, one after the other in one process group (one spawn per world
+    size: starting processes costs more than the training)."""
     import torch.distributed as dist
 
     from dnicompile.runtime.distributed import distributed_runtime
@@ -69,28 +86,71 @@ def _rank(rank: int, world: int, store: str, out: str, kind: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        program = _program(kind)
-        torch.manual_seed(0)
-        program.build_runtime()
-        worker = distributed_runtime(program, placement=KINDS[kind][2])
-        for step, (x, y) in enumerate(_batches()):
-            worker.train_step(step, x, y)
-        worker.drain()
-        torch.save(worker.owned_state(), Path(out) / f"rank{rank}.pt")
-        dist.barrier()
+        for kind in sorted(k for k in KINDS if len(KINDS[k][2]) == world):
+            program = _program(kind)
+            torch.manual_seed(0)
+            program.build_runtime()
+            worker = distributed_runtime(program, placement=KINDS[kind][2])
+            for step, (x, y) in enumerate(_batches()):
+                worker.train_step(step, x, y)
+            worker.drain()
+            (Path(out) / kind).mkdir(exist_ok=True)
+            torch.save(worker.owned_state(), Path(out) / kind / f"rank{rank}.pt")
+            dist.barrier()
+        if world == 2:
+            _link_delay(rank, Path(out))
     finally:
         dist.destroy_process_group()
 
 
+LATENCY_S = 0.3
+
+
+def _link_delay(rank: int, out: Path) -> None:
+    """Rank 0 sends its clock's time over an emulated link of LATENCY_S; rank 1 writes how long it took (one host:
+    the monotonic clock is the same in both processes)."""
+    import time
+    from datetime import timedelta
+
+    from dnicompile.runtime.transport import P2P, EmulatedLink
+
+    p2p = P2P(rank, "test", timedelta(seconds=30), EmulatedLink(LATENCY_S, None))
+    if rank == 0:
+        start = time.monotonic()
+        p2p.send([torch.tensor([start], dtype=torch.float64)], 1)
+        handed = time.monotonic() - start
+        p2p.flush()
+        torch.save(torch.tensor([handed]), out / "link_send.pt")
+    else:
+        buf = p2p.recv(torch.empty(1, dtype=torch.float64), 0, "the timed message")
+        torch.save(torch.tensor([time.monotonic() - float(buf[0])]), out / "link_delay.pt")
+
+
+def test_an_emulated_link_delays_a_gloo_message(trained):
+    delay = float(torch.load(trained[2] / "link_delay.pt", weights_only=True)[0])
+    handed = float(torch.load(trained[2] / "link_send.pt", weights_only=True)[0])
+    assert LATENCY_S <= delay < LATENCY_S + 0.5, delay
+    assert handed < 0.05, handed  # the sender did not wait for the delivery
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """World size -> the folder holding each kind's trained shards."""
+    folders = {}
+    for world in sorted({len(k[2]) for k in KINDS.values()}):
+        folder = tmp_path_factory.mktemp(f"world{world}")
+        mp.start_processes(_rank, args=(world, str(folder / "store"), str(folder)), nprocs=world, start_method="spawn")
+        folders[world] = folder
+    return folders
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_distributed_runtime_from_python_equals_the_local_runtime(tmp_path, kind):
+def test_distributed_runtime_from_python_equals_the_local_runtime(trained, kind):
     world = len(KINDS[kind][2])
-    mp.start_processes(
-        _rank, args=(world, str(tmp_path / "store"), str(tmp_path), kind), nprocs=world, start_method="spawn"
-    )
+    folder = trained[world] / kind
     got = {}
     for r in range(world):
-        got.update(torch.load(tmp_path / f"rank{r}.pt", weights_only=True))
+        got.update(torch.load(folder / f"rank{r}.pt", weights_only=True))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -104,5 +164,7 @@ def test_distributed_runtime_from_python_equals_the_local_runtime(tmp_path, kind
     want = program.state_dict()
     assert got.keys() == want.keys()
     for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=key)
-    assert not torch.equal(want["layers.0.0.weight"], _program().state_dict()["layers.0.0.weight"])  # it trained
+        # microbatches sum the gradient in another order: rounding, carried through Adam's normalization
+        tol = dict(rtol=1e-5, atol=1e-6) if "microbatches" in KINDS[kind][3] else dict(rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got[key], want[key], **tol, msg=key)
+    assert not torch.equal(want["layers.0.0.weight"], _program(kind).state_dict()["layers.0.0.weight"])  # it trained

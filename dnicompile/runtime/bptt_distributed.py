@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ..losses import get_step_loss
 from .bptt import BPTTRuntime
 from .state import StageState
-from .transport import P2P
+from .transport import P2P, emulated_link
 
 TAG_MESSAGE, TAG_DELTA, TAG_PARAMS, TAG_STATS = 11, 12, 13, 14
 
@@ -42,7 +42,7 @@ class LowerRuntime(BPTTRuntime):
         self.timeout = timeout
         self.depth = max(program.spec.distributed.queue_depth, program.upper.config.truncation)
         self.awaiting: deque = deque()  # (h_t detached, delta buffer, irecv work, time)
-        self.p2p = P2P(0, "lower core", timeout)
+        self.p2p = P2P(0, "lower core", timeout, emulated_link(program.spec.distributed))
 
     def _reset_stats(self) -> None:
         """The upper interface's statistics run from one log line to the next (the loop reads and resets them)."""
@@ -107,7 +107,7 @@ class UpperWorker:
         self.time = 0
         self.updates: list[int] = []
         self.loss_sum, self.loss_n = 0.0, 0
-        self.p2p = P2P(1, "upper core", timeout)
+        self.p2p = P2P(1, "upper core", timeout, emulated_link(spec.distributed))
 
     def step(self, y: torch.Tensor, length: int, batch: int, start: bool) -> None:
         """Mirror one chunk of the stream: receive on the ticks, learn at the ends of the upper's segments."""

@@ -14,7 +14,8 @@ gradients travel:
   working on later batches;
 - across an exact cut, a rank waits for the true gradient of batch t: ordinary pipeline parallelism.
   A rank sends the gradient of its input back before it runs its optimizer, so the rank before it
-  waits for one backward, not for a backward and an update.
+  waits for one backward, not for a backward and an update. With `distributed.microbatches` the batch is
+  split and run with a pipeline schedule ([Note: microbatch schedules]).
 
 Per-cut statistics (cosine, synthesizer loss, staleness) reach the driver with non-blocking sends every
 `log_every` steps; no rank waits for another to report them.
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import DNIError, SpecError
 from ..files import (
@@ -51,7 +53,7 @@ from .local import LocalRuntime, StepResult
 from .placement import plan_placement
 from .state import FORMAT
 from .tied import TiedReplicas
-from .transport import P2P
+from .transport import P2P, emulated_link
 
 STATS_TAG = 7  # p2p tag of the per-rank statistics sent to the driver (activations and gradients use 0)
 
@@ -69,6 +71,49 @@ STATS_TAG = 7  # p2p tag of the per-rank statistics sent to the driver (activati
 # then; the interface's queue (with those deltas) is the checkpoint's, and a resumed rank posts receives for the
 # batches still owed one. Delayed cuts inside a rank that also has a delayed cut at its edge are refused (their
 # gradients would have to cross the same step's backward between ranks); put them between ranks.
+
+
+# [Note: microbatch schedules] With `distributed: {microbatches: M, schedule: 1f1b | gpipe}` and only exact cuts,
+# a step splits the batch into M microbatches (torch.tensor_split along dim 0) and each rank runs its stages' forwards
+# (F i) and backwards (B i) in the schedule's order (`schedule_order`): GPipe runs every forward, then every backward;
+# 1F1B runs min(M, world - rank - 1) forwards, then alternates one forward and one backward, then the backwards
+# left, so a rank keeps at most world - rank microbatches' activations. The receives of the step's activations and
+# gradients are posted when the step starts; sends do not wait. The last rank weights microbatch i's loss by its
+# share of the batch (n_i / N): for a loss that is a mean over the batch (torch's default reduction) the gradients
+# accumulated over the microbatches are the whole batch's, and each rank steps once, so the parameters follow the
+# local runtime's (to rounding). Batch norm normalizes each microbatch, as in torch.distributed.pipelining: such a
+# model trains differently from the whole batch. The schedule is built on this runtime's transport rather than
+# handed to torch.distributed.pipelining so that the same timeouts, statistics, checkpoints and link emulation
+# ([Note: link emulation]) serve every kind of cut.
+
+
+def check_microbatches(program) -> int:
+    """`distributed.microbatches` of a program, refused where a cut is not exact ([Note: microbatch schedules])."""
+    spec = program.spec
+    m = spec.distributed.microbatches
+    decoupled = [c for c in program.cuts if not program.runtime.interfaces[c.index].exact]
+    if m > 1 and decoupled:
+        cut = decoupled[0]
+        raise SpecError(
+            f"{spec.where('distributed', 'microbatches')}: microbatches run a pipeline schedule over exact cuts, and "
+            f"cut `{cut.name}` is {program.runtime.interfaces[cut.index].kind}; remove `microbatches` or make every "
+            "cut exact."
+        )
+    return m
+
+
+def schedule_order(schedule: str, microbatches: int, rank: int, world: int) -> list[tuple[str, int]]:
+    """One step's actions on `rank`, in order: ("F", i) forward of microbatch i, ("B", i) its backward."""
+    m = microbatches
+    if schedule == "gpipe":
+        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+    warm = min(m, world - rank - 1)
+    order = [("F", i) for i in range(warm)]
+    for i in range(m):
+        if warm + i < m:
+            order.append(("F", warm + i))
+        order.append(("B", i))
+    return order
 
 
 # --------------------------------------------------------------------------- one rank
@@ -114,7 +159,7 @@ class RankWorker:
         self.in_cut = program.cut_before(self.first)  # [Note: stage graph]
         self.out_cut = program.cut_after(self.last)
         self.is_driver = rank == world - 1
-        self.p2p = P2P(rank, self.stage_names, self.timeout)
+        self.p2p = P2P(rank, self.stage_names, self.timeout, emulated_link(program.spec.distributed))
         self.delayed_out = self._delayed_out()  # the outgoing cut's DelayedGradientInterface, if it is one
         self.owed: deque = deque()  # (step, buffers, works): deltas of the delayed outgoing cut not taken yet
         self.lag = self._lag(self.out_cut) if self.delayed_out is not None else 0
@@ -123,6 +168,8 @@ class RankWorker:
         self.sends_due = self.delayed_out is not None and self.rt.delayed_groups.get(self.first, (None,))[0] is (
             self.out_cut
         )
+        self.microbatches = check_microbatches(program)
+        self.order = schedule_order(program.spec.distributed.schedule, self.microbatches, rank, world)
 
     @property
     def stage_names(self) -> str:
@@ -214,6 +261,8 @@ class RankWorker:
         ctx = rt.begin_step((x,), y)
         self.tied.zero_grad()
         batch = x.shape[0]
+        if self.microbatches > 1:
+            return self.train_microbatches(ctx, x)
         if self.in_cut is None:
             values = (x,)
         else:
@@ -259,6 +308,76 @@ class RankWorker:
         self.stats.result = ctx.result
         self.stats.steps += 1
         return ctx.result
+
+    def train_microbatches(self, ctx, x: torch.Tensor):
+        """One step of this rank's stages as `self.order` runs the batch's microbatches ([Note: microbatch
+        schedules])."""
+        rt, m, batch = self.rt, self.microbatches, x.shape[0]
+        if batch < m:
+            raise SpecError(
+                f"{self.program.spec.where('distributed', 'microbatches')}: {m} microbatches of a batch of {batch}; "
+                f"use a batch of at least {m} samples or fewer microbatches."
+            )
+        xs = x.tensor_split(m)
+        ys = ctx.target.tensor_split(m) if ctx.target is not None else [None] * m
+        sizes = [len(t) for t in xs]
+        acts = [self.post_recv(self.in_cut, n, self.rank - 1) for n in sizes] if self.in_cut is not None else None
+        grads = [self.post_grads(n) for n in sizes] if self.out_cut is not None else None
+        kept: dict[int, tuple] = {}  # microbatch -> (what the stages ran on, their outputs or the weighted loss)
+        loss, outputs = 0.0, [None] * m
+        for action, i in self.order:
+            if action == "F":
+                if self.in_cut is None:
+                    values = (xs[i],)
+                else:
+                    bufs, works = acts[i]
+                    for b, work in zip(self.in_cut.boundary, works):
+                        self.p2p.wait(work, f"activations of microbatch {i} (`{b.name}`) from rank {self.rank - 1}")
+                    values = tuple(v.requires_grad_(True) if v.is_floating_point() else v for v in bufs)
+                out, _ = rt.run_stages(self.first, self.last, values, ctx)
+                if self.out_cut is None:
+                    weighted = rt.loss(out, ys[i]) * (sizes[i] / batch)
+                    loss += float(weighted.detach())
+                    outputs[i] = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+                    kept[i] = (values, weighted)
+                else:
+                    self.send(out, self.rank + 1)
+                    kept[i] = (values, out)
+            else:
+                values, out = kept.pop(i)
+                if self.out_cut is None:
+                    out.backward()
+                else:
+                    bufs, works = grads[i]
+                    for b, work in zip(self.float_boundary(self.out_cut), works):
+                        self.p2p.wait(
+                            work, f"the true gradient of microbatch {i} (`{b.name}`) from rank {self.rank + 1}"
+                        )
+                    floats = [h for h in out if h.is_floating_point()]
+                    pairs = [(h, g) for h, g in zip(floats, bufs) if h.requires_grad]
+                    if pairs:
+                        torch.autograd.backward([h for h, _ in pairs], [g for _, g in pairs])
+                if self.in_cut is not None:
+                    back = [
+                        v.grad if v.grad is not None else torch.zeros_like(v) for v in values if v.is_floating_point()
+                    ]
+                    self.send(back, self.rank - 1)
+        rt.step_stages(list(range(self.first, self.last + 1)), ctx.ticks)
+        self.tied.step(ctx.ticks)
+        if self.out_cut is None:
+            ctx.result.loss = loss
+            ctx.result.output = _concat(outputs)
+        self.stats.result = ctx.result
+        self.stats.steps += 1
+        return ctx.result
+
+    def post_grads(self, batch: int) -> tuple[list, list]:
+        """Post the receives of a batch's gradients across the outgoing cut (its floating-point tensors)."""
+        bufs = [
+            torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
+            for b in self.float_boundary(self.out_cut)
+        ]
+        return bufs, [self.p2p.irecv(buf, self.rank + 1) for buf in bufs]
 
     def recv_grads(self, cut, batch: int, what: str) -> dict:
         grads = {}
@@ -502,6 +621,18 @@ class RankWorker:
             if iface.name in state["interfaces"]:
                 iface.load_state_dict(state["interfaces"][iface.name])
         self.post_owed()
+
+
+def _concat(parts: list):
+    """The microbatches' outputs joined into the batch's: tensors with a batch dimension are concatenated, a scalar
+    (a loss the model returns) is the last microbatch's."""
+    leaves, spec = tree_flatten(parts[0])
+    columns = list(zip(*(tree_flatten(p)[0] for p in parts)))
+    joined = [
+        torch.cat(col) if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else col[-1]
+        for leaf, col in zip(leaves, columns)
+    ]
+    return tree_unflatten(joined, spec)
 
 
 def distributed_runtime(program, placement=None, device=None, timeout_s: float | None = None) -> RankWorker:

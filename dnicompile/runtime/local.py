@@ -208,12 +208,16 @@ class LocalRuntime:
             values = self.receive(cut, outputs, preds, ctx)
         raise AssertionError("unreachable")
 
+    def loss(self, outputs, target) -> torch.Tensor:
+        """The spec's loss of the program's outputs (checked against the labels once, at the first step)."""
+        if not self._loss_checked:  # once, at the first step: the output and labels fit a built-in loss
+            check_loss_inputs(self.program.spec.loss, outputs, target, self.program.spec.where("loss"))
+            self._loss_checked = True
+        return self.loss_fn(outputs, target)
+
     def apply_loss(self, outputs, ctx: StepContext, open_group: list[int]) -> None:
         """The last stage: the true loss, backward through the open group, and its update."""
-        if not self._loss_checked:  # once, at the first step: the output and labels fit a built-in loss
-            check_loss_inputs(self.program.spec.loss, outputs, ctx.target, self.program.spec.where("loss"))
-            self._loss_checked = True
-        loss = self.loss_fn(outputs, ctx.target)
+        loss = self.loss(outputs, ctx.target)
         loss.backward()
         ctx.result.loss = float(loss.detach())
         ctx.result.output = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, outputs)
