@@ -1,0 +1,1202 @@
+"""Event simulation of training steps on S pipeline stages (issue 17, item 3; BENCHMARKS.md, "Schedule simulator").
+
+Contenders (`KINDS`):
+
+  gpipe      torch.distributed.pipelining's ScheduleGPipe with M microbatches: every forward, then every
+             backward; the sends' completion awaited as that code awaits it; then the gradients divided by M
+             (its `scale_grads`) and the optimizer step.
+  1f1b       Schedule1F1B: on rank r a warm-up of min(M, S - r) forwards, then backward / forward pairs, then the
+             remaining backwards (the same order of work as "S - 1 - r forwards, then one forward one backward,
+             then cool-down"); a send is fired with the next receive and both awaited, as in torch's code.
+  exact      dnicompile's distributed runtime with exact cuts, no microbatches: rank r receives h, runs its
+             forward, sends h on, waits for the true gradient, runs its backward, sends the gradient of its
+             input back, then steps its optimizer. The ranks take turns.
+  synthetic  (cDNI) rank r runs forward, sends h, predicts the gradient with the synthesizer, runs backward and
+             steps: it never waits for the next rank. The true gradient comes back later and trains the
+             synthesizer (one `learn` each, as soon as it has arrived, checked at the end of each step); the rank
+             waits for the oldest only when more than `queue_depth` batches are owed one.
+  delayed    rank r runs the forward of batch t (with stashed weights), sends h_t, then runs the backward of batch
+             t - delay with the true gradient of that batch, waiting for it only if it has not come yet, and steps.
+             (Across several delayed cuts the delays add: rank r uses batch t - delay * (S - 1 - r), as the
+             runtime's `lag`.) Before a first gradient is due it neither runs a backward nor steps.
+  local      an auxiliary head on h trains rank r (its forward, backward and step are `synth`); nothing is sent
+             back, the rank after a local cut computes no gradient for its input, and no rank waits for the next.
+
+What the model holds to (and what it leaves out):
+
+- A rank computes one thing at a time: its forwards, backwards, optimizer steps, synthesizer and head work and
+  per-step overheads run one after another on its own core. Ranks do not slow each other down (no shared
+  cores, caches or memory bandwidth; measured for S = 2 on this machine in the `measure` part).
+- A message from rank a to b starts moving when it has been sent and (`rendezvous`, the default, as gloo does:
+  it moves the data only once the receiver has posted its receive) the receive has been posted; it arrives
+  latency + bytes / bandwidth later. A link carries one message at a time in each direction (a -> b and b -> a
+  are separate): a message waits until the one before it on that direction has finished its bytes / bandwidth
+  (latency is propagation, it does not occupy the link). Sends do not block the sender; a send "completes" when
+  its message has arrived, and only the schedules that wait for a send's completion (torch's, dnicompile's bound
+  of sends in flight) wait for it.
+- dnicompile posts the receive of the next batch's activations as soon as the current one has arrived, and the
+  receive of a true gradient when it sends h; torch's schedules post each receive right before they wait for it.
+- Every per-stage time is a constant (no noise): forward, backward, optimizer step, per-step overhead (drawing
+  the batch, the runtime's Python), per-microbatch overhead, the decoupled cut's extra work.
+- Steady-state throughput is measured on the last rank (the driver, whose metrics throughput.py reads): samples
+  between two step ends in the middle of the run over the time between them, so fill and drain are left out.
+
+The simulation core (everything above `# measure`) is pure Python. Subcommands:
+
+  python benchmarks/schedule_sim.py measure     per-stage times of examples/wide_mlp.py, the boundary bytes and
+                                                the gloo link on this machine -> results/schedule_sim_inputs.json
+  python benchmarks/schedule_sim.py validate    predicted against measured throughput at S = 2 (throughput.py's
+                                                runs) -> results/schedule_sim_validation.json
+  python benchmarks/schedule_sim.py predict     S = 2 ... 64, latency 0 ... 50 ms -> results/schedule_sim_*.json/png
+  python benchmarks/schedule_sim.py timeline    print one simulated timeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import sys
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(ROOT), str(ROOT / "benchmarks")):  # dnicompile and throughput.py, run from anywhere
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+RESULTS = ROOT / "benchmarks" / "results"
+INPUTS = RESULTS / "schedule_sim_inputs.json"
+KINDS = ("gpipe", "1f1b", "exact", "synthetic", "delayed", "local")
+
+
+# =========================================================================== inputs
+@dataclass(frozen=True)
+class Link:
+    """Every link between neighbouring ranks: one-way latency (s) and bandwidth (bytes/s)."""
+
+    latency_s: float = 0.0
+    bandwidth_Bps: float = math.inf
+
+    def transfer(self, nbytes: float) -> float:
+        return nbytes / self.bandwidth_Bps if self.bandwidth_Bps != math.inf else 0.0
+
+
+@dataclass
+class StageTimes:
+    """Seconds of one stage (the work of one rank). Microbatch times default to the batch's divided by M."""
+
+    fwd: float  # forward of one batch (the last stage: with the loss)
+    bwd: float  # backward of one batch (with the gradient of its input where it has an input)
+    opt: float = 0.0  # optimizer step (and clearing the gradients)
+    overhead: float = 0.0  # per training step: drawing the batch, the runtime's own Python
+    fwd_mb: float | None = None  # forward of one microbatch
+    bwd_mb: float | None = None  # backward of one microbatch (accumulating into the gradients)
+    mb_overhead: float = 0.0  # per microbatch forward or backward: the schedule's Python, splitting the batch
+    grad_scale: float = 0.0  # torch pipelining: dividing the accumulated gradients by M
+    synth: float = 0.0  # the decoupled cut after this stage, per step (see below)
+    learn: float = 0.0  # synthetic: the synthesizer learning from one true gradient
+    bwd_no_input: float | None = None  # backward without the gradient of its input (behind a local cut)
+    # `synth`: synthetic: M(h, c) and the synthetic gradient; local: the head's forward, backward and step;
+    # delayed: what the kept forward and the delayed backward cost beyond fwd + bwd (weight stash, the
+    # stale-fresh cosine's extra forward and backward every 10th step)
+
+
+@dataclass
+class Event:
+    rank: int
+    what: str  # "F", "B", "opt", "synth", "learn", "overhead", "scale"
+    step: int
+    mb: int
+    start: float
+    end: float
+
+
+@dataclass
+class Result:
+    kind: str
+    events: list[Event]
+    step_end: list[list[float]]  # per rank, the time each step ended
+    batch: int
+    first: int = 0  # the steady-state window: step ends first .. last of the last rank
+    last: int = 0
+    messages: dict = field(default_factory=dict)  # key -> (sent, posted, arrival)
+
+    @property
+    def step_time(self) -> float:
+        ends = self.step_end[-1]
+        return (ends[self.last] - ends[self.first]) / (self.last - self.first)
+
+    @property
+    def throughput(self) -> float:
+        """Samples/s in steady state, on the last rank."""
+        return self.batch / self.step_time
+
+    def timeline(self, rank: int | None = None, step: int | None = None) -> list[tuple]:
+        """(rank, what, step, mb, start, end) of the compute events, by start time."""
+        out = [
+            (e.rank, e.what, e.step, e.mb, e.start, e.end)
+            for e in self.events
+            if (rank is None or e.rank == rank) and (step is None or e.step == step)
+        ]
+        return sorted(out, key=lambda t: (t[4], t[0]))
+
+
+# =========================================================================== the engine
+class _Msg:
+    __slots__ = ("src", "dst", "nbytes", "sent", "posted", "arrival")
+
+    def __init__(self) -> None:
+        self.src = self.dst = -1
+        self.nbytes = 0.0
+        self.sent: float | None = None
+        self.posted: float | None = None
+        self.arrival: float | None = None
+
+
+class Engine:
+    """Runs one generator per rank. A generator yields operations (tuples):
+
+    ("compute", what, seconds, step, mb)   busy for `seconds`
+    ("send", dst, key, nbytes)             post a send (does not block)
+    ("post", key)                          post the receive of message `key`
+    ("wait", key)                          wait until message `key` has arrived (posting its receive now if not yet)
+    ("sendwait", key)                      wait until this rank's message `key` has arrived at its destination
+    ("poll", key)                          -> True if message `key` has arrived by now (the receive is posted)
+    ("mark", step)                         the end of a training step
+
+    Ranks run in order of their simulated time (a heap), so when a rank polls at time t every message that will
+    ever be sent at or before t has been sent."""
+
+    def __init__(self, link: Link, rendezvous: bool = True) -> None:
+        self.link, self.rendezvous = link, rendezvous
+        self.msgs: dict = defaultdict(_Msg)
+        self.link_free: dict = defaultdict(float)
+        self.waiters: dict = defaultdict(list)  # key -> ranks blocked on it
+        self.heap: list = []
+        self.seq = 0
+        self.events: list[Event] = []
+
+    def _push(self, t: float, rank: int) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, rank))
+
+    def _deliver(self, key) -> None:
+        m = self.msgs[key]
+        if m.arrival is not None or m.sent is None or m.posted is None:
+            return
+        start = max(m.sent, m.posted) if self.rendezvous else m.sent
+        start = max(start, self.link_free[(m.src, m.dst)])
+        done = start + self.link.transfer(m.nbytes)
+        self.link_free[(m.src, m.dst)] = done
+        m.arrival = done + self.link.latency_s
+        for r in self.waiters.pop(key, []):
+            self._push(m.arrival, r)
+
+    def run(self, programs: list) -> tuple[list[list[float]], dict]:
+        gens = list(programs)
+        marks: list[list[float]] = [[] for _ in gens]
+        done = [False] * len(gens)
+        for r in range(len(gens)):
+            self._push(0.0, r)
+        while self.heap:
+            t, _, r = heapq.heappop(self.heap)
+            value = None
+            while True:
+                try:
+                    op = gens[r].send(value)
+                except StopIteration:
+                    done[r] = True
+                    break
+                value = None
+                kind = op[0]
+                if kind == "compute":
+                    _, what, dur, step, mb = op
+                    if dur > 0:
+                        self.events.append(Event(r, what, step, mb, t, t + dur))
+                        self._push(t + dur, r)
+                        break
+                elif kind == "send":
+                    _, dst, key, nbytes = op
+                    m = self.msgs[key]
+                    m.src, m.dst, m.nbytes, m.sent = r, dst, nbytes, t
+                    self._deliver(key)
+                elif kind == "post":
+                    m = self.msgs[op[1]]
+                    if m.posted is None:
+                        m.posted = t
+                        self._deliver(op[1])
+                elif kind in ("wait", "sendwait"):
+                    key = op[1]
+                    m = self.msgs[key]
+                    if kind == "wait" and m.posted is None:
+                        m.posted = t
+                        self._deliver(key)
+                    if m.arrival is None:
+                        self.waiters[key].append(r)
+                        break
+                    if m.arrival > t:
+                        self._push(m.arrival, r)
+                        break
+                elif kind == "poll":
+                    m = self.msgs[op[1]]
+                    value = m.arrival is not None and m.arrival <= t
+                elif kind == "mark":
+                    marks[r].append(t)
+                else:
+                    raise ValueError(f"unknown operation {op!r}")
+        if not all(done):
+            stuck = {r: [k for k, rs in self.waiters.items() if r in rs] for r in range(len(gens)) if not done[r]}
+            raise RuntimeError(f"deadlock: ranks waiting for {stuck}")
+        msgs = {k: (m.sent, m.posted, m.arrival) for k, m in self.msgs.items()}
+        return marks, msgs
+
+
+# =========================================================================== the contenders, one rank each
+def _compute(what: str, dur: float, step: int, mb: int = -1):
+    return ("compute", what, dur, step, mb)
+
+
+def _pipe_rank(r: int, S: int, st: StageTimes, M: int, mb_bytes: list[float], steps: int, schedule: str):
+    """torch.distributed.pipelining's ScheduleGPipe / Schedule1F1B on rank r, as their code runs."""
+    fwd = (st.fwd_mb if st.fwd_mb is not None else st.fwd / M) + st.mb_overhead
+    bwd = (st.bwd_mb if st.bwd_mb is not None else st.bwd / M) + st.mb_overhead
+    first, last = r == 0, r == S - 1
+
+    def act(step, i):  # h of microbatch i across the cut after rank r
+        return ("act", r, step, i)
+
+    def act_in(step, i):
+        return ("act", r - 1, step, i)
+
+    def grad(step, i):  # the gradient coming back across the cut after rank r
+        return ("grad", r, step, i)
+
+    def grad_out(step, i):  # the gradient this rank sends back across the cut before it
+        return ("grad", r - 1, step, i)
+
+    for step in range(steps):
+        yield _compute("overhead", st.overhead, step)
+        if schedule == "gpipe":
+            sends = []
+            for i in range(M):
+                if not first:
+                    yield ("wait", act_in(step, i))
+                yield _compute("F", fwd, step, i)
+                if not last:
+                    yield ("send", r + 1, act(step, i), mb_bytes[r])
+                    sends.append(act(step, i))
+            for key in sends:
+                yield ("sendwait", key)
+            sends = []
+            for i in range(M):
+                if not last:
+                    yield ("wait", grad(step, i))
+                yield _compute("B", bwd, step, i)
+                if not first:
+                    yield ("send", r - 1, grad_out(step, i), mb_bytes[r - 1])
+                    sends.append(grad_out(step, i))
+            for key in sends:
+                yield ("sendwait", key)
+        else:  # 1f1b, as Schedule1F1B._step_microbatches
+            warmup = min(M, S - r)
+            f = b = 0
+            send_work: list = []
+            fwd_sends: list = []
+            for _ in range(warmup):
+                if not first:
+                    yield ("wait", act_in(step, f))
+                yield _compute("F", fwd, step, f)
+                for key in send_work:
+                    yield ("sendwait", key)
+                send_work = []
+                fwd_sends = [] if last else [(r + 1, act(step, f), mb_bytes[r])]
+                if f != warmup - 1:
+                    for dst, key, n in fwd_sends:
+                        yield ("send", dst, key, n)
+                    send_work, fwd_sends = [k for _, k, _ in fwd_sends], []
+                f += 1
+            while True:
+                for dst, key, n in fwd_sends:  # fire the held forward send with the backward's receive
+                    yield ("send", dst, key, n)
+                if not last:
+                    yield ("post", grad(step, b))
+                for _, key, _ in fwd_sends:
+                    yield ("sendwait", key)
+                fwd_sends = []
+                if not last:
+                    yield ("wait", grad(step, b))
+                yield _compute("B", bwd, step, b)
+                bwd_sends = [] if first else [(r - 1, grad_out(step, b), mb_bytes[r - 1])]
+                b += 1
+                if f == M:
+                    break
+                for dst, key, n in bwd_sends:  # fire the held backward send with the forward's receive
+                    yield ("send", dst, key, n)
+                if not first:
+                    yield ("post", act_in(step, f))
+                for _, key, _ in bwd_sends:
+                    yield ("sendwait", key)
+                if not first:
+                    yield ("wait", act_in(step, f))
+                yield _compute("F", fwd, step, f)
+                fwd_sends = [] if last else [(r + 1, act(step, f), mb_bytes[r])]
+                f += 1
+            for dst, key, n in bwd_sends:
+                yield ("send", dst, key, n)
+            send_work = [k for _, k, _ in bwd_sends]
+            while b < M:
+                if not last:
+                    yield ("wait", grad(step, b))
+                yield _compute("B", bwd, step, b)
+                for key in send_work:
+                    yield ("sendwait", key)
+                send_work = []
+                if not first:
+                    yield ("send", r - 1, grad_out(step, b), mb_bytes[r - 1])
+                    send_work = [grad_out(step, b)]
+                b += 1
+            for key in send_work:
+                yield ("sendwait", key)
+        yield _compute("scale", st.grad_scale, step)
+        yield _compute("opt", st.opt, step)
+        yield ("mark", step)
+
+
+def _dni_rank(r: int, S: int, st: StageTimes, kind: str, nbytes: list[float], steps: int, queue_depth: int, delay: int):
+    """dnicompile's RankWorker.train_step on rank r, with every cut of `kind`."""
+    first, last = r == 0, r == S - 1
+    inflight: deque = deque()  # P2P.send: at most 4 * queue_depth sends in flight
+    keep = 4 * max(1, queue_depth)
+    awaiting: deque = deque()  # synthetic: batches whose true gradient has not been used
+    lag = delay * (S - 2 - r) if kind == "delayed" and not last else 0  # later delayed cuts feeding this one
+
+    def send(dst, key, n):
+        yield ("send", dst, key, n)
+        inflight.append(key)
+        while len(inflight) > keep:
+            yield ("sendwait", inflight.popleft())
+
+    for step in range(steps):
+        yield _compute("overhead", st.overhead, step)
+        if not first:
+            yield ("wait", ("act", r - 1, step))
+            if step + 1 < steps:  # prefetch: the next batch's receive is posted now
+                yield ("post", ("act", r - 1, step + 1))
+        back = kind != "local"  # whether a gradient goes back across the cut before this rank
+        bwd = st.bwd if (first or back or st.bwd_no_input is None) else st.bwd_no_input
+        if kind == "delayed" and not last:
+            yield _compute("F", st.fwd, step)
+            yield from send(r + 1, ("act", r, step), nbytes[r])
+            yield ("post", ("grad", r, step))
+            due = step - delay - lag
+            if due >= 0:
+                yield ("wait", ("grad", r, due))
+                yield _compute("B", bwd + st.synth, due)
+                yield _compute("opt", st.opt, step)
+                if not first:
+                    yield from send(r - 1, ("grad", r - 1, due), nbytes[r - 1])
+            yield ("mark", step)
+            continue
+        yield _compute("F", st.fwd, step)
+        if last:
+            yield _compute("B", bwd, step)
+        elif kind == "exact":
+            yield from send(r + 1, ("act", r, step), nbytes[r])
+            yield ("wait", ("grad", r, step))
+            yield _compute("B", bwd, step)
+        else:
+            yield from send(r + 1, ("act", r, step), nbytes[r])
+            yield _compute("synth", st.synth, step)
+            yield _compute("B", bwd, step)
+            if kind == "synthetic":
+                yield ("post", ("grad", r, step))
+                awaiting.append(step)
+        if not first and back:
+            yield from send(r - 1, ("grad", r - 1, step), nbytes[r - 1])
+        yield _compute("opt", st.opt, step)
+        while awaiting:  # use_deltas(block=False)
+            head = awaiting[0]
+            if len(awaiting) <= queue_depth and not (yield ("poll", ("grad", r, head))):
+                break
+            yield ("wait", ("grad", r, head))
+            awaiting.popleft()
+            yield _compute("learn", st.learn, head)
+        yield ("mark", step)
+
+
+def simulate(
+    kind: str,
+    stages: list[StageTimes],
+    cut_bytes: list[float],
+    link: Link = Link(),
+    batch: int = 256,
+    steps: int = 40,
+    microbatches: int = 4,
+    queue_depth: int = 4,
+    delay: int = 1,
+    rendezvous: bool = True,
+) -> Result:
+    """Simulate `steps` training steps of `kind` on len(stages) ranks (one stage each). `cut_bytes[i]`: bytes of
+    the boundary tensors crossing cut i (after stage i) for one whole batch (the gradient has as many); a
+    microbatch sends cut_bytes / M."""
+    S = len(stages)
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: one of {KINDS}")
+    if len(cut_bytes) != S - 1:
+        raise ValueError(f"{S} stages need {S - 1} cut sizes, got {len(cut_bytes)}")
+    if kind == "1f1b" and microbatches < S:
+        raise ValueError(f"Schedule1F1B needs at least as many microbatches as stages ({microbatches} < {S})")
+    engine = Engine(link, rendezvous)
+    if kind in ("gpipe", "1f1b"):
+        mb_bytes = [b / microbatches for b in cut_bytes]
+        programs = [_pipe_rank(r, S, st, microbatches, mb_bytes, steps, kind) for r, st in enumerate(stages)]
+    else:
+        programs = [
+            _dni_rank(r, S, st, kind, list(cut_bytes), steps, queue_depth, delay) for r, st in enumerate(stages)
+        ]
+    marks, msgs = engine.run(programs)
+    first = steps // 4
+    last = steps - 1 - steps // 4 if steps >= 4 else steps - 1
+    return Result(kind, engine.events, marks, batch, first, max(last, first + 1), msgs)
+
+
+def format_timeline(result: Result, steps: int | None = None, width: int = 100) -> str:
+    """A text Gantt chart of the first `steps` steps of every rank."""
+    events = [e for e in result.events if steps is None or e.step < steps]
+    if not events:
+        return ""
+    end = max(e.end for e in events)
+    scale = width / end
+    lines = []
+    for r in range(len(result.step_end)):
+        row = [" "] * (width + 1)
+        for e in events:
+            if e.rank != r:
+                continue
+            a, b = int(e.start * scale), max(int(e.start * scale) + 1, int(e.end * scale))
+            ch = {"F": "F", "B": "B", "opt": "o", "synth": "s", "learn": "l", "overhead": ".", "scale": "/"}[e.what]
+            for i in range(a, min(b, width + 1)):
+                row[i] = ch
+        lines.append(f"rank {r}: |{''.join(row)}|")
+    lines.append(f"0 .. {end * 1e3:.1f} ms (F forward, B backward, o optimizer, s synthesizer/head, l learn)")
+    return "\n".join(lines)
+
+
+# =========================================================================== scaling to S stages
+def scaled_stages(inp: dict, kind: str, depth: int, S: int, M: int = 1) -> tuple[list[StageTimes], list[float]]:
+    """Stage times for a model of `depth` hidden layers of width 1024 split into S stages of depth / S layers
+    (fractional allowed), from the measured single layer (`per_layer`, at the batch and at the microbatch) and
+    the measured per-step costs that do not depend on S: drawing the batch and the runtime's begin_step (every
+    rank), the cut's synthesizer / head (synthetic, local), the boundary bytes (batch x 1024 floats). The head
+    (1024 -> 10 and the loss) is left out (under 1% of a layer). Delayed: the stash and the stale-fresh cosine
+    cost what they cost on the measured 8-layer stage, per layer. Pipeline schedules: microbatches of batch / M."""
+    lay = inp["per_layer"]
+    B = inp["batch"]
+    n = depth / S
+    mb = max(1, B // M)
+    s0 = inp["stages"][0]
+    itf = inp["interfaces"]
+    overhead = inp["draw_batch"] + (0.0 if kind in ("gpipe", "1f1b", "backprop") else itf["backprop"]["begin_step"])
+    per_layer = s0["layers"]
+    fwd, bwd = _interp(lay["fwd"], B), _interp(lay["bwd"], B)
+    stages = []
+    for r in range(S):
+        st = StageTimes(fwd=n * fwd, bwd=n * bwd, opt=n * lay["opt"], overhead=overhead)
+        if r > 0:  # the input's gradient: only the first layer of a stage computes one for the rank before
+            st.bwd_no_input = st.bwd - (bwd - _interp(lay["bwd_no_input"], B))
+        else:
+            st.bwd = st.bwd - (bwd - _interp(lay["bwd_no_input"], B))
+        if kind in ("gpipe", "1f1b"):
+            st.fwd_mb = n * _interp(lay["fwd"], mb)
+            st.bwd_mb = n * _interp(lay["bwd_acc"], mb)
+            st.grad_scale = n * lay["grad_scale"]
+        elif kind == "synthetic":
+            st.synth, st.learn = itf["dni"]["synth"], itf["dni"]["learn"]
+        elif kind == "local":
+            st.synth = itf["local"]["synth"]
+        elif kind == "delayed":
+            d = itf["delayed"]
+            extra = d["fwd"] - s0["fwd"] + d["bwd"] - s0["bwd"] + (d["bwd_measured"] - d["bwd"]) / 10
+            st.synth = n * max(0.0, extra) / per_layer
+        stages.append(st)
+    return stages, [float(B * 1024 * 4)] * (S - 1)
+
+
+def _interp(table: dict, size: int) -> float:
+    """Linear interpolation in a {batch size: seconds} table (keys may be strings, from JSON)."""
+    pts = sorted((int(k), v) for k, v in table.items())
+    for (a, ta), (b, tb) in zip(pts, pts[1:]):
+        if a <= size <= b:
+            return ta + (tb - ta) * (size - a) / (b - a)
+    if size < pts[0][0]:
+        return pts[0][1] * size / pts[0][0]
+    (a, ta), (b, tb) = pts[-2], pts[-1]
+    return tb + (tb - ta) * (size - b) / (b - a)
+
+
+PREDICT_KINDS = ("gpipe", "1f1b", "exact", "synthetic", "delayed", "local")
+
+
+def predict_grid(inp: dict, depth: int, sizes: list[int], latencies_ms: list[float], bandwidth: float) -> dict:
+    """Samples/s of every contender for each S and latency (the pipeline schedules: the best M of 4 ... 256, at
+    least S for 1F1B), and one process of plain backprop on all `depth` layers (the reference)."""
+    B = inp["batch"]
+    one, _ = scaled_stages(inp, "backprop", depth, 1)
+    base = simulate("exact", one, [], Link(), B, steps=8).throughput
+    rows = []
+    for S in sizes:
+        for lat in latencies_ms:
+            link = Link(lat / 1e3, bandwidth)
+            row = {"S": S, "latency_ms": lat, "backprop_1": base}
+            for kind in PREDICT_KINDS:
+                if kind in ("gpipe", "1f1b"):
+                    best = None
+                    for M in (4, 8, 16, 32, 64, 128, 256):
+                        if M > B or (kind == "1f1b" and M < S):
+                            continue
+                        stages, cb = scaled_stages(inp, kind, depth, S, M)
+                        t = simulate(kind, stages, cb, link, B, steps=8, microbatches=M).throughput
+                        if best is None or t > best[0]:
+                            best = (t, M)
+                    row[kind], row[f"{kind}_M"] = best
+                else:
+                    stages, cb = scaled_stages(inp, kind, depth, S)
+                    row[kind] = simulate(kind, stages, cb, link, B, steps=40).throughput
+            rows.append(row)
+            print(
+                f"S={S:3d} latency {lat:4g} ms: "
+                + ", ".join(f"{k} {row[k]:.0f}" + (f" (M={row[k + '_M']})" if k + "_M" in row else "") for k in PREDICT_KINDS),
+                flush=True,
+            )  # fmt: skip
+    return {"depth": depth, "batch": B, "bandwidth_Bps": bandwidth, "backprop_1": base, "rows": rows}
+
+
+# =========================================================================== measure (torch from here on)
+_CPU_SHARE: list[float] = []  # CPU time over wall time of each timing: how much of a core this process got
+
+
+def _timeit(fn, reps: int, warm: int = 2, setup=None) -> float:
+    """Median wall seconds of fn() over `reps` runs (setup() before each, untimed)."""
+    import statistics
+    import time
+
+    times, cpus = [], []
+    for i in range(warm + reps):
+        if setup is not None:
+            setup()
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        if i >= warm:
+            times.append(dt)
+            cpus.append(dc)
+    wall = statistics.median(times)
+    if wall > 1e-3:
+        _CPU_SHARE.append(statistics.median(cpus) / wall)
+    return wall
+
+
+def _measure_stage(sub, r: int, last: bool, batch: int, microbatches: int, reps: int) -> dict:
+    """Forward, backward (whole batch, microbatches), optimizer and gradient scaling of one stage `sub`."""
+    import throughput as tp
+    import torch
+    import torch.nn.functional as F
+
+    opt = tp._adam(sub.parameters())
+    width = 784 if r == 0 else 1024
+    y = torch.randint(0, 10, (batch,))
+    mb = batch // microbatches
+    holder: dict = {}
+
+    def run_fwd(b, need_input_grad):
+        x = torch.randn(b, width, requires_grad=need_input_grad)
+        h = sub(x)
+        return F.cross_entropy(h, y[:b]) if last else h
+
+    def backward(out_):
+        if last:
+            out_.backward()
+        else:
+            out_.backward(torch.ones_like(out_) * 1e-3)
+
+    def zero():
+        opt.zero_grad(set_to_none=True)
+
+    def prep(b, inp):
+        zero()
+        holder["o"] = run_fwd(b, inp)
+
+    def prep_mb():  # M microbatches' backwards accumulate into the gradients (the first one allocates them)
+        zero()
+        holder["outs"] = [run_fwd(mb, r > 0) for _ in range(microbatches)]
+
+    def prep_opt():
+        backward(run_fwd(batch, r > 0))
+
+    def scale():
+        for p in sub.parameters():
+            p.grad.div_(microbatches)
+
+    rec: dict = {}
+    for key, b in (("fwd", batch), ("fwd_mb", mb)):
+        rec[key] = _timeit(lambda b=b: run_fwd(b, r > 0), reps)
+    rec["bwd"] = _timeit(lambda: backward(holder["o"]), reps, setup=lambda: prep(batch, r > 0))
+    rec["bwd_no_input"] = _timeit(lambda: backward(holder["o"]), reps, setup=lambda: prep(batch, False))
+    rec["bwd_mb"] = _timeit(lambda: [backward(o) for o in holder["outs"]], reps, setup=prep_mb) / microbatches
+    rec["opt"] = _timeit(lambda: (opt.step(), opt.zero_grad(set_to_none=True)), reps, setup=prep_opt)
+    rec["grad_scale"] = _timeit(scale, reps, setup=prep_opt)
+    return rec
+
+
+def measure_stages(depth: int, batch: int, microbatches: int, reps: int, data: str, stages: int = 2) -> dict:
+    """Per-stage times of examples/wide_mlp.py split as throughput.py splits it (S = `stages`), one thread."""
+    import throughput as tp
+    import torch
+    import torch.nn as nn
+
+    tp.DEPTH = depth
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = tp._model(0)
+    bounds = [0, *(i + 1 for i in tp.cut_layers(stages)), depth]
+    out: dict = {"stages": []}
+    for r in range(stages):
+        last = r == stages - 1
+        part = list(model.layers)[bounds[r] : bounds[r + 1]] + ([model.head] if last else [])
+        rec = _measure_stage(nn.Sequential(*part), r, last, batch, microbatches, reps)
+        out["stages"].append({"layers": bounds[r + 1] - bounds[r], "head": last, **rec})
+    # drawing a batch (every rank of every contender draws each step's batch)
+    _, batches = tp._data(data, batch, 0)
+    out["draw_batch"] = _timeit(batches.next, max(20, reps))
+    out["cut_bytes"] = [batch * 1024 * 4] * (stages - 1)
+    return out
+
+
+def measure_interfaces(depth: int, batch: int, reps: int, stages: int = 2) -> dict:
+    """The decoupled cuts' own work on rank 0, through dnicompile's interfaces as the distributed runtime runs
+    them (the shipped wide_mlp specs at this depth, the cut after stage 0)."""
+    import tempfile
+
+    import throughput as tp
+    import torch
+
+    from dnicompile import compile_decoupled
+    from dnicompile.spec import load_spec
+
+    tp.DEPTH = depth
+    torch.set_num_threads(1)
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("dni", "local", "delayed", "backprop"):
+            spec = load_spec(tp.spec_for(kind, stages, 5, Path(tmp)))
+            program = compile_decoupled(tp._model(0), spec)
+            program.train()
+            out[kind] = _measure_interface(program, kind, batch, reps)
+    return out
+
+
+def _measure_interface(program, kind: str, batch: int, reps: int) -> dict:
+    import torch
+
+    rt = program.runtime
+    cut = program.cuts[0]
+    name = cut.boundary[0].name
+    stage0 = program.stages[0]
+    x = torch.randn(batch, 784)
+    y = torch.randint(0, 10, (batch,))
+    iface = rt.interfaces[cut.index]
+    rec: dict = {}
+    if kind == "backprop":  # the local runtime's whole step, one process (its overhead over the parts)
+        rec["local_step"] = _timeit(lambda: rt.train_step((x,), y), reps)
+        rec["begin_step"] = _timeit(lambda: rt.begin_step((x,), y), reps)
+    elif kind == "dni":
+        context = rt.begin_step((x,), y).context
+        h = {name: _first(stage0(x))}
+
+        def predict():
+            preds = iface.predict(h, context)
+            iface.gradient(h, context, preds, batch)
+
+        rec["synth"] = _timeit(predict, reps)
+        delta = {name: torch.randn(batch, 1024) * 1e-4}
+        rec["learn"] = _timeit(lambda: iface.learn(h, context, delta, batch, stats=False), reps)
+    elif kind == "local":
+        h = {name: _first(stage0(x)).detach()}
+        rec["synth"] = _timeit(lambda: iface.gradient(h, y, {}, batch), reps)
+    else:  # delayed, stash: the kept forward and the due backward
+        holder = {"step": 0}
+
+        def fwd():
+            holder["out"] = iface.forward(holder["step"], (x,))
+
+        def arrive():
+            s = holder["step"]
+            fwd()
+            iface.arrive(s, {name: torch.randn(batch, 1024) * 1e-4}, s)
+
+        def bwd():
+            s = holder["step"]
+            iface.backward_due(s + 1, measure=holder.get("measure", False))
+            for p in stage0.parameters():
+                p.grad = None
+            holder["step"] = s + 1
+
+        rec["fwd"] = _timeit(fwd, reps, setup=lambda: iface.queue.clear())
+        iface.queue.clear()
+        rec["bwd"] = _timeit(bwd, reps, setup=arrive)
+        holder["measure"] = True
+        rec["bwd_measured"] = _timeit(bwd, reps, setup=arrive)
+        iface.queue.clear()
+    return rec
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _ping_rank(rank: int, port: int, sizes: list[int], reps: int, out: str) -> None:
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    res = {}
+    for n in sizes:
+        buf = torch.zeros(n // 4)
+        times = []
+        for i in range(reps + 3):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        res[n] = times[len(times) // 2] / 2  # one way
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def measure_link(reps: int = 30) -> dict:
+    """One-way time of a gloo message between two processes on this host (ping-pong, median)."""
+    import tempfile
+
+    import throughput as tp
+    import torch.multiprocessing as mp
+
+    sizes = [4, 65536, 262144, 1048576, 4194304]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "ping.json")
+        mp.start_processes(_ping_rank, args=(tp._free_port(), sizes, reps, out), nprocs=2, start_method="spawn")
+        one_way = {int(k): v for k, v in json.loads(Path(out).read_text()).items()}
+    latency = one_way[4]
+    bw = (sizes[-1] - sizes[1]) / (one_way[sizes[-1]] - one_way[sizes[1]])
+    return {"one_way_s": one_way, "latency_s": latency, "bandwidth_Bps": bw}
+
+
+def measure_all(depth: int, batch: int, microbatches: int, reps: int, data: str, layer: bool = True) -> dict:
+    import os
+    import platform
+
+    import torch
+
+    _CPU_SHARE.clear()
+    load0 = os.getloadavg()[0]
+    res = {"depth": depth, "batch": batch, "microbatches": microbatches, "torch": torch.__version__}
+    res["python"] = platform.python_version()
+    res.update(measure_stages(depth, batch, microbatches, reps, data))
+    if layer:
+        res["per_layer"] = measure_layer(reps)
+    res["interfaces"] = measure_interfaces(depth, batch, reps)
+    res["link"] = measure_link()
+    res["load"] = [load0, os.getloadavg()[0]]
+    res["cpu_share"] = sorted(_CPU_SHARE)[len(_CPU_SHARE) // 2] if _CPU_SHARE else None
+    return res
+
+
+def cmd_measure(args) -> int:
+    res = {"command": "python benchmarks/schedule_sim.py measure " + " ".join(sys.argv[2:])}
+    res.update(measure_all(args.depth, args.batch_size, args.microbatches, args.reps, args.data))
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k != "per_layer"}, indent=1))
+    return 0
+
+
+# =========================================================================== inputs -> stage times (S = 2)
+def measured_stages(inp: dict, kind: str) -> tuple[list[StageTimes], list[float], int]:
+    """The measured stages of a 2-stage split for contender `kind` ("backprop": both on one rank), the cut's
+    bytes and the batch. Per-step overhead: drawing the batch (every rank draws it), plus dnicompile's
+    begin_step for its runtime."""
+    s0, s1 = inp["stages"]
+    itf = inp["interfaces"]
+    draw = inp["draw_batch"]
+    begin = itf["backprop"]["begin_step"]
+    if kind == "backprop":
+        st = StageTimes(s0["fwd"] + s1["fwd"], s0["bwd"] + s1["bwd"], s0["opt"] + s1["opt"], overhead=draw)
+        return [st], [], inp["batch"]
+    if kind in ("gpipe", "1f1b"):
+        sts = [
+            StageTimes(
+                s["fwd"], s["bwd"], s["opt"], overhead=draw, fwd_mb=s["fwd_mb"], bwd_mb=s["bwd_mb"],
+                grad_scale=s["grad_scale"],
+            )
+            for s in (s0, s1)
+        ]  # fmt: skip
+        return sts, inp["cut_bytes"], inp["batch"]
+    r0 = StageTimes(s0["fwd"], s0["bwd"], s0["opt"], overhead=draw + begin)
+    r1 = StageTimes(s1["fwd"], s1["bwd"], s1["opt"], overhead=draw + begin, bwd_no_input=s1["bwd_no_input"])
+    if kind == "synthetic":
+        r0.synth, r0.learn = itf["dni"]["synth"], itf["dni"]["learn"]
+    elif kind == "local":
+        r0.synth = itf["local"]["synth"]
+    elif kind == "delayed":
+        d = itf["delayed"]
+        r0.fwd, r0.bwd = d["fwd"], d["bwd"]
+        r0.synth = (d["bwd_measured"] - d["bwd"]) / 10  # the stale-fresh cosine every 10th step
+    return [r0, r1], inp["cut_bytes"], inp["batch"]
+
+
+def cpu_per_step(result: Result) -> list[float]:
+    """Each rank's busy seconds per step over the steady window (compare the runs' cpu_ms_per_step)."""
+    S = len(result.step_end)
+    busy = [0.0] * S
+    for r in range(S):
+        a, b = result.step_end[r][result.first], result.step_end[r][result.last]
+        for e in result.events:
+            if e.rank == r:
+                busy[r] += max(0.0, min(e.end, b) - max(e.start, a))
+        busy[r] /= result.last - result.first
+    return busy
+
+
+def predict_s2(inp: dict, link: Link | None = None, steps: int = 40) -> dict:
+    """Predicted samples/s and busy ms per step of each rank, per validation contender, at S = 2."""
+    if link is None:
+        link = Link(inp["link"]["latency_s"], inp["link"]["bandwidth_Bps"])
+    out = {}
+    for name, kind in VALIDATION:
+        sim_kind = "exact" if kind == "backprop" else kind
+        stages, cut_bytes, batch = measured_stages(inp, kind)
+        res = simulate(sim_kind, stages, cut_bytes, link, batch, steps, microbatches=inp["microbatches"])
+        out[name] = {"samples_per_s": res.throughput, "busy_ms": [1e3 * b for b in cpu_per_step(res)]}
+    return out
+
+
+VALIDATION = [  # (name, simulated kind): the contenders measured by validate
+    ("a_backprop", "backprop"),
+    ("c_gpipe", "gpipe"),
+    ("c_1f1b", "1f1b"),
+    ("e_exact", "exact"),
+    ("e_cdni", "synthetic"),
+    ("e_local", "local"),
+    ("e_delayed", "delayed"),
+]
+
+
+def cmd_validate(args) -> int:
+    """Interleaved reps: measure the inputs, then run every contender once with throughput.py's runners."""
+    import os
+    import statistics
+    import tempfile
+    import time
+    from types import SimpleNamespace
+
+    import throughput as tp
+
+    tp.DEPTH, tp.QUEUE_DEPTH = args.depth, 4
+    targs = SimpleNamespace(data=args.data, batch_size=args.batch_size, warmup=args.warmup, steps=args.steps)
+    began = time.perf_counter()
+    reps = []
+    with tempfile.TemporaryDirectory(prefix="schedule-sim-") as tmp_name:
+        tmp = Path(tmp_name)
+        specs = {k: tp.spec_for(k, 2, 5, tmp) for k in ("backprop", "dni", "local", "delayed")}
+        runners = {
+            "a_backprop": lambda: tp.run_child("plain", targs, threads=1),
+            "c_gpipe": lambda: tp.run_child("pipe", targs, workers=2, schedule="gpipe", microbatches=args.microbatches),
+            "c_1f1b": lambda: tp.run_child("pipe", targs, workers=2, schedule="1f1b", microbatches=args.microbatches),
+            "e_exact": lambda: tp.run_distributed(specs["backprop"], 2, targs, tmp),
+            "e_cdni": lambda: tp.run_distributed(specs["dni"], 2, targs, tmp),
+            "e_local": lambda: tp.run_distributed(specs["local"], 2, targs, tmp),
+            "e_delayed": lambda: tp.run_distributed(specs["delayed"], 2, targs, tmp),
+        }  # fmt: skip
+        for rep in range(args.reps):
+            inp = measure_all(args.depth, args.batch_size, args.microbatches, args.mreps, args.data, layer=False)
+            pred = predict_s2(inp)
+            row = {"inputs": inp, "predicted": pred, "measured": {}}
+            print(f"rep {rep + 1}: inputs measured (load {inp['load']}, CPU share {inp['cpu_share']:.2f})", flush=True)
+            for name, _ in VALIDATION:
+                load = os.getloadavg()[0]
+                got = runners[name]()
+                got["load"] = load
+                row["measured"][name] = got
+                cpu = "/".join(f"{c:.0f}" for c in got["cpu_ms"])
+                busy = "/".join(f"{c:.0f}" for c in pred[name]["busy_ms"])
+                print(
+                    f"rep {rep + 1} {name}: measured {got['samples_per_s']:.0f} samples/s (CPU ms {cpu}, load "
+                    f"{load:.2f}); predicted {pred[name]['samples_per_s']:.0f} (busy ms {busy})",
+                    flush=True,
+                )
+            reps.append(row)
+    summary = {}
+    for name, _ in VALIDATION:
+        m = statistics.median(r["measured"][name]["samples_per_s"] for r in reps)
+        p_ = statistics.median(r["predicted"][name]["samples_per_s"] for r in reps)
+        summary[name] = {"measured": m, "predicted": p_, "error": p_ / m - 1}
+        print(f"{name:12s} measured {m:6.0f}  predicted {p_:6.0f}  error {100 * (p_ / m - 1):+5.1f}%")
+    res = {
+        "command": "python benchmarks/schedule_sim.py validate " + " ".join(sys.argv[2:]),
+        "args": vars(args),
+        "reps": reps,
+        "summary": summary,
+        "total_s": time.perf_counter() - began,
+    }
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+def measure_layer(reps: int) -> dict:
+    """One hidden layer (Linear 1024 -> 1024 + ReLU) at several batch sizes, for the scaling to S stages:
+    forward, backward (with the input's gradient; accumulating into existing gradients; without the input's
+    gradient), fused Adam and the division of the gradients by M."""
+    import throughput as tp
+    import torch
+    import torch.nn as nn
+
+    torch.set_num_threads(1)
+    layer = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU())
+    opt = tp._adam(layer.parameters())
+    holder: dict = {}
+
+    def prep(b: int, inp: bool = True, zero: bool = True):
+        if zero:
+            opt.zero_grad(set_to_none=True)
+        holder["o"] = layer(torch.randn(b, 1024, requires_grad=inp))
+
+    def bwd():
+        holder["o"].backward(torch.ones_like(holder["o"]))
+
+    res: dict = {"fwd": {}, "bwd": {}, "bwd_acc": {}, "bwd_no_input": {}}
+    for b in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        res["fwd"][b] = _timeit(lambda b=b: layer(torch.randn(b, 1024, requires_grad=True)), reps)
+        res["bwd"][b] = _timeit(bwd, reps, setup=lambda b=b: prep(b))
+        res["bwd_acc"][b] = _timeit(bwd, reps, setup=lambda b=b: prep(b, zero=False))
+        res["bwd_no_input"][b] = _timeit(bwd, reps, setup=lambda b=b: prep(b, inp=False))
+    prep(256)
+    bwd()
+    res["opt"] = _timeit(lambda: opt.step(), reps)
+    res["grad_scale"] = _timeit(lambda: [p.grad.div_(4) for p in layer.parameters()], reps)
+    return res
+
+
+# =========================================================================== predictions and plots
+COLORS = {"F": "tab:blue", "B": "tab:orange", "opt": "tab:green", "synth": "tab:purple", "learn": "tab:pink",
+          "overhead": "tab:gray", "scale": "tab:olive"}  # fmt: skip
+LABELS = {
+    "gpipe": "GPipe (best M)",
+    "1f1b": "1F1B (best M)",
+    "exact": "exact cuts, no microbatches",
+    "synthetic": "synthetic (cDNI)",
+    "delayed": "delayed (1 step)",
+    "local": "local loss",
+}
+
+
+def plot_grid(grid: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = grid["rows"]
+    lats = sorted({r["latency_ms"] for r in rows})
+    fig, axes = plt.subplots(1, len(lats), figsize=(4.2 * len(lats), 4.2), sharey=True)
+    for ax, lat in zip(axes, lats):
+        sel = sorted((r for r in rows if r["latency_ms"] == lat), key=lambda r: r["S"])
+        xs = [r["S"] for r in sel]
+        for kind in PREDICT_KINDS:
+            ax.plot(xs, [r[kind] for r in sel], marker="o", label=LABELS[kind])
+        base = grid["backprop_1"]
+        ax.plot(xs, [base * x for x in xs], ":", color="black", label="S x one-process backprop")
+        ax.axhline(base, color="black", linestyle="--", linewidth=1, label="one-process backprop")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_title(f"latency {lat:g} ms")
+        ax.set_xlabel("stages S (one rank each)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("predicted samples/s")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(
+        f"Simulated steady-state throughput: {grid['depth']} layers of width 1024 split in S, batch {grid['batch']}, "
+        f"bandwidth {grid['bandwidth_Bps'] / 1e6:.0f} MB/s (per-layer times measured on this CPU)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_timelines(results: list[tuple[str, Result]], path: Path, title: str, steps: int = 3) -> None:
+    """Gantt charts of `steps` steady-state steps (from the last rank's window start) of each result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 1, figsize=(11, 1.1 + 0.75 * len(results) * 2), squeeze=False)
+    for ax, (name, res) in zip(axes[:, 0], results):
+        t0 = res.step_end[-1][res.first]
+        t1 = res.step_end[-1][res.first + steps]
+        S = len(res.step_end)
+        for e in res.events:
+            if e.end <= t0 or e.start >= t1:
+                continue
+            ax.barh(S - 1 - e.rank, min(e.end, t1) - max(e.start, t0), left=max(e.start, t0) - t0, height=0.7,
+                    color=COLORS[e.what], edgecolor="white", linewidth=0.3)  # fmt: skip
+        ax.set_yticks(range(S), [f"rank {S - 1 - i}" for i in range(S)], fontsize=7)
+        ax.set_xlim(0, t1 - t0)
+        ax.set_title(f"{name}: {res.throughput:.0f} samples/s, {1e3 * res.step_time:.0f} ms per step", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[-1, 0].set_xlabel("seconds from the start of a steady-state step (last rank)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
+    fig.legend(handles, ["forward", "backward", "optimizer", "synthesizer / head / stash", "synthesizer learns",
+                         "per-step overhead", "grad / M"], loc="lower center", ncol=7, fontsize=7)  # fmt: skip
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_validation(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [summary[n]["measured"] for n in names], 0.4, label="measured (median)")
+    ax.bar([x + 0.2 for x in xs], [summary[n]["predicted"] for n in names], 0.4, label="predicted (median)")
+    for x, n in zip(xs, names):
+        ax.annotate(f"{100 * summary[n]['error']:+.0f}%", (x + 0.2, summary[n]["predicted"]), ha="center",
+                    va="bottom", fontsize=7)  # fmt: skip
+    ax.set_xticks(list(xs), names, fontsize=8)
+    ax.set_ylabel("samples/s")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_predict(args) -> int:
+    inp = json.loads(Path(args.inputs).read_text())
+    bandwidth = args.bandwidth_mb_s * 1e6 if args.bandwidth_mb_s else inp["link"]["bandwidth_Bps"]
+    sizes = [int(x) for x in args.stages.split(",")]
+    lats = [float(x) for x in args.latency_ms.split(",")]
+    grid = predict_grid(inp, args.depth, sizes, lats, bandwidth)
+    grid["command"] = "python benchmarks/schedule_sim.py predict " + " ".join(sys.argv[2:])
+    grid["inputs"] = (
+        str(Path(args.inputs).resolve().relative_to(ROOT))
+        if ROOT in Path(args.inputs).resolve().parents
+        else args.inputs
+    )
+    out = Path(args.out)
+    out.write_text(json.dumps(grid, indent=1) + "\n")
+    plot_grid(grid, out.with_name("schedule_sim_throughput.png"))
+    # timelines: S = 4 of the same model at 1 ms, and S = 2 with the measured stages and link
+    res = []
+    for kind in PREDICT_KINDS:
+        M = 8 if kind in ("gpipe", "1f1b") else 1
+        stages, cb = scaled_stages(inp, kind, args.depth, 4, M)
+        r = simulate(kind, stages, cb, Link(1e-3, bandwidth), inp["batch"], steps=12, microbatches=M)
+        res.append((LABELS[kind].replace("best M", f"M = {M}"), r))
+    plot_timelines(res, out.with_name("schedule_sim_timeline_s4.png"),
+                   f"S = 4, {args.depth} layers (16 per stage), latency 1 ms: 3 steady-state steps")  # fmt: skip
+    link = Link(inp["link"]["latency_s"], inp["link"]["bandwidth_Bps"])
+    res = []
+    for name, kind in VALIDATION[1:]:
+        stages, cb, B = measured_stages(inp, kind)
+        res.append((name, simulate(kind, stages, cb, link, B, steps=12, microbatches=inp["microbatches"])))
+    plot_timelines(res, out.with_name("schedule_sim_timeline_s2.png"),
+                   f"S = 2, the measured depth-{inp['depth']} stages and gloo link: 3 steady-state steps")  # fmt: skip
+    return 0
+
+
+def cmd_timeline(args) -> int:
+    inp = json.loads(Path(args.inputs).read_text())
+    link = Link(args.latency_ms / 1e3 if args.latency_ms is not None else inp["link"]["latency_s"],
+                inp["link"]["bandwidth_Bps"])  # fmt: skip
+    if args.stages == 2 and args.depth == inp["depth"]:
+        stages, cb, B = measured_stages(inp, args.kind)
+    else:
+        stages, cb = scaled_stages(inp, args.kind, args.depth, args.stages, args.microbatches)
+        B = inp["batch"]
+    kind = "exact" if args.kind == "backprop" else args.kind
+    r = simulate(kind, stages, cb, link, B, steps=args.steps, microbatches=args.microbatches)
+    print(format_timeline(r, steps=args.show))
+    print(f"{r.throughput:.0f} samples/s, {1e3 * r.step_time:.1f} ms per step (steady state, last rank)")
+    return 0
+
+
+# =========================================================================== main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure", help="time the stages of examples/wide_mlp.py")
+    m.add_argument("--depth", type=int, default=16)
+    m.add_argument("--batch-size", type=int, default=256)
+    m.add_argument("--microbatches", type=int, default=4)
+    m.add_argument("--reps", type=int, default=15)
+    m.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fashion-mnist"))
+    m.add_argument("--out", default=str(INPUTS))
+    v = sub.add_parser("validate", help="predicted against measured throughput at S = 2 (throughput.py's runners)")
+    v.add_argument("--depth", type=int, default=16)
+    v.add_argument("--batch-size", type=int, default=256)
+    v.add_argument("--microbatches", type=int, default=4)
+    v.add_argument("--reps", type=int, default=3, help="interleaved repetitions (measure, then every contender)")
+    v.add_argument("--mreps", type=int, default=7, help="timings per input in each repetition")
+    v.add_argument("--warmup", type=int, default=10)
+    v.add_argument("--steps", type=int, default=40)
+    v.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fashion-mnist"))
+    v.add_argument("--out", default=str(RESULTS / "schedule_sim_validation.json"))
+    q = sub.add_parser("predict", help="predictions for S stages and latencies, plots")
+    q.add_argument("--inputs", default=str(INPUTS))
+    q.add_argument("--depth", type=int, default=64, help="total hidden layers, split into S stages")
+    q.add_argument("--stages", default="2,4,8,16,64")
+    q.add_argument("--latency-ms", default="0,1,10,50")
+    q.add_argument("--bandwidth-mb-s", type=float, help="default: the measured gloo link on this host")
+    q.add_argument("--out", default=str(RESULTS / "schedule_sim_predictions.json"))
+    t = sub.add_parser("timeline", help="print one simulated timeline")
+    t.add_argument("kind", choices=(*KINDS, "backprop"))
+    t.add_argument("--inputs", default=str(INPUTS))
+    t.add_argument("--stages", type=int, default=2)
+    t.add_argument("--depth", type=int, default=16)
+    t.add_argument("--microbatches", type=int, default=4)
+    t.add_argument("--latency-ms", type=float)
+    t.add_argument("--steps", type=int, default=12)
+    t.add_argument("--show", type=int, default=3, help="steps shown")
+    args = p.parse_args(argv)
+    if args.cmd == "predict":
+        return cmd_predict(args)
+    if args.cmd == "timeline":
+        return cmd_timeline(args)
+    if args.cmd == "measure":
+        return cmd_measure(args)
+    if args.cmd == "validate":
+        return cmd_validate(args)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
