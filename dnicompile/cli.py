@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-imports",
         action="store_true",
-        help="let the spec name Python code to import and run: a loss 'package.module:function' or a synthesizer "
-        "'package.module:ClassName' (refused without it; see README, Security)",
+        help="let the spec name Python code to import and run: a loss 'package.module:function', a synthesizer "
+        "'package.module:ClassName' or a data loader 'file.py:function' (refused without it; see README, Security)",
     )
     p.add_argument(
         "--set",
@@ -286,6 +286,11 @@ def _run(args: argparse.Namespace) -> int:
         _print_nodes(program, out)
     if args.train:
         if args.workers > 1 or "WORLD_SIZE" in os.environ:
+            if spec.data is not None and spec.data.loader is not None:
+                raise DNIError(
+                    f"{spec.where('data', 'loader')}: `data.loader` trains in one process; drop --workers (several "
+                    "workers train on `data: fashion-mnist`)."
+                )
             from .train.launch import train_distributed_from_cli
 
             return train_distributed_from_cli(program, args, out)

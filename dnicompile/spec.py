@@ -259,12 +259,19 @@ class StageConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """The training data set."""
+    """The training data set: a built-in one by `name`, or your own function as `loader`."""
 
     name: Literal["fashion-mnist", "copy", "repeat_copy", "text"] = Field(
         "fashion-mnist",
         description="Data set name: fashion-mnist, or for recurrent programs copy, repeat_copy (generated) or text.",
     )
+    loader: str | None = Field(
+        None,
+        description="Your own data: 'file.py:function' (a path relative to the spec's folder) or "
+        "'package.module:function', returning (train, eval) iterables of batches (eval may be None). It runs code, "
+        "so it needs --allow-imports. Called with `loader_args`, and batch_size= where it takes that argument.",
+    )
+    loader_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the `loader` function.")
     path: str | None = Field(
         None, description="Directory of the data files, or the text file for `text` (overridden by --data)."
     )
@@ -283,6 +290,21 @@ class DataConfig(_Strict):
     eval_chars: int | None = Field(
         None, ge=1, description="text: held-out characters scored at each evaluation (default: all of them)."
     )
+
+    @model_validator(mode="after")
+    def _loader_or_name(self) -> DataConfig:
+        if self.loader is None:
+            if self.loader_args:
+                raise ValueError("`loader_args` go with a `loader: file.py:function`; add one or remove them")
+            return self
+        if "name" in self.model_fields_set:
+            raise ValueError(f"give either `name: {self.name}` (a built-in data set) or `loader` (your own), not both")
+        module, sep, function = self.loader.rpartition(":")
+        if not sep or not module.strip() or not function.isidentifier():
+            raise ValueError(
+                f"`loader: {self.loader}` is not of the form 'file.py:function' or 'package.module:function'"
+            )
+        return self
 
 
 class TrainConfig(_Strict):
@@ -521,7 +543,7 @@ class Spec(_Strict):
     def imports(self) -> list[tuple[tuple, str, str]]:
         """Every name in the spec that imports a Python module and runs code from it, as (location, what, name):
         a loss 'package.module:function' (except a torch.nn.functional loss) and synthesizer classes
-        'package.module:ClassName', local-loss heads 'package.module:ClassName'."""
+        'package.module:ClassName', local-loss heads 'package.module:ClassName', a data loader 'file.py:function'."""
         found = []
         if isinstance(self.loss, str) and ":" in self.loss and not is_torch_loss(self.loss):
             found.append((("loss",), "loss function", self.loss))
@@ -535,7 +557,15 @@ class Spec(_Strict):
         for loc, cfg in self.configs(LocalLossConfig):
             if ":" in cfg.head:
                 found.append((loc + ("head",), "local-loss head class", cfg.head))
+        if self.data is not None and self.data.loader is not None:
+            found.append((("data", "loader"), "data loader function", self.data.loader))
         return found
+
+    @property
+    def folder(self) -> Path:
+        """The folder of the spec's file, against which the paths it names resolve (the working folder for a
+        spec read from a string or a dict)."""
+        return Path(self._origin).parent if not self._origin.startswith("<") else Path.cwd()
 
     def check_stage_keys(self, num_stages: int) -> None:
         """Raise SpecError unless every key under `stages:` is `default`, a stage index < num_stages, or `stageN`.
@@ -681,11 +711,14 @@ def _check_imports(spec: Spec, allow: bool | None) -> Spec:
             builtin = (
                 "the built-in losses (cross_entropy, nll, mse, or a torch loss as 'torch.nn.functional:smooth_l1_loss')"
                 if what == "loss function"
+                else "the built-in data sets (`data: fashion-mnist`, copy, repeat_copy, text)"
+                if what == "data loader function"
                 else "the built-in synthesizers (linear, mlp" + (", conv)" if what == "synthesizer class" else ")")
             )
             lines.append(
-                f"{spec.where(*loc)}: `{_dotted(loc)}: {name}` names a {what}: using it imports module `{module}` and "
-                f"runs its code. Use one of {builtin}, or allow imports."
+                f"{spec.where(*loc)}: `{_dotted(loc)}: {name}` names a {what}: using it imports "
+                + (f"`{module}`" if module.endswith(".py") else f"module `{module}`")
+                + f" and runs its code. Use one of {builtin}, or allow imports."
             )
         how = (
             "A spec runs no code unless you allow it: if you trust this spec and the modules it names, pass "

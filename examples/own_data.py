@@ -32,12 +32,18 @@ loss: cross_entropy
 """
 
 
-def make_csv(path: Path, rows: int = 4000, seed: int = 0) -> None:
-    """Three classes of points in 12 dimensions, separated by two noisy nonlinear rules."""
+def synthetic(rows: int = 4000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three classes of points in 12 dimensions, separated by two noisy nonlinear rules: (x, y)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, 12, generator=g)
     score = x[:, 0] * x[:, 1] + torch.sin(2 * x[:, 2]) + 0.3 * torch.randn(rows, generator=g)
     y = (score > -0.3).long() + (score > 0.7).long()
+    return x, y
+
+
+def make_csv(path: Path, rows: int = 4000, seed: int = 0) -> None:
+    """The synthetic data as a CSV file (5 decimals)."""
+    x, y = synthetic(rows, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         w = csv.writer(f)

@@ -690,6 +690,148 @@ SECURITY_ROWS = [
 ]
 
 
+# ----------------------------------------------------------------------------- issue 20: data.loader from a spec
+def loader_spec(loader: str) -> str:
+    """The MLP spec with `data: {loader: ...}` (its value at spec.yaml:6:8)."""
+    return SPEC + f"data: {{loader: '{loader}'}}\n"
+
+
+LOADER_TRAIN = ["{model}", "--spec", "{spec}", "--allow-imports", "--train", "--steps", "1"]
+
+
+def loader_file(body: str, head: str = "") -> Callable[[Path], None]:
+    """A Row.setup writing data.py with `make_loaders(batch_size)` returning `body` (an expression)."""
+    return files({"data.py": f"import torch\n{head}\n\ndef make_loaders(batch_size):\n    return {body}\n"})
+
+
+GOOD_BATCHES = "[(torch.zeros(2, 8), torch.zeros(2).long())] * 3"
+RAISING_ITERABLE = """
+class Broken:
+    def __iter__(self):
+        yield (torch.zeros(2, 8), torch.zeros(2).long())
+        raise OSError("the disk went away")
+"""
+
+LOADER_ROWS = [
+    Row(
+        "data-loader-without-allow",
+        MLP,
+        loader_spec("data.py:make_loaders"),
+        ["spec.yaml:6:8", "`data.loader: data.py:make_loaders` names a data loader function", "--allow-imports"],
+        setup=files({"data.py": "raise SystemExit('this file must not be imported')\n"}),
+        absent=["must not be imported"],
+    ),
+    Row(
+        "data-loader-file-missing",
+        MLP,
+        loader_spec("dat.py:make_loaders"),
+        ["spec.yaml:6:8", "no file {tmp}/dat.py (did you mean 'data.py'?)", "read from the spec's folder"],
+        args=LOADER_TRAIN,
+        setup=loader_file(GOOD_BATCHES),
+    ),
+    Row(
+        "data-loader-function-missing",
+        MLP,
+        loader_spec("data.py:make_loader"),
+        ["spec.yaml:6:8", "data.py has no function `make_loader`", "did you mean 'make_loaders'"],
+        args=LOADER_TRAIN,
+        setup=loader_file(GOOD_BATCHES),
+    ),
+    Row(
+        "data-loader-raises",
+        MLP,
+        loader_spec("data.py:make_loaders"),
+        ["spec.yaml:6:8", "make_loaders(batch_size=128) raised at {tmp}/data.py:5", "KeyError: 'path'"],
+        args=LOADER_TRAIN,
+        setup=loader_file("{}['path']"),
+    ),
+    Row(
+        "data-loader-arguments-do-not-fit",
+        MLP,
+        SPEC + "data:\n  loader: data.py:make_loaders\n  loader_args: {size: 3}\n",
+        [
+            "spec.yaml:8:3",
+            "spec.yaml:7:3",
+            "calling make_loaders(size=3, batch_size=128) failed",
+            "make `data.loader_args` match",
+        ],
+        args=LOADER_TRAIN,
+        setup=loader_file(GOOD_BATCHES),
+    ),
+    Row(
+        "data-loader-returns-one-iterable",
+        MLP,
+        loader_spec("data.py:make_loaders"),
+        ["spec.yaml:6:8", "make_loaders() returned a list of 3", "it must return (train, eval)"],
+        args=LOADER_TRAIN,
+        setup=loader_file(GOOD_BATCHES),
+    ),
+    Row(
+        "data-loader-returns-no-iterable",
+        MLP,
+        loader_spec("data.py:make_loaders"),
+        ["spec.yaml:6:8", "returned int as its train data, not an iterable of batches"],
+        args=LOADER_TRAIN,
+        setup=loader_file("60000, None"),
+    ),
+    Row(
+        "data-loader-batch-without-labels",
+        MLP,
+        loader_spec("data.py:make_loaders"),
+        ["spec.yaml:6:8", "the training data", "a batch is Tensor[2, 8] float32, but the program takes 1 input(s)"],
+        args=LOADER_TRAIN,
+        setup=loader_file("[torch.zeros(2, 8)], None"),
+    ),
+    Row(
+        "data-loader-batch-of-other-features",
+        MLP,
+        loader_spec("data.py:make_loaders"),
+        ["spec.yaml:6:8", "input `x` is Tensor[2, 5] float32, but the model was traced with (2, 8) float32"],
+        args=LOADER_TRAIN,
+        setup=loader_file("[(torch.zeros(2, 5), torch.zeros(2).long())], None"),
+        absent=["internal error"],
+    ),
+    Row(
+        "data-loader-eval-batch-of-other-rank",
+        MLP,
+        loader_spec("data.py:make_loaders"),
+        ["spec.yaml:6:8", "a batch of the evaluation data does not fit the program: input `x` is Tensor[2, 2, 4]"],
+        args=LOADER_TRAIN,
+        setup=loader_file(f"{GOOD_BATCHES}, [(torch.zeros(2, 2, 4), torch.zeros(2).long())]"),
+    ),
+    Row(
+        "data-loader-iteration-raises",
+        MLP,
+        loader_spec("data.py:make_loaders"),
+        ["spec.yaml:6:8", "drawing a batch of the training data raised at {tmp}/data.py:6", "OSError"],
+        args=[*LOADER_TRAIN[:-1], "2"],
+        setup=loader_file("Broken(), None", head=RAISING_ITERABLE),
+    ),
+    Row(
+        "data-loader-and-a-name",
+        MLP,
+        SPEC + "data: {name: fashion-mnist, loader: 'data.py:make_loaders'}\n",
+        ["spec.yaml:6:1", "`data`: give either `name: fashion-mnist` (a built-in data set) or `loader`"],
+    ),
+    Row(
+        "data-loader-with-data-flag",
+        MLP,
+        loader_spec("data.py:make_loaders"),
+        ["--data {tmp}", "the spec's data come from `data.loader`", "drop --data"],
+        args=[*LOADER_TRAIN, "--data", "{tmp}"],
+        setup=loader_file(GOOD_BATCHES),
+    ),
+    Row(
+        "data-loader-on-workers",
+        MLP,
+        loader_spec("data.py:make_loaders"),
+        ["spec.yaml:6:8", "`data.loader` trains in one process; drop --workers"],
+        args=[*LOADER_TRAIN, "--workers", "2"],
+        setup=loader_file(GOOD_BATCHES),
+    ),
+]
+
+
 ROWS = [
     # --- YAML and spec structure
     Row(
@@ -991,6 +1133,7 @@ ROWS = [
         ["spec.yaml:7:3", "`stage9`", "2 stages", "stage0 or stage1"],
     ),
     *SECURITY_ROWS,
+    *LOADER_ROWS,
 ]
 
 

@@ -1,19 +1,27 @@
-"""Data sets for training from the command line: Fashion-MNIST from its IDX files."""
+"""Data sets for training from the command line: Fashion-MNIST from its IDX files, and the data a spec's own
+`data.loader` function returns."""
 
 from __future__ import annotations
 
 import functools
 import gzip
+import importlib
+import importlib.util
+import inspect
 import math
 import struct
+import sys
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..compile.model_file import user_frame
+from ..errors import DataError, close_matches, did_you_mean
 
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -204,3 +212,120 @@ class Batches:
         idx = self.order[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
         return self.x[idx], self.y[idx]
+
+
+# --------------------------------------------------------------------------- the spec's own data: data.loader
+def call_loader(spec, batch_size: int) -> tuple[Any, Any]:
+    """The (train, eval) iterables of batches that the spec's `data.loader` function returns (eval may be None).
+
+    'file.py:function' imports the file (relative to the spec's folder; its folder goes on sys.path, as a model
+    file's does), 'package.module:function' the module; load_spec has refused either unless imports are allowed.
+    The function is called with `data.loader_args`, plus `batch_size` where it takes that argument and the
+    arguments do not set it. Every failure is a DataError located at the spec's `data.loader`."""
+    cfg = spec.data
+    where = f"{spec.where('data', 'loader')}: `data.loader: {cfg.loader}`"
+    target, _, name = cfg.loader.rpartition(":")
+    module = _import_loader_file(target, spec.folder, where) if target.endswith(".py") else _import(target, where)
+    fn = getattr(module, name, None)
+    if fn is None:
+        public = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise DataError(
+            f"{where}: {target} has no function `{name}`{did_you_mean(name, public)}; name the function that returns "
+            "(train, eval) iterables of batches."
+        )
+    if not callable(fn):
+        raise DataError(f"{where}: `{name}` is a {type(fn).__name__}, not a function returning (train, eval).")
+    kwargs = dict(cfg.loader_args)
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        signature = None
+    params = signature.parameters if signature is not None else {}
+    if "batch_size" in params and "batch_size" not in kwargs:
+        kwargs["batch_size"] = batch_size
+    call = f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+    try:
+        got = fn(**kwargs)
+    except Exception as e:  # the user's function raised (frames below this one are the user's)
+        raised_at = user_frame(e.__traceback__.tb_next)
+        if isinstance(e, TypeError) and not raised_at:  # the call itself: the arguments do not fit
+            at = f"{spec.where('data', 'loader_args')}: " if cfg.loader_args else ""
+            raise DataError(
+                f"{at}{where}: calling {call} failed: {e}. It takes {name}{signature or '(...)'}; make "
+                "`data.loader_args` match."
+            ) from None
+        raise DataError(f"{where}: {call} raised at {raised_at or target}: {type(e).__name__}: {e}") from None
+    except (SystemExit, KeyboardInterrupt) as e:
+        raised_at = user_frame(e.__traceback__.tb_next) or target
+        raise DataError(
+            f"{where}: {call} stopped at {raised_at} ({type(e).__name__}); it must return the data."
+        ) from None
+    return _checked_pair(got, f"{where}: {name}()")
+
+
+_LOADER_SHAPE = (
+    "it must return (train, eval): two iterables of batches, eval may be None (e.g. `return DataLoader(train_set, "
+    "64, shuffle=True), DataLoader(test_set, 256)`)"
+)
+
+
+def _checked_pair(got, what: str) -> tuple[Any, Any]:
+    """(train, eval) as the function returned them, or a DataError saying what it returned instead."""
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        kind = f"a {type(got).__name__} of {len(got)}" if isinstance(got, (tuple, list)) else type(got).__name__
+        raise DataError(f"{what} returned {kind}; {_LOADER_SHAPE}.")
+    for part, value in zip(("train", "eval"), got):
+        if value is None and part == "eval":
+            continue
+        if isinstance(value, (str, bytes, dict, torch.Tensor)) or not hasattr(value, "__iter__"):
+            kind = "None" if value is None else type(value).__name__
+            raise DataError(f"{what} returned {kind} as its {part} data, not an iterable of batches; {_LOADER_SHAPE}.")
+    return got[0], got[1]
+
+
+def _import_loader_file(target: str, folder: Path, where: str):
+    """Import a data loader file by path, relative to the spec's folder."""
+    path = Path(target) if Path(target).is_absolute() else folder / target
+    if not path.is_file():
+        try:
+            nearby = sorted(q.name for q in path.parent.glob("*.py"))[:200]
+        except OSError:
+            nearby = []
+        close = close_matches(path.name, nearby, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DataError(
+            f"{where}: no file {path}{hint}; a relative path is read from the spec's folder ({folder}): give the "
+            "file's path from there, or an absolute one."
+        )
+    name = f"_dnicompile_data_{path.stem}_{uuid.uuid4().hex[:8]}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    parent = str(path.resolve().parent)
+    if parent not in sys.path:
+        sys.path.insert(0, parent)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise DataError(f"{e.filename}:{e.lineno}:{e.offset or 0}: syntax error in data loader file: {e.msg}") from None
+    except Exception as e:
+        raised_at = user_frame(e.__traceback__, {str(path.resolve())}) or str(path)
+        raise DataError(f"{where}: importing {path} failed at {raised_at}: {type(e).__name__}: {e}") from None
+    except (SystemExit, KeyboardInterrupt) as e:
+        raise DataError(
+            f"{where}: importing {path} stopped ({type(e).__name__}); put script code under "
+            "`if __name__ == '__main__':`."
+        ) from None
+    return module
+
+
+def _import(module_name: str, where: str):
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise DataError(
+            f"{where}: cannot import module {module_name!r} ({e}); for a file next to the spec write "
+            f"'{module_name.replace('.', '/')}.py:function'."
+        ) from None
+    except Exception as e:
+        raise DataError(f"{where}: importing module {module_name!r} raised {type(e).__name__}: {e}") from None

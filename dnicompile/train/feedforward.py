@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from ..errors import DNIError
 from ..files import write_atomic
-from .data import load_dataset
+from .data import call_loader, load_dataset
 from .loop import FitOptions, fit, load_run_checkpoint
 from .outputs import (
     check_outputs,
@@ -22,7 +23,7 @@ from .outputs import (
     require_data,
     resolve_device,
 )
-from .tasks import Classification
+from .tasks import Classification, DataTask
 
 
 def train_from_cli(program, args, console: Console) -> int:
@@ -38,11 +39,15 @@ def train_from_cli(program, args, console: Console) -> int:
     opts.out_dir = out_dir
     if args.resume:
         opts.resume = load_run_checkpoint(Path(args.resume), say=lambda t: console.print(t, highlight=False))
-    data = load_dataset(spec.data.name, args.data or spec.data.path)
+    if spec.data.loader is not None:
+        task, source = _loader_task(spec, args, opts.batch_size, opts.seed)
+        on = f"{opts.steps} steps on {source}"
+    else:
+        data = load_dataset(spec.data.name, args.data or spec.data.path)
+        task = Classification(data)
+        on = f"{opts.steps} steps of {opts.batch_size} on {data.source} ({len(data.train_x)} train / {len(data.test_x)} test)"
     console.print(
-        f"training {type(program.model).__name__}: {len(program.stages)} stages, {opts.steps} steps of "
-        f"{opts.batch_size} on {data.source} ({len(data.train_x)} train / {len(data.test_x)} test), "
-        f"device {opts.device}",
+        f"training {type(program.model).__name__}: {len(program.stages)} stages, {on}, device {opts.device}",
         highlight=False,
     )
     if out_dir is not None:
@@ -51,7 +56,7 @@ def train_from_cli(program, args, console: Console) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        summary = fit(program, Classification(data), opts, console)
+        summary = fit(program, task, opts, console)
     finally:
         torch.set_num_threads(threads)
     if out_dir is not None:
@@ -70,3 +75,26 @@ def train_from_cli(program, args, console: Console) -> int:
         highlight=False,
     )
     return exit_code(summary)
+
+
+def _loader_task(spec, args, batch_size: int, seed: int) -> tuple[DataTask, str]:
+    """The spec's `data.loader` function's (train, eval) data as the task of `dnicompile.fit` ([Note: batches]),
+    and how the start line names them. The function runs right after torch.manual_seed(seed), so that what it
+    draws (a random split) is the same in a run and in its --resume."""
+    where = spec.where("data", "loader")
+    if args.data:
+        raise DNIError(
+            f"--data {args.data}: names the files of a built-in data set, but the spec's data come from `data.loader` "
+            f"({where}); drop --data, or give your function the path as an argument (--set data.loader_args.NAME=PATH)."
+        )
+    with torch.random.fork_rng(devices=[]):  # the function's own draws depend on the seed alone
+        torch.manual_seed(seed)
+        train, evaluation = call_loader(spec, batch_size)
+    sizes = []
+    for part, name in ((train, "train"), (evaluation, "eval")):
+        try:
+            sizes.append(f"{len(part)} {name} batches")
+        except TypeError:  # a generator, an IterableDataset: no length
+            sizes.append(f"no {name} data" if part is None else f"{name} batches")
+    task = DataTask(train, evaluation, origin=f"{where}: `data.loader: {spec.data.loader}`")
+    return task, f"{spec.data.loader} ({' / '.join(sizes)})"

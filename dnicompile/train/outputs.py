@@ -228,9 +228,10 @@ def require_data(spec) -> None:
     if spec.data is None:
         raise DNIError(
             f"{spec.where('cuts')}: --train needs a data set, and the spec has no `data:`. The command line trains "
-            "feed-forward programs on `data: fashion-mnist` (with --data DIR); for data of your own, train from "
-            "Python with dnicompile.fit(program, loader, ...) (README, 'Train on your own data'), or run the "
-            "example's own script where it has one (python examples/gpt.py --data ...)."
+            "feed-forward programs on `data: fashion-mnist` (with --data DIR), or on data of your own with "
+            "`data: {loader: my_data.py:make_loaders}` (a function returning (train, eval) iterables of batches; "
+            "with --allow-imports); from Python, dnicompile.fit(program, loader, ...) (README, 'Train on your own "
+            "data'), or run the example's own script where it has one (python examples/gpt.py --data ...)."
         )
 
 

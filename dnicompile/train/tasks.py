@@ -24,6 +24,7 @@ state carried from one chunk to the next; held-out bits per character (BPC) scor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections import deque
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..compile.model_file import user_frame
 from ..errors import DataError, DNIError, SpecError
 from .data import Batches
 from .loop import Task
@@ -556,8 +558,10 @@ class DataTask(Task):
 
     name = "data"
 
-    def __init__(self, train_data, eval_data=None, target: str | None = None):
-        self.train_data, self.eval_data, self.target = train_data, eval_data, target
+    def __init__(self, train_data, eval_data=None, target: str | None = None, origin: str | None = None):
+        """`origin`: where the data come from (the command line's `spec.yaml:9:11: data.loader: ...`); with it,
+        every error about a batch starts there, and an exception while drawing one becomes a DataError."""
+        self.train_data, self.eval_data, self.target, self.origin = train_data, eval_data, target, origin
         self.epoch, self.index = 0, 0  # the pass over train_data, and batches drawn in it
         self._iter = None
         self._epoch_rng: torch.Tensor | None = None
@@ -583,22 +587,42 @@ class DataTask(Task):
         self.index = 0
 
     def next(self):
-        if self._iter is None:
-            self._start_epoch()
-        try:
-            batch = next(self._iter)
-        except StopIteration:
-            self.epoch += 1
-            self._start_epoch()
+        with self._located("training"):
+            if self._iter is None:
+                self._start_epoch()
             try:
                 batch = next(self._iter)
             except StopIteration:
-                raise DataError(
-                    "the training data gave no batch: it is empty (or a generator already used up; "
-                    "pass a list or a DataLoader, which can be iterated again)."
-                ) from None
-        self.index += 1
-        return self.split(batch)
+                self.epoch += 1
+                self._start_epoch()
+                try:
+                    batch = next(self._iter)
+                except StopIteration:
+                    raise DataError(
+                        "the training data gave no batch: it is empty (or a generator already used up; "
+                        "pass a list or a DataLoader, which can be iterated again)."
+                    ) from None
+            self.index += 1
+            return self.split(batch)
+
+    @contextlib.contextmanager
+    def _located(self, which: str):
+        """With an `origin`: errors about the data start with it, and the data's own exceptions become DataErrors
+        that name the line of the user's code that raised."""
+        if self.origin is None:
+            yield
+            return
+        try:
+            yield
+        except DataError as e:
+            raise DataError(f"{self.origin}, the {which} data: {e}") from None
+        except Exception as e:  # drawing a batch ran the user's code (a Dataset, a collate_fn, a generator)
+            at = user_frame(e.__traceback__)
+            raise DataError(
+                f"{self.origin}: drawing a batch of the {which} data raised"
+                + (f" at {at}" if at else "")
+                + f": {type(e).__name__}: {e}"
+            ) from None
 
     def split(self, batch) -> tuple[tuple, torch.Tensor | None]:
         """(the program's inputs, the labels or None) of a batch, on the device ([Note: batches])."""
@@ -643,7 +667,29 @@ class DataTask(Task):
     # ---------------------------------------------------------------- steps and scores
     def step(self, program, batch):
         inputs, target = batch
-        return program.runtime.train_step(inputs, target)
+        try:
+            return program.runtime.train_step(inputs, target)
+        except RuntimeError as e:
+            self._does_not_fit(inputs, e, "training")
+            raise
+
+    def count(self, batch) -> int:
+        return len(batch[0][0])  # the first input's batch dimension
+
+    def _does_not_fit(self, inputs, error: RuntimeError, which: str) -> None:
+        """The program failed on a batch: where an input's sample shape or dtype is not the traced one, that is
+        the cause; say so as a DataError (else the error is the program's, and is raised as it is)."""
+        for name, t, info in zip(self.names, inputs, self.program.stages[0].inputs):
+            if tuple(t.shape[1:]) != tuple(info.shape[1:]) or t.dtype != info.dtype:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                where = f"{self.origin}: " if self.origin else ""
+                traced = f"({', '.join(map(str, info.shape))}) {str(info.dtype).removeprefix('torch.')}"
+                raise DataError(
+                    f"{where}a batch of the {which} data does not fit the program: input `{name}` is "
+                    f"{describe_batch(t)}, but the model was traced with {traced} (the spec's `inputs:`), and running "
+                    f"it failed ({type(error).__name__}: {first}). Make the batches' samples match `inputs:`, or "
+                    "change `inputs:` to the data's."
+                ) from None
 
     def measure(self, result, batch) -> dict:
         fields = _step_fields(result)
@@ -664,16 +710,29 @@ class DataTask(Task):
             return None
         program.eval()
         loss_sum, correct, count, scored = 0.0, 0, 0, True
+        # a DataLoader draws a seed from torch's generator for every pass, shuffled or not: evaluating must not move
+        # the training's random stream, or a run that evaluates at another step (a stop) draws other batches after
         try:
-            for batch in self.eval_data:
-                inputs, target = self.split(batch)
-                out = program(*inputs)
-                size = len(inputs[0])
-                loss_sum += float(self.loss_fn(out, target)) * size
-                count += size
-                acc = _accuracy(out, target)
-                scored = scored and acc is not None
-                correct += round(acc * size) if acc is not None else 0
+            with torch.random.fork_rng(devices=[]):
+                with self._located("evaluation"):
+                    batches = iter(self.eval_data)
+                while True:
+                    with self._located("evaluation"):
+                        batch = next(batches, _END)
+                        if batch is _END:
+                            break
+                        inputs, target = self.split(batch)
+                    try:
+                        out = program(*inputs)
+                    except RuntimeError as e:
+                        self._does_not_fit(inputs, e, "evaluation")
+                        raise
+                    size = len(inputs[0])
+                    loss_sum += float(self.loss_fn(out, target)) * size
+                    count += size
+                    acc = _accuracy(out, target)
+                    scored = scored and acc is not None
+                    correct += round(acc * size) if acc is not None else 0
         finally:
             program.train()
         if count == 0:
@@ -716,6 +775,9 @@ class DataTask(Task):
             next(self._iter)
         self.index = index
         torch.set_rng_state(now)
+
+
+_END = object()  # the end of an iterator, for next(it, _END)
 
 
 def _accuracy(output, target) -> float | None:
