@@ -372,6 +372,41 @@ def _print_nodes(program, out: Console) -> None:
         row = (node.name, node.op, path, program.partition.stage_of[node.name], ", ".join(ends.get(i, [])))
         table.add_row(*(escape(str(v)) for v in row))
     out.print(table)
+    _print_candidates(program, out)
+
+
+def _print_candidates(program, out: Console) -> None:
+    """The points every path passes through (compile/auto.py), what crosses there and the cost up to there;
+    with `cuts: {auto: ...}`, the cuts chosen as a `cuts:` list to paste into the spec."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .compile.auto import cut_candidates, cuts_yaml, format_bytes, format_cost
+
+    plan = program.cut_plan
+    if plan is None:
+        plan = cut_candidates(program.partition.graph_module, program.model, balances=("flops", "params"))
+    balances = [plan.balance] if program.cut_plan is not None else ["flops", "params"]
+    chosen = {plan.candidates[i].node: f"cut {k}" for k, i in enumerate(plan.chosen)}
+    if program.cut_plan is None:
+        chosen = {cut.node: cut.name for cut in program.cuts}
+    table = Table(title="candidate cut points (every path from the inputs to the outputs passes through them)")
+    for col in ("`after:`", "node", "crossing", "bytes", *(f"{b} up to here" for b in balances), "cut"):
+        table.add_column(col)
+    cumulative = {b: plan.cumulative(b) for b in balances}
+    totals = {b: plan.total(b) or 1.0 for b in balances}
+    for i, c in enumerate(plan.candidates):
+        crossing = ", ".join(
+            f"{str(b.dtype).removeprefix('torch.')}[{', '.join(map(str, b.shape))}]" for b in c.boundary
+        )
+        costs = [f"{format_cost(cumulative[b][i], b)} ({100 * cumulative[b][i] / totals[b]:.1f}%)" for b in balances]
+        row = (c.after, c.node, crossing, format_bytes(c.bytes), *costs, chosen.get(c.node, ""))
+        table.add_row(*(escape(str(v)) for v in row))
+    out.print(table)
+    if not plan.candidates:
+        out.print("no point of the graph is crossed by every path (a skip connection spans the whole model)")
+    if program.cut_plan is not None:
+        out.print(cuts_yaml(program.spec, program.cut_plan), markup=False, highlight=False)
 
 
 if __name__ == "__main__":

@@ -226,6 +226,8 @@ class DecoupledProgram(ProgramBase):
     through every cut. `program.train_step(x, y)` trains it decoupled (see dnicompile.runtime.local).
     """
 
+    cut_plan = None  # how `cuts: {auto: ...}` chose the cuts (compile/auto.py's CutPlan); None for written cuts
+
     def __init__(self, model: nn.Module, spec: Spec, part: Partition, stages: list[Stage], cuts: list[Cut], traced):
         super().__init__()
         self.model = model
@@ -364,6 +366,11 @@ def compile_decoupled(model: nn.Module, spec: str | Path | dict | Spec, example_
     """
     spec = load_spec(spec)
     traced = trace(model, spec, example_inputs)
+    plan = None
+    if spec.auto_cuts is not None:  # `cuts: {auto: ...}`: from here on, as if the chosen cuts were written
+        from .compile.auto import choose_cuts
+
+        spec, plan = choose_cuts(traced.graph_module, spec, model, traced.example_inputs)
     part = partition(traced.graph_module, spec, model)
     spec.check_stage_keys(part.num_stages)
     stage_modules = emit_stages(part)
@@ -380,6 +387,7 @@ def compile_decoupled(model: nn.Module, spec: str | Path | dict | Spec, example_
                 stages[s].borrowed |= {id(tensor)}
     cuts = [Cut(p, spec.cuts[p.spec_index]) for p in part.cuts]
     program = DecoupledProgram(model, spec, part, stages, cuts, traced)
+    program.cut_plan = plan
     if not isinstance(spec.loss, str):  # `loss: {from_output: i}`: the output must hold a scalar there
         from .losses import check_output_loss
 

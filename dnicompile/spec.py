@@ -209,13 +209,10 @@ class DelayedGradientConfig(_Strict):
         return v
 
 
-class CutSpec(_Strict):
-    """A cut after a module path (`layers.1`) or fx node name (`add_3`). Its kind is the one of
-    `synthetic_gradient`, `delayed_gradient` or `local_loss` it has; with none it is exact (the true gradient
-    crosses it)."""
+class CutKind(_Strict):
+    """What happens at a cut: the one of `synthetic_gradient`, `delayed_gradient` or `local_loss` it has; with
+    none it is exact (the true gradient crosses it)."""
 
-    after: str = Field(description="Module path or fx node name; the cut comes after the last node computed in it.")
-    name: str | None = Field(None, description="Name shown in tables (default: the `after` value).")
     synthetic_gradient: SyntheticGradientConfig | None = Field(
         None, description="The synthetic-gradient model; null (or absent) makes an exact cut."
     )
@@ -230,7 +227,7 @@ class CutSpec(_Strict):
     )
 
     @model_validator(mode="after")
-    def _one_kind(self) -> CutSpec:
+    def _one_kind(self) -> CutKind:
         given = [k for k in ("synthetic_gradient", "delayed_gradient", "local_loss") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(
@@ -241,6 +238,15 @@ class CutSpec(_Strict):
             raise ValueError(f"`synthetic_input` goes with a `synthetic_gradient` cut, not with `{given[0]}`")
         return self
 
+
+class CutSpec(CutKind):
+    """A cut after a module path (`layers.1`) or fx node name (`add_3`). Its kind is the one of
+    `synthetic_gradient`, `delayed_gradient` or `local_loss` it has; with none it is exact (the true gradient
+    crosses it)."""
+
+    after: str = Field(description="Module path or fx node name; the cut comes after the last node computed in it.")
+    name: str | None = Field(None, description="Name shown in tables (default: the `after` value).")
+
     @field_validator("after", "name", mode="before")
     @classmethod
     def _int_path(cls, v: Any) -> Any:
@@ -249,6 +255,41 @@ class CutSpec(_Strict):
     @property
     def label(self) -> str:
         return self.name or self.after
+
+
+class AutoCutsConfig(_Strict):
+    """Cuts dnicompile places itself: at points of the graph every path from the inputs to the outputs passes
+    through, chosen so that the largest stage costs least (compile/auto.py). `--nodes` prints the cuts chosen,
+    as a `cuts:` list to paste in their place."""
+
+    stages: int = Field(ge=2, le=4096, description="Number of stages (the cuts are one fewer).")
+    balance: Literal["time", "flops", "params"] = Field(
+        "flops",
+        description="The cost to balance: flops (from the traced shapes), params (parameters per stage) or time "
+        "(forward and backward measured on the example inputs; can differ from run to run).",
+    )
+    kind: CutKind = Field(
+        default_factory=CutKind,
+        description="The kind of every cut chosen, as in a `cuts:` entry without `after` (e.g. "
+        "{synthetic_gradient: {model: linear}}); empty or absent: exact cuts.",
+    )
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _empty_kind(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class AutoCuts(_Strict):
+    """`cuts: {auto: {stages: S, balance: ..., kind: ...}}`: the cut points are chosen by dnicompile."""
+
+    auto: AutoCutsConfig = Field(description="Number of stages, the cost to balance, and the kind of the cuts.")
+
+
+CutsSpec = Annotated[
+    Union[Annotated[list[CutSpec], Tag("list")], Annotated[AutoCuts, Tag("dict")]],  # noqa: UP007
+    Discriminator(lambda v: "dict" if isinstance(v, (dict, AutoCuts)) else "list"),
+]
 
 
 class StageConfig(_Strict):
@@ -471,8 +512,11 @@ class Spec(_Strict):
     recurrent: RecurrentConfig | None = Field(
         None, description="A recurrent program: the core unrolled in time and trained with truncated BPTT (`bptt`)."
     )
-    cuts: list[CutSpec] = Field(
-        None, validate_default=True, description="Cut points, in any order (none for a `recurrent` program)."
+    cuts: CutsSpec = Field(
+        None,
+        validate_default=True,
+        description="Cut points, in any order (none for a `recurrent` program), or {auto: {stages: S, balance: "
+        "flops}} to let dnicompile place them.",
     )
     stages: dict[Union[int, str], StageConfig] = Field(  # noqa: UP007 - pydantic needs the int branch first
         default_factory=dict, description="`default`, plus overrides by stage index or name."
@@ -490,6 +534,7 @@ class Spec(_Strict):
     _origin: str = PrivateAttr("<spec>")
     _marks: dict[tuple, tuple[int, int]] = PrivateAttr(default_factory=dict)
     _allow_imports: bool = PrivateAttr(False)
+    _chosen_by: AutoCutsConfig | None = PrivateAttr(None)
 
     @field_validator("data", mode="before")
     @classmethod
@@ -506,11 +551,21 @@ class Spec(_Strict):
             raise PydanticCustomError("missing", "Field required")
         if isinstance(v, list) and not v and not recurrent:
             raise ValueError("List should have at least 1 item after validation, not 0")
-        if isinstance(v, list) and v and recurrent:
+        if (isinstance(v, dict) or isinstance(v, list) and v) and recurrent:
             raise ValueError(
                 "a `recurrent` program is cut in time by `bptt`, not in its graph: remove `cuts` (or `recurrent`)"
             )
         return v
+
+    @property
+    def auto_cuts(self) -> AutoCutsConfig | None:
+        """`cuts: {auto: ...}`'s settings, until compiling puts the chosen cuts in place (then see `chosen_by`)."""
+        return self.cuts.auto if isinstance(self.cuts, AutoCuts) else None
+
+    @property
+    def chosen_by(self) -> AutoCutsConfig | None:
+        """The `cuts: {auto: ...}` settings this spec's cuts were chosen by (compile/auto.py), None if written."""
+        return self._chosen_by
 
     def where(self, *loc: Any) -> str:
         """`file:line:col` of the key at `loc` (e.g. where('cuts', 0, 'after')), as precisely as known."""
@@ -577,7 +632,7 @@ class Spec(_Strict):
         indices = "0" if last == 0 else ("0 or 1" if last == 1 else f"0 to {last}")
         names = "stage0" if last == 0 else ("stage0 or stage1" if last == 1 else f"stage0 to stage{last}")
         stages = f"{num_stages} stage{'s' if num_stages != 1 else ''}"
-        if num_stages == len(self.cuts) + 1:
+        if isinstance(self.cuts, list) and num_stages == len(self.cuts) + 1:
             counted = f"the {len(self.cuts)} cut{'s make' if len(self.cuts) != 1 else ' makes'} {stages}"
         else:
             counted = f"the program has {stages}"
@@ -1042,7 +1097,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class that validates the mapping at `loc`, found by walking field annotations."""
     current: Any = Spec
     for part in loc:
-        current = _unwrap(current)
+        current = _unwrap(_branch(current, part))
         if isinstance(current, type) and issubclass(current, BaseModel):
             if not isinstance(part, str) or part not in current.model_fields:
                 return None
@@ -1058,6 +1113,23 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
                 return None
     current = _unwrap(current)
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _branch(tp: Any, part: Any) -> Any:
+    """The member of a union that a key `part` goes into: a list for an index (`cuts[0]`), else a model with
+    that field (`cuts.auto`); anything else as it is."""
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) not in (Union, getattr(__import__("types"), "UnionType", Union)):
+        return tp
+    for member in typing.get_args(tp):
+        inner = _unwrap(member)
+        if isinstance(part, int) and typing.get_origin(inner) in (list, tuple):
+            return inner
+        if isinstance(part, str) and isinstance(inner, type) and issubclass(inner, BaseModel):
+            if part in inner.model_fields:
+                return inner
+    return tp
 
 
 def _unwrap(tp: Any) -> Any:

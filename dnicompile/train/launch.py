@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..compile.auto import pinned_cuts
 from ..errors import DNIError
 from ..files import write_text_atomic
 from ..runtime.distributed import find_checkpoint
@@ -38,7 +39,8 @@ def run_fields(args, spec) -> dict:
     return {
         "model_path": str(Path(args.model).resolve()),
         "spec_path": str(Path(args.spec).resolve()),
-        "overrides": list(getattr(args, "set", None) or []),
+        # cuts a `cuts: {auto: ...}` spec chose here are the workers' too, not chosen again in each of them
+        "overrides": [*(getattr(args, "set", None) or []), *pinned_cuts(spec)],
         "command": getattr(args, "argv", None),
         **cli_schedule(args, spec),
     }
@@ -51,6 +53,12 @@ def train_distributed_from_cli(program, args, console) -> int:
     resolve_device(args.device)
     under_torchrun = "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.workers
+    if under_torchrun and spec.chosen_by is not None and spec.chosen_by.balance == "time":
+        raise DNIError(
+            f"{spec.where('cuts', 'auto', 'balance')}: `balance: time` under torchrun: each process would time the "
+            "model itself and could choose other cuts. Run `dnicompile MODEL.py --spec SPEC --nodes` once and paste "
+            "the cuts it prints into the spec, or use `balance: flops` or `params`."
+        )
     plan_placement(program, world, spec.distributed)  # validates the placement against the stages
     cores = os.cpu_count() or 1
     threads = args.threads or max(1, cores // (int(os.environ.get("LOCAL_WORLD_SIZE", world))))
