@@ -68,7 +68,7 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):  # dnicompile and throughput.py
         sys.path.insert(0, _p)
 RESULTS = ROOT / "benchmarks" / "results"
 INPUTS = RESULTS / "schedule_sim_inputs.json"
-KINDS = ("gpipe", "1f1b", "exact", "synthetic", "delayed", "local")
+KINDS = ("gpipe", "1f1b", "exact", "synthetic", "delayed", "local", "mb_gpipe", "mb_1f1b")
 
 
 # =========================================================================== inputs
@@ -169,8 +169,12 @@ class Engine:
     Ranks run in order of their simulated time (a heap), so when a rank polls at time t every message that will
     ever be sent at or before t has been sent."""
 
-    def __init__(self, link: Link, rendezvous: bool = True) -> None:
+    def __init__(self, link: Link, rendezvous: bool = True, cores: int | None = None, background: float = 0.0) -> None:
         self.link, self.rendezvous = link, rendezvous
+        self.cores, self.background = cores, background
+        self.busy: dict = {}  # cores given: rank -> [work left, version, what, step, mb, start]
+        self.busy_t = 0.0  # when the work left was last brought up to date
+        self.version = 0
         self.msgs: dict = defaultdict(_Msg)
         self.link_free: dict = defaultdict(float)
         self.waiters: dict = defaultdict(list)  # key -> ranks blocked on it
@@ -178,9 +182,28 @@ class Engine:
         self.seq = 0
         self.events: list[Event] = []
 
-    def _push(self, t: float, rank: int) -> None:
+    def _push(self, t: float, rank: int, version: int = -1) -> None:
         self.seq += 1
-        heapq.heappush(self.heap, (t, self.seq, rank))
+        heapq.heappush(self.heap, (t, self.seq, rank, version))
+
+    # processor sharing: with `cores` given, the computing ranks and `background` other busy processes share the
+    # cores equally; each computing rank runs at min(1, cores / (computing ranks + background)) of a core
+    def _rate(self) -> float:
+        return min(1.0, self.cores / (len(self.busy) + self.background))
+
+    def _update(self, t: float) -> None:
+        if self.busy:
+            done = (t - self.busy_t) * self._rate()
+            for job in self.busy.values():
+                job[0] -= done
+        self.busy_t = t
+
+    def _reschedule(self, t: float) -> None:
+        rate = self._rate() if self.busy else 1.0
+        for r, job in self.busy.items():
+            self.version += 1
+            job[1] = self.version
+            self._push(t + max(0.0, job[0]) / rate, r, self.version)
 
     def _deliver(self, key) -> None:
         m = self.msgs[key]
@@ -201,7 +224,15 @@ class Engine:
         for r in range(len(gens)):
             self._push(0.0, r)
         while self.heap:
-            t, _, r = heapq.heappop(self.heap)
+            t, _, r, version = heapq.heappop(self.heap)
+            if version >= 0:  # a shared-core computation: finished now, unless rescheduled since
+                job = self.busy.get(r)
+                if job is None or job[1] != version:
+                    continue
+                self._update(t)
+                del self.busy[r]
+                self.events.append(Event(r, job[2], job[3], job[4], job[5], t))
+                self._reschedule(t)
             value = None
             while True:
                 try:
@@ -213,6 +244,11 @@ class Engine:
                 kind = op[0]
                 if kind == "compute":
                     _, what, dur, step, mb = op
+                    if dur > 0 and self.cores is not None:
+                        self._update(t)
+                        self.busy[r] = [dur, 0, what, step, mb, t]
+                        self._reschedule(t)
+                        break
                     if dur > 0:
                         self.events.append(Event(r, what, step, mb, t, t + dur))
                         self._push(t + dur, r)
@@ -426,6 +462,54 @@ def _dni_rank(r: int, S: int, st: StageTimes, kind: str, nbytes: list[float], st
         yield ("mark", step)
 
 
+def _dni_mb_rank(r: int, S: int, st: StageTimes, M: int, mb_bytes: list[float], steps: int, schedule: str, depth: int):
+    """dnicompile's microbatched exact cuts (RankWorker.train_microbatches): every receive of the step posted at
+    its start; forwards and backwards in `schedule_order`; sends never wait (up to P2P's bound in flight); one
+    optimizer step."""
+    first, last = r == 0, r == S - 1
+    fwd = (st.fwd_mb if st.fwd_mb is not None else st.fwd / M) + st.mb_overhead
+    bwd = (st.bwd_mb if st.bwd_mb is not None else st.bwd / M) + st.mb_overhead
+    if schedule == "gpipe":
+        order = [("F", i) for i in range(M)] + [("B", i) for i in range(M)]
+    else:
+        warm = min(M, S - r - 1)
+        order = [("F", i) for i in range(warm)]
+        for i in range(M):
+            if warm + i < M:
+                order.append(("F", warm + i))
+            order.append(("B", i))
+    inflight: deque = deque()
+    keep = 4 * max(1, depth)
+    for step in range(steps):
+        yield _compute("overhead", st.overhead, step)
+        for i in range(M):
+            if not first:
+                yield ("post", ("act", r - 1, step, i))
+            if not last:
+                yield ("post", ("grad", r, step, i))
+        for action, i in order:
+            if action == "F":
+                if not first:
+                    yield ("wait", ("act", r - 1, step, i))
+                yield _compute("F", fwd, step, i)
+                if not last:
+                    key = ("act", r, step, i)
+                    yield ("send", r + 1, key, mb_bytes[r])
+                    inflight.append(key)
+            else:
+                if not last:
+                    yield ("wait", ("grad", r, step, i))
+                yield _compute("B", bwd, step, i)
+                if not first:
+                    key = ("grad", r - 1, step, i)
+                    yield ("send", r - 1, key, mb_bytes[r - 1])
+                    inflight.append(key)
+            while len(inflight) > keep:
+                yield ("sendwait", inflight.popleft())
+        yield _compute("opt", st.opt, step)
+        yield ("mark", step)
+
+
 def simulate(
     kind: str,
     stages: list[StageTimes],
@@ -437,6 +521,8 @@ def simulate(
     queue_depth: int = 4,
     delay: int = 1,
     rendezvous: bool = True,
+    cores: int | None = None,
+    background: float = 0.0,
 ) -> Result:
     """Simulate `steps` training steps of `kind` on len(stages) ranks (one stage each). `cut_bytes[i]`: bytes of
     the boundary tensors crossing cut i (after stage i) for one whole batch (the gradient has as many); a
@@ -448,8 +534,13 @@ def simulate(
         raise ValueError(f"{S} stages need {S - 1} cut sizes, got {len(cut_bytes)}")
     if kind == "1f1b" and microbatches < S:
         raise ValueError(f"Schedule1F1B needs at least as many microbatches as stages ({microbatches} < {S})")
-    engine = Engine(link, rendezvous)
-    if kind in ("gpipe", "1f1b"):
+    engine = Engine(link, rendezvous, cores, background)
+    if kind in ("mb_gpipe", "mb_1f1b"):
+        mb_bytes = [b / microbatches for b in cut_bytes]
+        programs = [
+            _dni_mb_rank(r, S, st, microbatches, mb_bytes, steps, kind[3:], queue_depth) for r, st in enumerate(stages)
+        ]
+    elif kind in ("gpipe", "1f1b"):
         mb_bytes = [b / microbatches for b in cut_bytes]
         programs = [_pipe_rank(r, S, st, microbatches, mb_bytes, steps, kind) for r, st in enumerate(stages)]
     else:
@@ -499,6 +590,7 @@ def scaled_stages(inp: dict, kind: str, depth: int, S: int, M: int = 1) -> tuple
     s0 = inp["stages"][0]
     itf = inp["interfaces"]
     overhead = inp["draw_batch"] + (0.0 if kind in ("gpipe", "1f1b", "backprop") else itf["backprop"]["begin_step"])
+    torch_pipe = kind in ("gpipe", "1f1b")
     per_layer = s0["layers"]
     fwd, bwd = _interp(lay["fwd"], B), _interp(lay["bwd"], B)
     stages = []
@@ -508,10 +600,10 @@ def scaled_stages(inp: dict, kind: str, depth: int, S: int, M: int = 1) -> tuple
             st.bwd_no_input = st.bwd - (bwd - _interp(lay["bwd_no_input"], B))
         else:
             st.bwd = st.bwd - (bwd - _interp(lay["bwd_no_input"], B))
-        if kind in ("gpipe", "1f1b"):
+        if kind in ("gpipe", "1f1b", "mb_gpipe", "mb_1f1b"):
             st.fwd_mb = n * _interp(lay["fwd"], mb)
             st.bwd_mb = n * _interp(lay["bwd_acc"], mb)
-            st.grad_scale = n * lay["grad_scale"]
+            st.grad_scale = n * lay["grad_scale"] if torch_pipe else 0.0
         elif kind == "synthetic":
             st.synth, st.learn = itf["dni"]["synth"], itf["dni"]["learn"]
         elif kind == "local":
@@ -536,7 +628,7 @@ def _interp(table: dict, size: int) -> float:
     return tb + (tb - ta) * (size - b) / (b - a)
 
 
-PREDICT_KINDS = ("gpipe", "1f1b", "exact", "synthetic", "delayed", "local")
+PREDICT_KINDS = ("gpipe", "1f1b", "exact", "synthetic", "delayed", "local", "mb_gpipe", "mb_1f1b")
 
 
 def predict_grid(inp: dict, depth: int, sizes: list[int], latencies_ms: list[float], bandwidth: float) -> dict:
@@ -551,7 +643,7 @@ def predict_grid(inp: dict, depth: int, sizes: list[int], latencies_ms: list[flo
             link = Link(lat / 1e3, bandwidth)
             row = {"S": S, "latency_ms": lat, "backprop_1": base}
             for kind in PREDICT_KINDS:
-                if kind in ("gpipe", "1f1b"):
+                if kind in ("gpipe", "1f1b", "mb_1f1b"):
                     best = None
                     for M in (4, 8, 16, 32, 64, 128, 256):
                         if M > B or (kind == "1f1b" and M < S):
@@ -578,11 +670,13 @@ _CPU_SHARE: list[float] = []  # CPU time over wall time of each timing: how much
 
 
 def _timeit(fn, reps: int, warm: int = 2, setup=None) -> float:
-    """Median wall seconds of fn() over `reps` runs (setup() before each, untimed)."""
+    """Median CPU seconds of this process for fn() over `reps` runs (setup() before each, untimed): the work, as
+    a dedicated core would take it. The CPU time over the wall time is kept (`_CPU_SHARE`): how much of a core
+    the process got while measuring, from which the load of other processes is estimated."""
     import statistics
     import time
 
-    times, cpus = [], []
+    walls, cpus = [], []
     for i in range(warm + reps):
         if setup is not None:
             setup()
@@ -590,12 +684,12 @@ def _timeit(fn, reps: int, warm: int = 2, setup=None) -> float:
         fn()
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if i >= warm:
-            times.append(dt)
+            walls.append(dt)
             cpus.append(dc)
-    wall = statistics.median(times)
+    wall, cpu = statistics.median(walls), statistics.median(cpus)
     if wall > 1e-3:
-        _CPU_SHARE.append(statistics.median(cpus) / wall)
-    return wall
+        _CPU_SHARE.append(cpu / wall)
+    return cpu
 
 
 def _measure_stage(sub, r: int, last: bool, batch: int, microbatches: int, reps: int) -> dict:
@@ -820,6 +914,7 @@ def measure_all(depth: int, batch: int, microbatches: int, reps: int, data: str,
     res["link"] = measure_link()
     res["load"] = [load0, os.getloadavg()[0]]
     res["cpu_share"] = sorted(_CPU_SHARE)[len(_CPU_SHARE) // 2] if _CPU_SHARE else None
+    res["clock"] = "cpu"  # every time above is the process's CPU time (the link's: wall time)
     return res
 
 
@@ -843,11 +938,15 @@ def measured_stages(inp: dict, kind: str) -> tuple[list[StageTimes], list[float]
     if kind == "backprop":
         st = StageTimes(s0["fwd"] + s1["fwd"], s0["bwd"] + s1["bwd"], s0["opt"] + s1["opt"], overhead=draw)
         return [st], [], inp["batch"]
-    if kind in ("gpipe", "1f1b"):
+    if kind in ("gpipe", "1f1b", "mb_gpipe", "mb_1f1b"):
+        torch_pipe = kind in (
+            "gpipe",
+            "1f1b",
+        )  # torch divides the accumulated gradients by M; dnicompile weights the loss
         sts = [
             StageTimes(
-                s["fwd"], s["bwd"], s["opt"], overhead=draw, fwd_mb=s["fwd_mb"], bwd_mb=s["bwd_mb"],
-                grad_scale=s["grad_scale"],
+                s["fwd"], s["bwd"], s["opt"], overhead=draw + (0.0 if torch_pipe else begin), fwd_mb=s["fwd_mb"],
+                bwd_mb=s["bwd_mb"], grad_scale=s["grad_scale"] if torch_pipe else 0.0,
             )
             for s in (s0, s1)
         ]  # fmt: skip
@@ -878,34 +977,98 @@ def cpu_per_step(result: Result) -> list[float]:
     return busy
 
 
-def predict_s2(inp: dict, link: Link | None = None, steps: int = 40) -> dict:
-    """Predicted samples/s and busy ms per step of each rank, per validation contender, at S = 2."""
-    if link is None:
-        link = Link(inp["link"]["latency_s"], inp["link"]["bandwidth_Bps"])
+def work_inputs(inp: dict) -> dict:
+    """The inputs in CPU seconds (the work): files measured before `clock: cpu` hold wall times, converted with
+    the measuring process's CPU share."""
+    if inp.get("clock") == "cpu":
+        return inp
+    share = inp["cpu_share"]
+    out = json.loads(json.dumps(inp))
+    for st in out["stages"]:
+        for k in ("fwd", "fwd_mb", "bwd", "bwd_no_input", "bwd_mb", "opt", "grad_scale"):
+            st[k] *= share
+    out["draw_batch"] *= share
+    for rec in out["interfaces"].values():
+        for k in rec:
+            rec[k] *= share
+    out["clock"] = "cpu"
+    return out
+
+
+def background_load(inp: dict, cores: int = 2) -> float:
+    """Other busy processes while the inputs were measured: a lone busy process gets cores / (1 + background) of
+    a core (at most 1), so background = cores / share - 1 (0 when it got a whole core)."""
+    share = inp.get("cpu_share") or 1.0
+    return max(0.0, cores / min(1.0, share) - 1.0)
+
+
+def predict_s2(inp: dict, steps: int = 40, cores: int | None = None, background: float = 0.0) -> dict:
+    """Predicted samples/s and busy ms per step of each rank, per validation contender, at S = 2: on dedicated
+    cores (cores None), or sharing `cores` with `background` other busy processes."""
+    inp = work_inputs(inp)
     out = {}
-    for name, kind in VALIDATION:
+    for name, kind, latency_ms, M in VALIDATION:
+        link = Link(inp["link"]["latency_s"] + latency_ms / 1e3, inp["link"]["bandwidth_Bps"])
         sim_kind = "exact" if kind == "backprop" else kind
         stages, cut_bytes, batch = measured_stages(inp, kind)
-        res = simulate(sim_kind, stages, cut_bytes, link, batch, steps, microbatches=inp["microbatches"])
+        res = simulate(
+            sim_kind, stages, cut_bytes, link, batch, steps, microbatches=M, cores=cores, background=background
+        )
         out[name] = {"samples_per_s": res.throughput, "busy_ms": [1e3 * b for b in cpu_per_step(res)]}
     return out
 
 
-VALIDATION = [  # (name, simulated kind): the contenders measured by validate
-    ("a_backprop", "backprop"),
-    ("c_gpipe", "gpipe"),
-    ("c_1f1b", "1f1b"),
-    ("e_exact", "exact"),
-    ("e_cdni", "synthetic"),
-    ("e_local", "local"),
-    ("e_delayed", "delayed"),
+VALIDATION = [  # (name, simulated kind, emulated latency ms, microbatches): the contenders validate measures
+    ("a_backprop", "backprop", 0, 1),
+    ("c_gpipe", "gpipe", 0, 4),
+    ("c_1f1b", "1f1b", 0, 4),
+    ("e_exact", "exact", 0, 1),
+    ("e_cdni", "synthetic", 0, 1),
+    ("e_local", "local", 0, 1),
+    ("e_delayed", "delayed", 0, 1),
+    ("e_mb_gpipe", "mb_gpipe", 0, 4),
+    ("e_mb_1f1b", "mb_1f1b", 0, 4),
+    ("e_exact_10ms", "exact", 10, 1),
+    ("e_cdni_10ms", "synthetic", 10, 1),
+    ("e_mb_1f1b_10ms", "mb_1f1b", 10, 4),
 ]
+
+
+def _variant(spec: Path, extra: str, tag: str) -> Path:
+    """throughput.py's spec with more `distributed:` settings (the lead's microbatches and link emulation)."""
+    text = spec.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("distributed: {"))
+    out = spec.with_name(f"{spec.stem}_{tag}.yaml")
+    out.write_text(text.replace(line, line[:-1] + ", " + extra + "}"))
+    return out
+
+
+def summarize(reps: list[dict]) -> dict:
+    """Medians over the reps of measured and predicted samples/s (dedicated and shared cores), the error of each
+    prediction, and each rank's measured CPU ms per step against the simulated busy ms (CPU time: the work)."""
+    import statistics
+
+    med = statistics.median
+    out = {}
+    names = [n for n, *_ in VALIDATION if all(n in r["measured"] for r in reps)]
+    for name in names:
+        m = med(r["measured"][name]["samples_per_s"] for r in reps)
+        p = med(r["predicted"][name]["samples_per_s"] for r in reps)
+        ps = med(r["predicted_shared"][name]["samples_per_s"] for r in reps)
+        cpu = [
+            med(r["measured"][name]["cpu_ms"][i] for r in reps) for i in range(len(reps[0]["measured"][name]["cpu_ms"]))
+        ]
+        busy = [med(r["predicted"][name]["busy_ms"][i] for r in reps) for i in range(len(cpu))]
+        out[name] = {
+            "measured": m, "predicted": p, "error": p / m - 1, "predicted_shared": ps, "error_shared": ps / m - 1,
+            "cpu_ms": cpu, "busy_ms": busy, "loads": [r["measured"][name]["load"] for r in reps],
+        }  # fmt: skip
+    return out
 
 
 def cmd_validate(args) -> int:
     """Interleaved reps: measure the inputs, then run every contender once with throughput.py's runners."""
     import os
-    import statistics
     import tempfile
     import time
     from types import SimpleNamespace
@@ -915,51 +1078,58 @@ def cmd_validate(args) -> int:
     tp.DEPTH, tp.QUEUE_DEPTH = args.depth, 4
     targs = SimpleNamespace(data=args.data, batch_size=args.batch_size, warmup=args.warmup, steps=args.steps)
     began = time.perf_counter()
-    reps = []
+    chosen = [n for n, *_ in VALIDATION if not args.only or n in args.only.split(",")]
+    reps: list = []
+    res = {"command": "python benchmarks/schedule_sim.py validate " + " ".join(sys.argv[2:]), "args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="schedule-sim-") as tmp_name:
         tmp = Path(tmp_name)
         specs = {k: tp.spec_for(k, 2, 5, tmp) for k in ("backprop", "dni", "local", "delayed")}
+        M = args.microbatches
+        specs["mb_gpipe"] = _variant(specs["backprop"], f"microbatches: {M}, schedule: gpipe", "mb_gpipe")
+        specs["mb_1f1b"] = _variant(specs["backprop"], f"microbatches: {M}, schedule: 1f1b", "mb_1f1b")
+        link = "link: {latency_ms: 10}"
+        specs["exact_10ms"] = _variant(specs["backprop"], link, "10ms")
+        specs["dni_10ms"] = _variant(specs["dni"], link, "10ms")
+        specs["mb_1f1b_10ms"] = _variant(specs["backprop"], f"microbatches: {M}, schedule: 1f1b, {link}", "mb_10ms")
+        dist = {
+            "e_exact": "backprop", "e_cdni": "dni", "e_local": "local", "e_delayed": "delayed", "e_mb_gpipe": "mb_gpipe",
+            "e_mb_1f1b": "mb_1f1b", "e_exact_10ms": "exact_10ms", "e_cdni_10ms": "dni_10ms",
+            "e_mb_1f1b_10ms": "mb_1f1b_10ms",
+        }  # fmt: skip
         runners = {
             "a_backprop": lambda: tp.run_child("plain", targs, threads=1),
-            "c_gpipe": lambda: tp.run_child("pipe", targs, workers=2, schedule="gpipe", microbatches=args.microbatches),
-            "c_1f1b": lambda: tp.run_child("pipe", targs, workers=2, schedule="1f1b", microbatches=args.microbatches),
-            "e_exact": lambda: tp.run_distributed(specs["backprop"], 2, targs, tmp),
-            "e_cdni": lambda: tp.run_distributed(specs["dni"], 2, targs, tmp),
-            "e_local": lambda: tp.run_distributed(specs["local"], 2, targs, tmp),
-            "e_delayed": lambda: tp.run_distributed(specs["delayed"], 2, targs, tmp),
-        }  # fmt: skip
+            "c_gpipe": lambda: tp.run_child("pipe", targs, workers=2, schedule="gpipe", microbatches=M),
+            "c_1f1b": lambda: tp.run_child("pipe", targs, workers=2, schedule="1f1b", microbatches=M),
+            **{n: (lambda k=k: tp.run_distributed(specs[k], 2, targs, tmp)) for n, k in dist.items()},
+        }
         for rep in range(args.reps):
-            inp = measure_all(args.depth, args.batch_size, args.microbatches, args.mreps, args.data, layer=False)
-            pred = predict_s2(inp)
-            row = {"inputs": inp, "predicted": pred, "measured": {}}
-            print(f"rep {rep + 1}: inputs measured (load {inp['load']}, CPU share {inp['cpu_share']:.2f})", flush=True)
-            for name, _ in VALIDATION:
+            inp = measure_all(args.depth, args.batch_size, M, args.mreps, args.data, layer=False)
+            bg = background_load(inp)
+            row = {"inputs": inp, "background": bg, "predicted": predict_s2(inp), "measured": {}}
+            row["predicted_shared"] = predict_s2(inp, cores=2, background=bg)
+            print(f"rep {rep + 1}: inputs (load {inp['load']}, CPU share {inp['cpu_share']:.2f})", flush=True)
+            for name in chosen:
                 load = os.getloadavg()[0]
                 got = runners[name]()
                 got["load"] = load
                 row["measured"][name] = got
+                pred, pred_s = row["predicted"][name], row["predicted_shared"][name]
                 cpu = "/".join(f"{c:.0f}" for c in got["cpu_ms"])
-                busy = "/".join(f"{c:.0f}" for c in pred[name]["busy_ms"])
+                busy = "/".join(f"{c:.0f}" for c in pred["busy_ms"])
                 print(
                     f"rep {rep + 1} {name}: measured {got['samples_per_s']:.0f} samples/s (CPU ms {cpu}, load "
-                    f"{load:.2f}); predicted {pred[name]['samples_per_s']:.0f} (busy ms {busy})",
+                    f"{load:.2f}); predicted {pred['samples_per_s']:.0f} dedicated, {pred_s['samples_per_s']:.0f} "
+                    f"shared (busy ms {busy})",
                     flush=True,
                 )
             reps.append(row)
-    summary = {}
-    for name, _ in VALIDATION:
-        m = statistics.median(r["measured"][name]["samples_per_s"] for r in reps)
-        p_ = statistics.median(r["predicted"][name]["samples_per_s"] for r in reps)
-        summary[name] = {"measured": m, "predicted": p_, "error": p_ / m - 1}
-        print(f"{name:12s} measured {m:6.0f}  predicted {p_:6.0f}  error {100 * (p_ / m - 1):+5.1f}%")
-    res = {
-        "command": "python benchmarks/schedule_sim.py validate " + " ".join(sys.argv[2:]),
-        "args": vars(args),
-        "reps": reps,
-        "summary": summary,
-        "total_s": time.perf_counter() - began,
-    }
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+            res.update(reps=reps, summary=summarize(reps), total_s=time.perf_counter() - began)
+            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")  # after every rep
+    for name, v in res["summary"].items():
+        print(
+            f"{name:15s} measured {v['measured']:6.0f}  predicted {v['predicted']:6.0f} ({100 * v['error']:+5.1f}%), "
+            f"shared cores {v['predicted_shared']:6.0f} ({100 * v['error_shared']:+5.1f}%)"
+        )
     return 0
 
 
@@ -1003,6 +1173,7 @@ COLORS = {"F": "tab:blue", "B": "tab:orange", "opt": "tab:green", "synth": "tab:
 LABELS = {
     "gpipe": "GPipe (best M)",
     "1f1b": "1F1B (best M)",
+    "mb_1f1b": "dnicompile exact, 1F1B (best M)",
     "exact": "exact cuts, no microbatches",
     "synthetic": "synthetic (cDNI)",
     "delayed": "delayed (1 step)",
@@ -1100,7 +1271,7 @@ def plot_validation(summary: dict, path: Path, title: str) -> None:
 
 
 def cmd_predict(args) -> int:
-    inp = json.loads(Path(args.inputs).read_text())
+    inp = work_inputs(json.loads(Path(args.inputs).read_text()))
     bandwidth = args.bandwidth_mb_s * 1e6 if args.bandwidth_mb_s else inp["link"]["bandwidth_Bps"]
     sizes = [int(x) for x in args.stages.split(",")]
     lats = [float(x) for x in args.latency_ms.split(",")]
@@ -1117,7 +1288,7 @@ def cmd_predict(args) -> int:
     # timelines: S = 4 of the same model at 1 ms, and S = 2 with the measured stages and link
     res = []
     for kind in PREDICT_KINDS:
-        M = 8 if kind in ("gpipe", "1f1b") else 1
+        M = 8 if kind in ("gpipe", "1f1b", "mb_1f1b") else 1
         stages, cb = scaled_stages(inp, kind, args.depth, 4, M)
         r = simulate(kind, stages, cb, Link(1e-3, bandwidth), inp["batch"], steps=12, microbatches=M)
         res.append((LABELS[kind].replace("best M", f"M = {M}"), r))
@@ -1125,16 +1296,17 @@ def cmd_predict(args) -> int:
                    f"S = 4, {args.depth} layers (16 per stage), latency 1 ms: 3 steady-state steps")  # fmt: skip
     link = Link(inp["link"]["latency_s"], inp["link"]["bandwidth_Bps"])
     res = []
-    for name, kind in VALIDATION[1:]:
-        stages, cb, B = measured_stages(inp, kind)
-        res.append((name, simulate(kind, stages, cb, link, B, steps=12, microbatches=inp["microbatches"])))
+    for name, kind, latency_ms, M in VALIDATION[1:]:
+        if latency_ms == 0:
+            stages, cb, B = measured_stages(inp, kind)
+            res.append((name, simulate(kind, stages, cb, link, B, steps=12, microbatches=M)))
     plot_timelines(res, out.with_name("schedule_sim_timeline_s2.png"),
                    f"S = 2, the measured depth-{inp['depth']} stages and gloo link: 3 steady-state steps")  # fmt: skip
     return 0
 
 
 def cmd_timeline(args) -> int:
-    inp = json.loads(Path(args.inputs).read_text())
+    inp = work_inputs(json.loads(Path(args.inputs).read_text()))
     link = Link(args.latency_ms / 1e3 if args.latency_ms is not None else inp["link"]["latency_s"],
                 inp["link"]["bandwidth_Bps"])  # fmt: skip
     if args.stages == 2 and args.depth == inp["depth"]:
@@ -1170,6 +1342,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--steps", type=int, default=40)
     v.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fashion-mnist"))
     v.add_argument("--out", default=str(RESULTS / "schedule_sim_validation.json"))
+    v.add_argument("--only", help="comma-separated contender names (default: all of VALIDATION)")
     q = sub.add_parser("predict", help="predictions for S stages and latencies, plots")
     q.add_argument("--inputs", default=str(INPUTS))
     q.add_argument("--depth", type=int, default=64, help="total hidden layers, split into S stages")

@@ -166,3 +166,35 @@ def test_local_rank_never_waits_and_sends_nothing_back():
     assert r.step_end[0] == [3.5, 7.0, 10.5, 14.0]  # F + head + B, back to back
     assert not any(k[0] == "grad" for k in r.messages)
     assert [e[4:] for e in r.timeline(rank=1, step=0)] == [(1.5, 2.5), (2.5, 3.5)]  # no input gradient
+
+
+def test_dnicompile_microbatched_1f1b():
+    # RankWorker.train_microbatches with 1F1B: rank 0 warms up with min(M, S - r - 1) = 1 forward, rank 1 with 0;
+    # every receive is posted when the step starts and sends never wait, so a message arrives 0.5 after its send.
+    # rank 0: F0 [0, 1], F1 [1, 2], waits for g0.  rank 1: F0 [1.5, 2.5], B0 [2.5, 4.5] (g0 -> 5), F1 [4.5, 5.5],
+    # B1 [5.5, 7.5] (g1 -> 8).  rank 0: B0 [5, 7], F2 [7, 8] (-> 8.5), B1 [8, 10], F3 [10, 11] (-> 11.5).
+    # rank 1: F2 [8.5, 9.5], B2 [9.5, 11.5] (-> 12), F3 [11.5, 12.5], B3 [12.5, 14.5] (-> 15).
+    # rank 0: B2 [12, 14], B3 [15, 17]. (torch's Schedule1F1B ends at 17.5: its sends wait for the receiver.)
+    r = simulate("mb_1f1b", mb_stages(), [4.0], L, batch=1, steps=1, microbatches=4)
+    assert events(r, 0) == [
+        ("F", 0, 0, 1), ("F", 1, 1, 2), ("B", 0, 5, 7), ("F", 2, 7, 8),
+        ("B", 1, 8, 10), ("F", 3, 10, 11), ("B", 2, 12, 14), ("B", 3, 15, 17),
+    ]  # fmt: skip
+    assert events(r, 1) == [
+        ("F", 0, 1.5, 2.5), ("B", 0, 2.5, 4.5), ("F", 1, 4.5, 5.5), ("B", 1, 5.5, 7.5),
+        ("F", 2, 8.5, 9.5), ("B", 2, 9.5, 11.5), ("F", 3, 11.5, 12.5), ("B", 3, 12.5, 14.5),
+    ]  # fmt: skip
+    assert r.step_end == [[17], [14.5]]
+
+
+def test_shared_cores():
+    # 2 cores, 1 other busy process: two computing ranks get 2/3 of a core each, a lone one a whole core.
+    # A (work 1) ends at 1.5; B has done 1 of its 3 by then and runs the other 2 alone: ends at 3.5.
+    def job(work):
+        yield ("compute", "F", work, 0, -1)
+        yield ("mark", 0)
+
+    engine = Engine(Link(), cores=2, background=1.0)
+    marks, _ = engine.run([job(1.0), job(3.0)])
+    assert marks == [[1.5], [3.5]]
+    assert [(e.start, e.end) for e in engine.events] == [(0, 1.5), (0, 3.5)]
