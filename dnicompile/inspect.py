@@ -27,6 +27,40 @@ def _lines(*parts: str) -> str:
     return dot_string("\n".join(parts))
 
 
+# How each cut kind is drawn: (colour, Graphviz edge style, SVG stroke-dasharray, the legend's words). The
+# drawings show a legend of the kinds a program has.
+CUT_STYLES = {
+    "exact": ("#333333", "solid", "", "exact: the true gradient crosses"),
+    "synthetic": ("#1f6fd1", "dashed", "6,4", "synthetic: a synthesizer predicts the gradient"),
+    "local": ("#2a9d4b", "dashed", "10,3,2,3", "local loss: a head trains the stage before; nothing goes back"),
+    "delayed": ("#d9822b", "dotted", "2,3", "delayed: the true gradient, steps late"),
+}
+_LEGEND_SAMPLE = {
+    "solid": "\u2501\u2501\u2501\u2501",
+    "dashed": "\u2501 \u2501 \u2501",
+    "dotted": "\u00b7\u00b7\u00b7\u00b7\u00b7\u00b7",
+}
+
+
+def _kinds(program: DecoupledProgram) -> list[str]:
+    """The cut kinds the program has, in CUT_STYLES' order."""
+    present = {cut.kind for _, _, cut in program.stage_graph.edges(data="cut")}
+    return [k for k in CUT_STYLES if k in present]
+
+
+def _dot_legend(kinds: list[str]) -> str:
+    """A Graphviz node whose HTML label lists the cut kinds drawn, each with a sample of its line."""
+    rows = "".join(
+        f'<tr><td align="left"><font color="{CUT_STYLES[k][0]}">{_LEGEND_SAMPLE[CUT_STYLES[k][1]]}</font></td>'
+        f'<td align="left">{html.escape(CUT_STYLES[k][3])}</td></tr>'
+        for k in kinds
+    )
+    table = (
+        f'<table border="0" cellspacing="2"><tr><td colspan="2" align="left"><b>cut kinds</b></td></tr>{rows}</table>'
+    )
+    return f'  "legend" [shape=plaintext, fontsize=10, label=<{table}>];'  # unconnected: drawn in the top rank
+
+
 def stages_dot(program: DecoupledProgram) -> str:
     """The stage graph in Graphviz dot: stages as boxes, boundary tensors on the edges. Every identifier and
     label is a quoted, escaped string (dot_string)."""
@@ -43,15 +77,18 @@ def stages_dot(program: DecoupledProgram) -> str:
     first = ", ".join(str(t) for t in program.stages[0].inputs)
     lines.append(f'  "input" -> {dot_string(program.stages[0].name)} [label={dot_string(first)}];')
     for u, v, cut in program.stage_graph.edges(data="cut"):  # [Note: stage graph]
-        style = {"exact": "solid", "delayed": "dotted"}.get(cut.kind, "dashed")  # delayed: the true gradient, late
+        color, style = CUT_STYLES[cut.kind][:2]
         label = _lines(
             f"{cut.name} ({describe_synthesizer(cut)})", *(f"{b.name} {fmt_shape(b.shape)}" for b in cut.boundary)
         )
         head, tail = program.stages[u].name, program.stages[v].name
-        lines.append(f"  {dot_string(head)} -> {dot_string(tail)} [label={label}, style={style}];")
+        lines.append(f'  {dot_string(head)} -> {dot_string(tail)} [label={label}, style={style}, color="{color}"];')
     last = program.stages[-1]
     outputs = ", ".join(str(t) for t in last.outputs)
     lines.append(f'  {dot_string(last.name)} -> "loss" [label={dot_string(outputs)}];')
+    kinds = _kinds(program)
+    if kinds:
+        lines.append(_dot_legend(kinds))
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -63,12 +100,28 @@ def stages_svg(program: DecoupledProgram) -> str:
     n = len(program.stages)
     height = 70 + n * box_h + (n - 1) * gap + 60
     width = label_x + 520
+    markers = "".join(
+        f'<marker id="arrow-{kind}" markerWidth="10" markerHeight="10" refX="9" refY="3" orient="auto">'
+        f'<path d="M0,0 L0,6 L9,3 z" fill="{color}"/></marker>'
+        for kind, (color, *_) in CUT_STYLES.items()
+    )
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="12">',
-        '<defs><marker id="arrow" markerWidth="10" markerHeight="10" refX="9" refY="3" orient="auto">'
-        '<path d="M0,0 L0,6 L9,3 z" fill="#333"/></marker></defs>',
+        f"<defs>{markers}</defs>",
     ]
+    kinds = _kinds(program)
+    if kinds:  # the legend: top right, above the first cut's label
+        parts.append(f'<text x="{label_x}" y="16" font-weight="bold">cut kinds</text>')
+        for j, kind in enumerate(kinds):
+            color, _, dash, words = CUT_STYLES[kind]
+            ly = 16 + 15 * (j + 1)
+            dashes = f' stroke-dasharray="{dash}"' if dash else ""
+            parts.append(
+                f'<line x1="{label_x}" y1="{ly - 4}" x2="{label_x + 36}" y2="{ly - 4}" stroke="{color}" '
+                f'stroke-width="2"{dashes}/>'
+            )
+            parts.append(f'<text x="{label_x + 44}" y="{ly}" font-size="11">{html.escape(words)}</text>')
     first = ", ".join(f"{t.name} {fmt_shape(t.shape)}" for t in program.stages[0].inputs)
     parts.append(f'<text x="{left}" y="20" fill="#555">input: {html.escape(first)}</text>')
     y = 40
@@ -87,14 +140,15 @@ def stages_svg(program: DecoupledProgram) -> str:
         cut = program.cut_after(stage.index)
         if cut is not None:
             x = left + box_w / 2
-            dash = {"exact": "", "delayed": ' stroke-dasharray="2,3"'}.get(cut.kind, ' stroke-dasharray="6,4"')
+            color, _, dash, _ = CUT_STYLES[cut.kind]
+            dashes = f' stroke-dasharray="{dash}"' if dash else ""
             parts.append(
-                f'<line x1="{x}" y1="{y + box_h}" x2="{x}" y2="{y + box_h + gap - 4}" stroke="#333"{dash} '
-                'marker-end="url(#arrow)"/>'
+                f'<line x1="{x}" y1="{y + box_h}" x2="{x}" y2="{y + box_h + gap - 4}" stroke="{color}" '
+                f'stroke-width="1.5"{dashes} marker-end="url(#arrow-{cut.kind})"/>'
             )
             ty = y + box_h + 22
             parts.append(
-                f'<text x="{label_x}" y="{ty}" font-weight="bold">cut {esc(cut.name)}: '
+                f'<text x="{label_x}" y="{ty}" font-weight="bold"><tspan fill="{color}">cut {esc(cut.name)}</tspan>: '
                 f"{esc(describe_synthesizer(cut))}</text>"
             )
             for j, b in enumerate(cut.boundary[:5]):

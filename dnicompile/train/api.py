@@ -20,7 +20,7 @@ from ..errors import DNIError
 from ..files import write_atomic
 from .loop import FitOptions, load_run_checkpoint
 from .loop import fit as run_loop
-from .outputs import check_outputs, plot_curves
+from .outputs import check_outputs, cut_kinds, plot_curves
 from .tasks import DataTask
 
 
@@ -90,7 +90,7 @@ def fit(
     if out_dir is not None:
         state = {k: v.detach().cpu() for k, v in program.state_dict().items()}
         write_atomic(out_dir / "model.pt", lambda p: torch.save(state, p))
-        plot_curves(summary["rows"], out_dir / "curves.png", type(program.model).__name__)
+        plot_curves(summary["rows"], out_dir / "curves.png", type(program.model).__name__, cut_kinds(program))
         final = {k: v for k, v in summary.items() if k != "rows"}
         write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(final, indent=2) + "\n"))
     return summary

@@ -17,6 +17,7 @@ from .outputs import (
     check_outputs,
     checkpoint_options,
     cli_schedule,
+    cut_kinds,
     exit_code,
     outputs_written,
     plot_curves,
@@ -64,7 +65,9 @@ def train_from_cli(program, args, console: Console) -> int:
         write_atomic(out_dir / "model.pt", lambda p: torch.save(state, p))
         ckpt = {"model": state, "runtime": program.runtime.state_dict(), "step": summary["steps_done"]}
         write_atomic(out_dir / "checkpoint.pt", lambda p: torch.save(ckpt, p))
-        plot_curves(summary["rows"], out_dir / "curves.png", f"{type(program.model).__name__} ({args.spec})")
+        plot_curves(
+            summary["rows"], out_dir / "curves.png", f"{type(program.model).__name__} ({args.spec})", cut_kinds(program)
+        )
         final = {k: v for k, v in summary.items() if k != "rows"}
         write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(final, indent=2) + "\n"))
         console.print(f"wrote {outputs_written(out_dir, metrics_path)}", highlight=False)

@@ -48,33 +48,137 @@ class MetricsWriter:
             self._f.close()
 
 
-def plot_curves(rows: list[dict], path: Path, title: str) -> None:
-    """Loss, test accuracy and per-cut gradient cosine similarity against step, as a PNG."""
+# how the cosine of each cut kind reads in a plot's legend (metrics: `cosine` per cut)
+COSINE_OF = {"synthetic": "synthetic vs true", "delayed": "stale vs fresh"}
+
+
+def cut_kinds(program) -> dict[str, str]:
+    """{cut name: kind} (exact, synthetic, delayed, local) of a feed-forward program, for plot_curves."""
+    return {cut.name: cut.kind for cut in getattr(program, "cuts", [])}
+
+
+def plot_curves(rows: list[dict], path: Path, title: str, kinds: dict[str, str] | None = None) -> None:
+    """Loss (training, and test at each evaluation), accuracy (training and local heads as running means, test at
+    each evaluation) and the gradient cosine per cut against step, as a PNG. `kinds`: {cut name: kind}, for the
+    legends (cut_kinds)."""
+    plt = _pyplot()
+    kinds = kinds or {}
+    train = [r for r in rows if "samples_per_s" in r]
+    evals = [r for r in rows if "samples_per_s" not in r and ("test_loss" in r or "test_accuracy" in r)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+
+    ax = axes[0]
+    _noisy_line(ax, [r["step"] for r in train], [r["loss"] for r in train], "C0", "training")
+    test = [r for r in evals if _finite(r.get("test_loss"))]
+    if test:
+        ax.plot([r["step"] for r in test], [r["test_loss"] for r in test], "o", ms=5, color="C3", label="test")
+    ax.set(title="loss", xlabel="step")
+    _loss_scale(ax, [r["loss"] for r in train] + [r["test_loss"] for r in test])
+    _legend(ax)
+
+    ax = axes[1]
+    acc = [r for r in train if "train_accuracy" in r]
+    _noisy_line(ax, [r["step"] for r in acc], [r["train_accuracy"] for r in acc], "C0", "training")
+    for k, cut in enumerate(sorted({c for r in train for c in r.get("head_accuracy", {})})):
+        pts = [r for r in train if cut in r.get("head_accuracy", {})]
+        heads = [r["head_accuracy"][cut] for r in pts]
+        ax.plot([r["step"] for r in pts], _running_mean(heads), lw=1, ls="--", color=f"C{k + 4}", label=f"{cut} head")
+    test = [r for r in evals if _finite(r.get("test_accuracy"))]
+    if test:
+        steps, values = [r["step"] for r in test], [r["test_accuracy"] for r in test]
+        ax.plot(steps, values, "-o", ms=5, color="C3", label="test")
+    ax.set(title="accuracy", xlabel="step")
+    if ax.lines:
+        _legend(ax)
+    else:
+        _empty(ax, "no accuracy: the output is not class scores")
+
+    ax = axes[2]
+    cuts = sorted({c for r in train for c in r.get("cosine", {})})
+    for c in cuts:
+        pts = [r for r in train if _finite(r["cosine"].get(c))]
+        label = f"{c}: {COSINE_OF[kinds[c]]}" if kinds.get(c) in COSINE_OF else c
+        ax.plot([r["step"] for r in pts], [r["cosine"][c] for r in pts], lw=1, label=label)
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.set(title="gradient cosine per cut", xlabel="step", ylim=(-0.2, 1.0))
+    if cuts:
+        _legend(ax)
+    else:
+        _empty(ax, "no synthetic or delayed cuts")
+    _finish(fig, title, path)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in rows if "samples_per_s" in r]
-    evals = [r for r in rows if "test_accuracy" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
-    axes[0].set(title="training loss", xlabel="step", yscale="log")
-    axes[1].plot([r["step"] for r in evals], [r["test_accuracy"] for r in evals], marker="o")
-    axes[1].set(title="test accuracy", xlabel="step")
-    cuts = sorted({c for r in train for c in r.get("cosine", {})})
-    for c in cuts:
-        axes[2].plot(
-            [r["step"] for r in train if c in r["cosine"]],
-            [r["cosine"][c] for r in train if c in r["cosine"]],
-            lw=1,
-            label=c,
-        )
-    axes[2].set(title="cos(synthetic, true gradient)", xlabel="step", ylim=(-0.2, 1.0))
-    if cuts:
-        axes[2].legend(fontsize=8)
-    else:
-        axes[2].text(0.5, 0.5, "no synthetic cuts", ha="center", va="center", transform=axes[2].transAxes)
+    return plt
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _running_mean(values: list[float]) -> list[float]:
+    """A centred running mean over about a twentieth of the points (at least 1), shorter at the ends."""
+    half = len(values) // 40
+    out = []
+    for i in range(len(values)):
+        window = [v for v in values[max(0, i - half) : i + half + 1] if _finite(v)]
+        out.append(sum(window) / len(window) if window else float("nan"))
+    return out
+
+
+def _noisy_line(ax, steps: list[int], values: list[float], color: str, label: str) -> None:
+    """A per-batch quantity: the logged values faint, their running mean over them (one line where they are few)."""
+    if len(values) >= 40:
+        ax.plot(steps, values, lw=0.8, alpha=0.3, color=color)
+        ax.plot(steps, _running_mean(values), lw=1.5, color=color, label=f"{label} (running mean)")
+    elif values:
+        ax.plot(steps, values, lw=1, color=color, label=label)
+
+
+def _loss_scale(ax, values: list[float]) -> None:
+    """A log axis where every loss is positive and they span more than a factor of 3, with ticks at round numbers
+    written as numbers (0.3, 0.5, 1, 2) rather than powers of ten; else linear."""
+    positive = [v for v in values if _finite(v)]
+    if not positive or min(positive) <= 0 or max(positive) < 3 * min(positive):
+        return
+    ax.set_yscale("log")
+    log_ticks(ax.yaxis, *ax.get_ylim())
+
+
+def log_ticks(axis, lo: float, hi: float) -> list[float]:
+    """Put 3 to about 10 major ticks at round numbers between lo and hi on a log `axis` (1, 2, 5 per decade where
+    powers of ten alone are too few), labelled as plain numbers, minor ticks unlabelled; returns the ticks."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    ticks: list[float] = []
+    for subs in ((1,), (1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9), tuple(m / 4 for m in range(4, 40))):
+        ticks = [m * 10.0**e for e in range(first, last + 1) for m in subs if lo <= m * 10.0**e <= hi]
+        if len(ticks) >= 3:
+            break
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+    axis.set_minor_formatter(NullFormatter())
+    return ticks
+
+
+def _legend(ax) -> None:
+    if any(not line.get_label().startswith("_") for line in ax.get_lines()):
+        ax.legend(fontsize=8)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+
+
+def _finish(fig, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title)
     fig.tight_layout()
     write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
@@ -185,41 +289,45 @@ def write_outputs(program, summary: dict, out_dir: Path, title: str) -> None:
 
 
 def plot_recurrent(rows: list[dict], path: Path, title: str, synthetic: bool = True) -> None:
-    """Loss, then solved length (copy) or held-out BPC (text), then the synthesizers' cosine, against step."""
-    import matplotlib
+    """Loss, then solved length (copy) or held-out BPC (text), then the synthesizers' cosine, against step;
+    evaluations are marked."""
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     train = [r for r in rows if "elapsed_s" in r and "cosine" in r]
+    evals = [r for r in rows if "elapsed_s" in r and "cosine" not in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
-    axes[0].set(title="training loss per step", xlabel="step", yscale="log")
-    evals = [r for r in rows if "bpc" in r]
-    if evals:
-        axes[1].plot([r["step"] for r in evals], [r["bpc"] for r in evals], marker="o", label="held-out")
-        if any("upper_bpc" in r for r in evals):
-            axes[1].plot([r["step"] for r in evals], [r["upper_bpc"] for r in evals], marker="s", label="upper")
+    _noisy_line(axes[0], [r["step"] for r in train], [r["loss"] for r in train], "C0", "training")
+    axes[0].set(title="training loss per step", xlabel="step")
+    _loss_scale(axes[0], [r["loss"] for r in train])
+    _legend(axes[0])
+    if any("bpc" in r for r in evals):
+        pts = [r for r in evals if "bpc" in r]
+        axes[1].plot([r["step"] for r in pts], [r["bpc"] for r in pts], marker="o", label="held-out")
+        if any("upper_bpc" in r for r in pts):
+            axes[1].plot([r["step"] for r in pts], [r["upper_bpc"] for r in pts], marker="s", label="upper")
         axes[1].legend(fontsize=8)
-        axes[1].set(title="bits per character", xlabel="step")
+        axes[1].set(title="bits per character (evaluations)", xlabel="step")
     else:
         pts = [r for r in rows if "solved_length" in r]
-        axes[1].step([r["step"] for r in pts], [r["solved_length"] for r in pts], where="post")
+        axes[1].step([r["step"] for r in pts], [r["solved_length"] for r in pts], where="post", label="solved length")
+        marks = [r for r in evals if "solved_length" in r]
+        axes[1].plot([r["step"] for r in marks], [r["solved_length"] for r in marks], "o", ms=4, label="evaluations")
+        axes[1].yaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[1].legend(fontsize=8)
         axes[1].set(title="solved length (curriculum)", xlabel="step")
     names = sorted({c for r in train for c in r.get("cosine", {})})
     for c in names:
         pts = [r for r in train if c in r["cosine"] and math.isfinite(r["cosine"][c])]
         axes[2].plot([r["step"] for r in pts], [r["cosine"][c] for r in pts], lw=1, label=c)
+    axes[2].axhline(0, color="0.6", lw=0.8)
     axes[2].set(title="cos(synthetic gradient, its target)", xlabel="step", ylim=(-0.2, 1.0))
     if names:
         axes[2].legend(fontsize=8)
     else:
         text = "no synthetic gradient used yet" if synthetic else "plain truncated BPTT"
-        axes[2].text(0.5, 0.5, text, ha="center", va="center", transform=axes[2].transAxes)
-    fig.suptitle(title)
-    fig.tight_layout()
-    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
+        _empty(axes[2], text)
+    _finish(fig, title, path)
 
 
 def require_data(spec) -> None:
