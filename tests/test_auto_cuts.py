@@ -294,3 +294,55 @@ def test_auto_spec_errors_are_located(tmp_path, capsys, text, expected):
     for part in expected:
         assert part in err, err
     assert "Traceback" not in err
+
+
+class MaskedBlocks(nn.Module):
+    """Blocks that each read a mask made once from the input: a tensor no gradient flows through, read on
+    both sides of every cut (as a causal mask is). The places to cut are still between the blocks."""
+
+    def __init__(self, blocks: int = 3, width: int = WIDTH):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+
+    def forward(self, x):
+        keep = x > 0  # (B, width) bool
+        h = x
+        for layer in self.layers:
+            h = h + torch.where(keep, layer(h), -h).tanh()
+        return h
+
+
+def test_tensors_without_gradient_may_cross_an_automatic_cut(checks):
+    torch.manual_seed(0)
+    model = MaskedBlocks()
+    reference = copy.deepcopy(model)
+    x = torch.randn(BATCH, WIDTH)
+    program = compile_decoupled(model, {"cuts": {"auto": {"stages": 3}}}, example_inputs=x)
+    plan = program.cut_plan
+    # after each block but the last (the mask itself is no place: no gradient flows through it)
+    assert [c.node for c in plan.candidates] == ["add", "add_1"]
+    assert [c.node for c in program.cuts] == ["add", "add_1"]
+    for cut in program.cuts:
+        assert sorted(b.name for b in cut.boundary) == sorted(["gt", cut.node])
+        assert cut.boundary[0].dtype == torch.bool or cut.boundary[1].dtype == torch.bool
+    checks.forward_matches(program, model, (x,))
+    checks.grads_match(reference, program, model, (x,), lambda out: out.square().sum())
+
+
+def test_automatic_cuts_in_an_exported_gpt(checks):
+    """examples/gpt.py goes through torch.export: the causal mask is a buffer, the token ids and targets cross
+    every cut, the embedding is tied to the head. The cuts land between the blocks, evenly."""
+    import gpt
+
+    torch.manual_seed(0)
+    model = gpt.build_model(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=8, dropout=0.0)
+    inputs = {
+        "idx": {"shape": [2, 8], "dtype": "int64", "high": 11},
+        "targets": {"shape": [2, 8], "dtype": "int64", "high": 11},
+    }
+    spec = {"inputs": inputs, "cuts": {"auto": {"stages": 3}}, "loss": {"from_output": 1, "labels": "targets"}}
+    program = compile_decoupled(model, spec)
+    assert program.frontend == "export"
+    assert [c.after for c in program.spec.cuts] == ["transformer.h.0", "transformer.h.1"]
+    idx, targets = torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8))
+    checks.forward_matches(program, model, (idx, targets))

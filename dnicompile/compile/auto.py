@@ -3,9 +3,11 @@ between those places costs, and the cuts that balance the stages.
 
 [Note: cut candidates] A candidate is a node every path from the program's inputs to its outputs passes
 through: a dominator of a virtual sink in the DAG from a virtual source (networkx's immediate dominators), on
-the graph of tensor values (parameter reads are copied into every stage, and sizes are computed again in the
-stage that reads them, by partition). Every other value is then computed before it or from it, so the
-values crossing a cut there are the node's own output (plus, rarely, a tensor a size is read from). What
+the graph of the values gradients flow through (floating-point tensors computed from a parameter or a
+floating-point input). Every other such value is then computed before it or from it, so the values crossing a
+cut there are the node's own output, plus any tensor that needs no gradient and is read on both sides (a
+causal mask, position ids, integer labels, a tensor a size is read from). Parameter reads are copied into
+every stage, and sizes are computed again in the stage that reads them, by partition. What
 crosses, and whether a cut is valid, is partition's call: the candidates are partitioned all at once, which
 checks them and gives the tensors crossing each, and the stages of that partition are the pieces whose
 costs the balance adds up.
@@ -17,7 +19,6 @@ one whose cuts carry the fewest bytes, then the one with the other stages most e
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -191,7 +192,7 @@ def cut_candidates(
     pos = {n: i for i, n in enumerate(nodes)}
     compute = [n for n in nodes if n.op in COMPUTE_OPS]
     last_compute = pos[compute[-1]] if compute else -1
-    names = [n.name for n in _dominators(gm.graph) if n.op in COMPUTE_OPS and pos[n] < last_compute]
+    names = [n.name for n in _dominators(gm) if n.op in COMPUTE_OPS and pos[n] < last_compute]
     part, names = _partition_at(gm, model, names) if names else (None, [])
     after = _spec_names(nodes, pos, model)
     candidates = tuple(
@@ -217,18 +218,15 @@ def cut_candidates(
     return CutPlan(candidates, costs, balance=balances[0] if balances else "flops")
 
 
-def _dominators(graph: fx.Graph) -> list[fx.Node]:
+def _dominators(gm: fx.GraphModule) -> list[fx.Node]:
     """The nodes every path from a virtual source to a virtual sink passes through, in program order, on the
-    graph of tensor values ([Note: cut candidates])."""
+    graph of the values gradients flow through ([Note: cut candidates])."""
+    graph = gm.graph
     by_name = {n.name: n for n in graph.nodes}
+    keep = _differentiable(gm)
     g = to_networkx(graph)
-    g.remove_nodes_from(
-        [
-            n.name
-            for n in graph.nodes
-            if n.op == "get_attr" or (n.op != "output" and not _is_tensor(n) and not _holds_tensors(n))
-        ]
-    )
+    # parameter reads are copied into every stage that reads them: they are no path around a cut
+    g.remove_nodes_from([n.name for n in graph.nodes if n.op == "get_attr" or (n not in keep and n.op != "output")])
     source, sink = object(), object()  # never a node name
     starts = [n for n in g if g.in_degree(n) == 0]
     ends = [n for n in g if g.out_degree(n) == 0]
@@ -242,6 +240,32 @@ def _dominators(graph: fx.Graph) -> list[fx.Node]:
         chain.append(by_name[v])
         v = idom[v]
     return chain[::-1]
+
+
+def _differentiable(gm: fx.GraphModule) -> set[fx.Node]:
+    """The tensors (and tuples of them) a gradient flows through: floating-point values computed from a
+    parameter or a floating-point input. The others (a causal mask, position ids, integer labels, tables built
+    from buffers) need no gradient; they may cross a cut as extra boundary tensors, which partition decides."""
+    modules = dict(gm.named_modules())
+    out: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if not (_is_tensor(n) or _holds_tensors(n)) or not _floating(n):
+            continue
+        if n.op == "placeholder":
+            out.add(n)
+        elif n.op == "get_attr":
+            if isinstance(_attr(gm, n.target), nn.Parameter):
+                out.add(n)
+        elif any(a in out for a in n.all_input_nodes) or (
+            n.op == "call_module" and any(True for _ in modules[n.target].parameters())
+        ):
+            out.add(n)
+    return out
+
+
+def _floating(n: fx.Node) -> bool:
+    leaves = tree_leaves(n.meta.get("tensor_meta"), is_leaf=lambda m: hasattr(m, "shape"))
+    return any(hasattr(m, "dtype") and (m.dtype.is_floating_point or m.dtype.is_complex) for m in leaves)
 
 
 def _probe_spec(names: Sequence[str]) -> Spec:
@@ -320,8 +344,8 @@ def _piece_params(gm: fx.GraphModule, pieces: Sequence[Sequence[str]]) -> list[i
 
 
 def _stage_times(part: Partition, model: nn.Module, example_inputs: tuple, repeats: int = 3) -> list[float]:
-    """Seconds of one forward and backward of each stage of `part` on the example inputs (the median of
-    `repeats` runs after a warm-up). Buffers (batch-norm statistics), gradients and the random number
+    """Seconds of one forward and backward of each stage of `part` on the example inputs (the fastest of
+    `repeats` runs after a warm-up: other work on the machine only ever adds time). Buffers (batch-norm statistics), gradients and the random number
     generators are left as they were."""
     stages = emit_stages(part)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -344,7 +368,7 @@ def _stage_times(part: Partition, model: nn.Module, example_inputs: tuple, repea
                         torch.autograd.backward(leaves, [torch.ones_like(t) for t in leaves])
                     if r:
                         runs.append(time.perf_counter() - start)
-                times.append(statistics.median(runs))
+                times.append(min(runs))
                 values = (
                     tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in out) if s < len(stages) - 1 else ()
                 )
