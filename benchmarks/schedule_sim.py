@@ -628,7 +628,7 @@ def _interp(table: dict, size: int) -> float:
     return tb + (tb - ta) * (size - b) / (b - a)
 
 
-PREDICT_KINDS = ("gpipe", "1f1b", "exact", "synthetic", "delayed", "local", "mb_gpipe", "mb_1f1b")
+PREDICT_KINDS = ("gpipe", "1f1b", "mb_1f1b", "exact", "synthetic", "delayed", "local")
 
 
 def predict_grid(inp: dict, depth: int, sizes: list[int], latencies_ms: list[float], bandwidth: float) -> dict:
@@ -1002,12 +1002,16 @@ def background_load(inp: dict, cores: int = 2) -> float:
     return max(0.0, cores / min(1.0, share) - 1.0)
 
 
-def predict_s2(inp: dict, steps: int = 40, cores: int | None = None, background: float = 0.0) -> dict:
+def predict_s2(
+    inp: dict, steps: int = 40, cores: int | None = None, background: float = 0.0, only: str | None = None
+) -> dict:
     """Predicted samples/s and busy ms per step of each rank, per validation contender, at S = 2: on dedicated
     cores (cores None), or sharing `cores` with `background` other busy processes."""
     inp = work_inputs(inp)
     out = {}
     for name, kind, latency_ms, M in VALIDATION:
+        if only is not None and name != only:
+            continue
         link = Link(inp["link"]["latency_s"] + latency_ms / 1e3, inp["link"]["bandwidth_Bps"])
         sim_kind = "exact" if kind == "backprop" else kind
         stages, cut_bytes, batch = measured_stages(inp, kind)
@@ -1059,11 +1063,71 @@ def summarize(reps: list[dict]) -> dict:
             med(r["measured"][name]["cpu_ms"][i] for r in reps) for i in range(len(reps[0]["measured"][name]["cpu_ms"]))
         ]
         busy = [med(r["predicted"][name]["busy_ms"][i] for r in reps) for i in range(len(cpu))]
+        if all("predicted_run" in r and name in r["predicted_run"] for r in reps):
+            pr = med(r["predicted_run"][name]["samples_per_s"] for r in reps)
+            bgs = [r["measured"][name]["background"] for r in reps]
+        else:
+            pr, bgs = float("nan"), []
         out[name] = {
+            "predicted_run": pr, "error_run": pr / m - 1, "backgrounds": bgs,
             "measured": m, "predicted": p, "error": p / m - 1, "predicted_shared": ps, "error_shared": ps / m - 1,
             "cpu_ms": cpu, "busy_ms": busy, "loads": [r["measured"][name]["load"] for r in reps],
         }  # fmt: skip
     return out
+
+
+def _descends(pid: int, root: int, parents: dict) -> bool:
+    for _ in range(64):
+        if pid == root:
+            return True
+        pid = parents.get(pid, 0)
+        if pid <= 1:
+            return False
+    return False
+
+
+class BackgroundMonitor:
+    """Counts, while a run runs, the runnable tasks (threads in state R, from /proc/*/task/*/stat) that are not this
+    process or its descendants: the other load the run shares the cores with. `mean` after `stop()`."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import threading
+
+        self.interval, self.samples = interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples) if self.samples else float("nan")
+
+    def _run(self) -> None:
+        import os
+
+        me = os.getpid()
+        while not self._stop.wait(self.interval):
+            parents, running = {}, []
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    parents[int(pid)] = int(stat.rsplit(")", 1)[1].split()[1])
+                    for tid in os.listdir(f"/proc/{pid}/task"):
+                        if Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R":
+                            running.append(int(pid))
+                except (OSError, IndexError, ValueError):
+                    continue
+
+            self.samples.append(sum(1 for pid in running if not _descends(pid, me, parents)))
 
 
 def cmd_validate(args) -> int:
@@ -1110,8 +1174,12 @@ def cmd_validate(args) -> int:
             print(f"rep {rep + 1}: inputs (load {inp['load']}, CPU share {inp['cpu_share']:.2f})", flush=True)
             for name in chosen:
                 load = os.getloadavg()[0]
-                got = runners[name]()
-                got["load"] = load
+                with BackgroundMonitor() as mon:
+                    got = runners[name]()
+                got["load"], got["background"] = load, mon.mean
+                kind, lat, m = next((k, la, mm) for n, k, la, mm in VALIDATION if n == name)
+                run = predict_s2(inp, cores=2, background=mon.mean, only=name)[name]
+                row.setdefault("predicted_run", {})[name] = run
                 row["measured"][name] = got
                 pred, pred_s = row["predicted"][name], row["predicted_shared"][name]
                 cpu = "/".join(f"{c:.0f}" for c in got["cpu_ms"])
@@ -1119,7 +1187,7 @@ def cmd_validate(args) -> int:
                 print(
                     f"rep {rep + 1} {name}: measured {got['samples_per_s']:.0f} samples/s (CPU ms {cpu}, load "
                     f"{load:.2f}); predicted {pred['samples_per_s']:.0f} dedicated, {pred_s['samples_per_s']:.0f} "
-                    f"shared (busy ms {busy})",
+                    f"shared, {run['samples_per_s']:.0f} with the run's background {mon.mean:.1f} (busy ms {busy})",
                     flush=True,
                 )
             reps.append(row)
@@ -1254,14 +1322,17 @@ def plot_validation(summary: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [summary[n]["measured"] for n in names], 0.4, label="measured (median)")
-    ax.bar([x + 0.2 for x in xs], [summary[n]["predicted"] for n in names], 0.4, label="predicted (median)")
+    fig, ax = plt.subplots(figsize=(11, 4))
+    xs = list(range(len(names)))
+    bars = (("measured", "measured (median)"), ("predicted", "predicted, a core per rank"),
+            ("predicted_run", "predicted, sharing 2 cores with the measured background"))  # fmt: skip
+    for j, (key, label) in enumerate(bars):
+        ax.bar([x + (j - 1) * 0.27 for x in xs], [summary[n][key] for n in names], 0.27, label=label)
     for x, n in zip(xs, names):
-        ax.annotate(f"{100 * summary[n]['error']:+.0f}%", (x + 0.2, summary[n]["predicted"]), ha="center",
-                    va="bottom", fontsize=7)  # fmt: skip
-    ax.set_xticks(list(xs), names, fontsize=8)
+        for j, key in ((1, "error"), (2, "error_run")):
+            ax.annotate(f"{100 * summary[n][key]:+.0f}%", (x + (j - 1) * 0.27, summary[n][bars[j][0]]),
+                        ha="center", va="bottom", fontsize=6)  # fmt: skip
+    ax.set_xticks(xs, names, fontsize=7, rotation=20)
     ax.set_ylabel("samples/s")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
@@ -1321,6 +1392,59 @@ def cmd_timeline(args) -> int:
     return 0
 
 
+# =========================================================================== report
+def report(validation: dict | None, grid: dict | None) -> str:
+    """Markdown tables of a validation file and a predictions file (for BENCHMARKS.md)."""
+    lines = []
+    if validation:
+        lines += [
+            "| contender | measured samples/s (median) | predicted, a core per rank | error | predicted, 2 cores shared "
+            "with the background measured during each run | error | background (other runnable tasks, mean per run) "
+            "| CPU ms per step per rank, measured | simulated busy ms per rank | error of the busiest rank | load (1 min) "
+            "before each run |",
+            "|---|---:|---:|---:|---:|---:|---|---|---|---:|---|",
+        ]
+        for name, v in validation["summary"].items():
+            cpu_err = max(v["busy_ms"]) / max(v["cpu_ms"]) - 1
+            lines.append(
+                f"| {name} | {v['measured']:.0f} | {v['predicted']:.0f} | {100 * v['error']:+.0f}% | "
+                f"{v['predicted_run']:.0f} | {100 * v['error_run']:+.0f}% | "
+                + ", ".join(f"{b:.1f}" for b in v["backgrounds"])
+                + " | "
+                + " / ".join(f"{c:.0f}" for c in v["cpu_ms"])
+                + " | "
+                + " / ".join(f"{c:.0f}" for c in v["busy_ms"])
+                + f" | {100 * cpu_err:+.0f}% | "
+                + ", ".join(f"{x:.1f}" for x in v["loads"])
+                + " |"
+            )
+        lines.append("")
+    if grid:
+        kinds = [k for k in PREDICT_KINDS if k in grid["rows"][0]]
+        lines += [
+            "| S | latency ms | " + " | ".join(LABELS[k] for k in kinds) + " |",
+            "|---:|---:|" + "---:|" * len(kinds),
+        ]
+        base = grid["backprop_1"]
+        for r in grid["rows"]:
+            cells = []
+            for k in kinds:
+                m = f", M={r[k + '_M']}" if k + "_M" in r else ""
+                cells.append(f"{r[k]:.0f} ({r[k] / base:.1f}x{m})")
+            lines.append(f"| {r['S']} | {r['latency_ms']:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cmd_report(args) -> int:
+    validation = json.loads(Path(args.validation).read_text()) if args.validation else None
+    grid = json.loads(Path(args.predictions).read_text()) if args.predictions else None
+    print(report(validation, grid))
+    if validation and args.plot:
+        plot_validation(validation["summary"], Path(args.plot), args.title)
+    return 0
+
+
 # =========================================================================== main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1359,7 +1483,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--latency-ms", type=float)
     t.add_argument("--steps", type=int, default=12)
     t.add_argument("--show", type=int, default=3, help="steps shown")
+    w = sub.add_parser("report", help="markdown tables of a validation and a predictions file")
+    w.add_argument("--validation")
+    w.add_argument("--predictions")
+    w.add_argument("--plot", help="write the validation bar chart here")
+    w.add_argument("--title", default="S = 2, depth 16: predicted against measured")
     args = p.parse_args(argv)
+    if args.cmd == "report":
+        return cmd_report(args)
     if args.cmd == "predict":
         return cmd_predict(args)
     if args.cmd == "timeline":
