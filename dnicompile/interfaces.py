@@ -378,6 +378,10 @@ class LocalLossInterface(Interface):
 #     trip autograd's saved-tensor check and the backward reads today's values. `recompute`: only the inputs (and
 #     the random state, for dropout) are kept, and the forward runs again with today's weights before the
 #     backward (Features Replay); the least memory. With delay 0 all three are an exact cut.
+#   - `warmup: N`: steps 0..N-1 run with delay 0 (the exact cut's updates); at step N the delay begins, so the
+#     group skips its update for `delay` steps (its batches up to N-1 have had their backward) and then steps with
+#     gradients `delay` steps old. Early training is where a late gradient points elsewhere most (a delay-1 cut's
+#     stale-fresh cosine was -0.2 at step 10 of the wide MLP, 0.95-0.99 after step 50: BENCHMARKS.md).
 #   - buffers (batch norm's running statistics) are updated once, by the forward of step t: they go in as aliases
 #     (their own version counter, so a later forward's in-place update does not break a kept graph), and every
 #     forward run again (recompute, the fresh gradient, a graph rebuilt after a checkpoint) gets clones.
@@ -478,6 +482,7 @@ class DelayedGradientInterface(Interface):
         self.delay = config.delay  # an int, or "auto": whatever has arrived
         self.weights = config.weights
         self.shrink = config.shrink
+        self.warmup = getattr(config, "warmup", 0)  # steps 0..warmup-1 run with delay 0
         self.where = where
         self.group: ForwardGroup | None = None
         self.queue: list[_Pending] = []  # oldest first
@@ -549,8 +554,8 @@ class DelayedGradientInterface(Interface):
         raise RuntimeError(f"cut `{self.name}`: a gradient for batch {step}, which is not waiting for one")
 
     def due(self, now: int) -> _Pending | None:
-        """The oldest batch whose gradient is due at step `now`."""
-        delay = 0 if self.delay == "auto" else self.delay
+        """The oldest batch whose gradient is due at step `now` (in the warm-up, the one that arrived: delay 0)."""
+        delay = 0 if self.delay == "auto" or now < self.warmup else self.delay
         for entry in self.queue:
             if entry.arrived is not None and now - entry.arrived >= delay:
                 return entry

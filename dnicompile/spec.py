@@ -200,6 +200,13 @@ class DelayedGradientConfig(_Strict):
         "today's weights, Features Replay; least memory).",
     )
     shrink: float = Field(1.0, gt=0, description="Multiplies the stale gradient (FDG's gradient shrinking).")
+    warmup: int = Field(
+        0,
+        ge=0,
+        le=10**9,
+        description="Steps at the start that wait for the true gradient (an exact cut, delay 0) before the delay "
+        "begins: the first steps, where the gradient turns fastest, are not taken late.",
+    )
 
     @field_validator("delay", mode="before")
     @classmethod

@@ -102,8 +102,9 @@ def _current_weights_backward(a: nn.Sequential, x, a1, h, delta):
     return [g1.T @ x, g1.sum(0), g2.T @ a1, g2.sum(0)]  # W1, b1, W2, b2
 
 
-def _reference(model: Net, batches, delay, weights, optimizer, shrink):
-    """The method in plain PyTorch: batch t's forward of `a` now, its backward with delta_t at step t + delay."""
+def _reference(model: Net, batches, delay, weights, optimizer, shrink, warmup=0):
+    """The method in plain PyTorch: batch t's forward of `a` now, its backward with delta_t at step t + delay (at
+    step t during the first `warmup` steps)."""
     opt_a = _optimizer(model.a.parameters(), optimizer)
     rest = [*model.b.parameters(), *model.head.parameters()]
     opt_rest = _optimizer(rest, optimizer)
@@ -124,7 +125,7 @@ def _reference(model: Net, batches, delay, weights, optimizer, shrink):
         loss.backward()
         opt_rest.step()
         kept.append((x, hd.grad * shrink, kept_graph))
-        if t < delay:
+        if len(kept) <= (0 if t < warmup else delay):
             continue
         x_s, delta_s, graph = kept.pop(0)
         opt_a.zero_grad()
@@ -157,6 +158,21 @@ def test_delayed_cut_equals_a_hand_written_loop(delay, weights, optimizer):
     _assert_same(model, reference)
     assert [r.ticked[0] for r in results] == [t >= delay for t in range(6)]  # no step before a gradient is due
     assert results[-1].staleness == {"a": delay}
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_warmup_runs_the_first_steps_exact_then_delays(weights):
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model)
+    program = compile_decoupled(model, _spec([_delayed(delay=2, weights=weights, warmup=3)], "Adam"))
+    batches = _batches(8)
+    results = [program.train_step(x, y) for x, y in batches]
+    _reference(reference, batches, 2, weights, "Adam", 1.0, warmup=3)
+    _assert_same(model, reference)
+    # exact for steps 0-2; at step 3 the delay begins: no update at steps 3 and 4, then gradients 2 steps old
+    assert [r.ticked[0] for r in results] == [True, True, True, False, False, True, True, True]
+    assert [r.staleness.get("a") for r in results] == [0, 0, 0, None, None, 2, 2, 2]
 
 
 def test_chained_delays_add():

@@ -33,7 +33,7 @@ __DISTRIBUTED__
 """
 SGD = "SGD, lr: 0.05, momentum: 0.9"
 ADAM = "Adam, lr: 1.0e-3"
-STEPS, BATCH = 6, 16
+STEPS, BATCH = 7, 16
 
 
 TWO = [[0, 1, 2], [3]]
@@ -45,6 +45,7 @@ KINDS = {  # name -> (the last cut's kind, the middle cut's kind, placement, `di
     "delayed1-stash": ("delayed_gradient: {delay: 1}", "", TWO, "", SGD),
     "delayed2-current": ("delayed_gradient: {delay: 2, weights: current, shrink: 0.5}", "", TWO, "", SGD),
     "delayed1-recompute": ("delayed_gradient: {delay: 1, weights: recompute}", "", TWO, "", SGD),
+    "delayed2-warmup3": ("delayed_gradient: {delay: 2, warmup: 3}", "", TWO, "", SGD),
     "delayed-chain": ("delayed_gradient: {delay: 1}", "delayed_gradient: {delay: 1}", THREE, "", SGD),
     # [Note: microbatch schedules]: the parameters of the whole batch's steps, to rounding
     "1f1b-m4-adam": ("", "", TWO, "microbatches: 4, schedule: 1f1b", ADAM),

@@ -197,6 +197,18 @@ class RankWorker:
         if self.out_cut is None or rt.interfaces[self.out_cut.index].kind != "delayed":
             return None
         iface = rt.interfaces[self.out_cut.index]
+        chain, nxt = [], rt.delayed_groups.get(self.out_cut.index + 1)
+        while nxt is not None:  # the delayed cuts whose backward feeds this one
+            chain.append(nxt[0])
+            nxt = rt.delayed_groups.get(nxt[0].index + 1)
+        warm = [c for c in [self.out_cut, *chain] if rt.interfaces[c.index].warmup]
+        if chain and warm:
+            raise SpecError(
+                f"{spec.where('cuts')}: `warmup` on delayed cut `{warm[0].name}`, which is chained with delayed cut "
+                f"`{(chain[0] if warm[0] is self.out_cut else self.out_cut).name}` across ranks; warm-up is supported on "
+                "a delayed cut between ranks whose gradient comes straight from the next rank: remove `warmup` or the "
+                "chain."
+            )
         if iface.delay == "auto" and self._lag(self.out_cut):
             raise SpecError(
                 f"{spec.where('cuts')}: `delay: auto` on cut `{self.out_cut.name}`, whose gradient comes from "
@@ -415,7 +427,9 @@ class RankWorker:
         """The backward that is due at step `step` across the delayed outgoing cut, and the group's update
         ([Note: delayed gradients across ranks]); returns (batch, gradient of the group's inputs) or None."""
         iface, rt = self.delayed_out, self.rt
-        if iface.delay == "auto":
+        if step < iface.warmup:  # delay 0: wait for this batch's gradient, as across an exact cut
+            self.take(step - self.lag, block=True)
+        elif iface.delay == "auto":
             self.take(None, block=False)
             owed = sum(1 for e in iface.queue if e.arrived is None)
             if owed > max(1, self.depth):  # too far ahead: wait for the oldest
