@@ -196,6 +196,8 @@ def _pipe_rank(rank: int, world: int, args, port: int, out: str) -> None:
     DEPTH = args.depth  # a spawned rank imports this file afresh: DEPTH would be the default 8
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if args.latency_ms:
+        _emulate_link_in_pipelining(args.latency_ms)
     model = _model(args.seed)
     bounds = [0, *(i + 1 for i in cut_layers(world)), DEPTH]
     part = list(model.layers)[bounds[rank] : bounds[rank + 1]]
@@ -229,6 +231,29 @@ def _pipe_rank(rank: int, world: int, args, port: int, out: str) -> None:
         json.dumps({"samples_per_s": args.steps * args.batch_size / elapsed, "cpu_ms": cpu_ms})
     )
     dist.destroy_process_group()
+
+
+def _emulate_link_in_pipelining(latency_ms: float) -> None:
+    """Route the sends of torch.distributed.pipelining's schedules through dnicompile's EmulatedLink, the same
+    emulation as `distributed: {link: {latency_ms}}` ([Note: link emulation]): its p2p helper `_batch_p2p` posts
+    the receives at once and hands each send to the link, which posts it at its delivery time."""
+    import torch.distributed as dist
+    import torch.distributed.pipelining.schedules as schedules
+
+    from dnicompile.runtime.transport import EmulatedLink
+
+    link = EmulatedLink(latency_ms / 1e3, None)
+
+    def batch_p2p(p2p_ops, desc=None):
+        works = []
+        for op in p2p_ops:
+            if op.op is dist.isend:
+                works.append(link.send(op.tensor.detach().clone(), op.peer, op.tag))  # one group: the default
+            else:
+                works.append(op.op(op.tensor, group=op.group, tag=op.tag, group_src=op.group_peer))
+        return works
+
+    schedules._batch_p2p = batch_p2p
 
 
 def child_pipe(args) -> dict:
@@ -416,19 +441,23 @@ def run_child(kind: str, args, timeout: float = 600, **extra) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def cli_command(spec: Path, workers: int, steps: int, eval_every: int, metrics: Path, args, seed: int = 0) -> list:
+def cli_command(
+    spec: Path, workers: int, steps: int, eval_every: int, metrics: Path, args, seed: int = 0, sets: tuple = ()
+) -> list:
     return [
         sys.executable, "-m", "dnicompile", str(MODEL), "--spec", str(spec), "--train", "--workers", str(workers),
         "--threads", "1", "--data", args.data, "--steps", str(steps), "--batch-size", str(args.batch_size),
         "--eval-every", str(eval_every), "--seed", str(seed), "--metrics", str(metrics),
+        *(a for kv in sets for a in ("--set", kv)),
     ]  # fmt: skip
 
 
-def run_distributed(spec: Path, workers: int, args, tmp: Path) -> dict:
-    """(e): the CLI, steady-state samples/s from the metrics file's training rows after warm-up."""
+def run_distributed(spec: Path, workers: int, args, tmp: Path, sets: tuple = ()) -> dict:
+    """(e): the CLI, steady-state samples/s from the metrics file's training rows after warm-up; `sets`: --set
+    overrides (KEY=VALUE)."""
     metrics = tmp / f"metrics-{time.monotonic_ns()}.jsonl"
     total = args.warmup + args.steps
-    cmd = cli_command(spec, workers, total, 10**9, metrics, args)  # evaluation only after the last step
+    cmd = cli_command(spec, workers, total, 10**9, metrics, args, sets=sets)  # evaluation only after the last step
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env(), cwd=ROOT)
     if r.returncode != 0:
         raise RuntimeError(f"dnicompile --workers {workers} failed ({r.returncode}):\n{r.stderr[-3000:]}")
@@ -675,13 +704,13 @@ LABELS = [
 NOTES = "<!-- throughput notes: kept when the tables above are regenerated -->"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the "## Throughput" section of `path` (up to the next "## " heading), or append it; the
+def write_section(path: Path, section: str, heading: str = "## Throughput") -> None:
+    """Replace the `heading` section of `path` (up to the next "## " heading), or append it; the
     rest of the file, which others edit, is left as it is (read right before writing). Whatever follows
     the NOTES marker inside the old section (written by hand) is kept."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == "## Throughput"), None)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == heading), None)
     if start is None:
         path.write_text(text.rstrip("\n") + "\n\n" + section)
         return
@@ -691,6 +720,130 @@ def write_section(path: Path, section: str) -> None:
     notes = "".join(old[mark:]).rstrip("\n") + "\n" if mark is not None else ""
     body = section + ("\n" + notes if notes else "")
     path.write_text("".join(lines[:start]) + body + ("\n" if end < len(lines) else "") + "".join(lines[end:]))
+
+
+# =========================================================================== issue 17: schedules and slow links
+PIPELINE_HEADING = "## Pipeline schedules and slow links"
+PIPELINE_LABELS = {
+    "a": "(a) plain PyTorch backprop, 1 process, 1 thread (no link)",
+    "c_gpipe": "(c) pipelining ScheduleGPipe, M microbatches",
+    "c_1f1b": "(c) pipelining Schedule1F1B, M microbatches",
+    "e_mb_gpipe": "(e) dnicompile exact cuts, `microbatches: M, schedule: gpipe`",
+    "e_mb_1f1b": "(e) dnicompile exact cuts, `microbatches: M, schedule: 1f1b`",
+    "e_exact": "(e) dnicompile exact cuts, no microbatches",
+    "e_dni": "(e) dnicompile cDNI cut",
+    "e_local": "(e) dnicompile local-loss cut",
+    "e_delayed": "(e) dnicompile delayed-gradient cut (delay 1)",
+}
+
+
+def pipeline_main(args) -> int:
+    """Every contender at S = 2 and each latency, interleaved rep by rep; the median samples/s."""
+    began = time.perf_counter()
+    info = machine()
+    latencies = [float(v) for v in args.latencies.split(",")]
+    m = args.microbatches
+    command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
+    print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}; latencies {latencies} ms; load {load():.2f}")
+    runs: dict[str, list] = {}
+    loads = [load()]
+    with tempfile.TemporaryDirectory(prefix="dni-pipeline-") as tmp_name:
+        tmp = Path(tmp_name)
+        specs = {kind: spec_for(kind, 2, 5, tmp) for kind in SPECS}
+
+        def link(lat):
+            return (f"distributed.link.latency_ms={lat:g}",) if lat else ()
+
+        contenders = [("a", 0.0, lambda: run_child("plain", args, threads=1))]
+        for lat in latencies:
+            contenders += [
+                ("c_gpipe", lat, lambda lat=lat: run_child("pipe", args, workers=2, schedule="gpipe", microbatches=m, latency_ms=lat)),
+                ("c_1f1b", lat, lambda lat=lat: run_child("pipe", args, workers=2, schedule="1f1b", microbatches=m, latency_ms=lat)),
+                ("e_mb_gpipe", lat, lambda lat=lat: run_distributed(specs["backprop"], 2, args, tmp, (f"distributed.microbatches={m}", "distributed.schedule=gpipe", *link(lat)))),
+                ("e_mb_1f1b", lat, lambda lat=lat: run_distributed(specs["backprop"], 2, args, tmp, (f"distributed.microbatches={m}", "distributed.schedule=1f1b", *link(lat)))),
+                ("e_exact", lat, lambda lat=lat: run_distributed(specs["backprop"], 2, args, tmp, link(lat))),
+                ("e_dni", lat, lambda lat=lat: run_distributed(specs["dni"], 2, args, tmp, link(lat))),
+                ("e_local", lat, lambda lat=lat: run_distributed(specs["local"], 2, args, tmp, link(lat))),
+                ("e_delayed", lat, lambda lat=lat: run_distributed(specs["delayed"], 2, args, tmp, link(lat))),
+            ]  # fmt: skip
+        for rep in range(args.reps):
+            for key, lat, fn in contenders:
+                before = load()
+                out = fn()
+                runs.setdefault(f"{key}@{lat:g}", []).append(
+                    {"samples_per_s": out["samples_per_s"], "cpu_ms": out["cpu_ms"], "load": before}
+                )
+                loads.append(before)
+                cpu = "/".join(f"{c:.0f}" for c in out["cpu_ms"])
+                print(f"rep {rep + 1}/{args.reps} {key} latency {lat:g} ms: {out['samples_per_s']:.0f} samples/s, "
+                      f"CPU ms/step {cpu} (load {before:.2f})", flush=True)  # fmt: skip
+    loads.append(load())
+    results = {
+        "machine": info, "args": vars(args), "command": command.strip(), "latencies": latencies, "runs": runs,
+        "load_min": min(loads), "load_max": max(loads), "total_s": time.perf_counter() - began,
+    }  # fmt: skip
+    path = (
+        Path(args.json).with_name("pipeline_links.json") if args.json.endswith("throughput.json") else Path(args.json)
+    )
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    section = pipeline_markdown(results)
+    print(section)
+    if args.write:
+        write_section(Path(args.write), section, PIPELINE_HEADING)
+        print(f"wrote the '{PIPELINE_HEADING[3:]}' section of {args.write}")
+    return 0
+
+
+def pipeline_markdown(results: dict) -> str:
+    m, a = results["machine"], results["args"]
+    runs = results["runs"]
+
+    def med(key):
+        return median([r["samples_per_s"] for r in runs.get(key, [])])
+
+    base = med("a@0")
+    lines = [
+        PIPELINE_HEADING,
+        "",
+        f"`benchmarks/throughput.py --pipeline` (issue 17): examples/wide_mlp.py at depth {a['depth']}, batch "
+        f"{a['batch_size']}, fused Adam at lr 3e-4, S = 2 ranks of 1 thread, M = {a['microbatches']} microbatches for "
+        "the pipeline schedules, the shipped specs/wide_mlp_*.yaml settings (cut in the middle). Steady-state "
+        f"samples/s, median of {a['reps']} runs interleaved across contenders ({a['warmup']} warm-up then "
+        f"{a['steps']} timed steps). Latency: every point-to-point message delayed by an emulated link "
+        "([Note: link emulation]: `distributed: {link: {latency_ms: L}}` for dnicompile; for torch's schedules the "
+        "same EmulatedLink wraps the sends of `torch.distributed.pipelining.schedules._batch_p2p`). Unlimited "
+        "bandwidth.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. Load average (1 min) during the runs: "
+        f"{results['load_min']:.1f} to {results['load_max']:.1f}. Command: `{results['command']}` "
+        f"({results['total_s'] / 60:.1f} min).",
+        "",
+        "| contender | " + " | ".join(f"{lat:g} ms: samples/s (x best (c))" for lat in results["latencies"]) + " |",
+        "|---|" + "---:|" * len(results["latencies"]),
+    ]
+    for key, label in PIPELINE_LABELS.items():
+        if key == "a":
+            lines.append(f"| {label} | {base:.0f} |" + " |" * (len(results["latencies"]) - 1))
+            continue
+        cells = []
+        for lat in results["latencies"]:
+            best_c = max(med(f"c_gpipe@{lat:g}"), med(f"c_1f1b@{lat:g}"))
+            v = med(f"{key}@{lat:g}")
+            cells.append(f"{v:.0f} ({v / best_c:.2f}x)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for lat in results["latencies"]:
+        best_c = max(med(f"c_gpipe@{lat:g}"), med(f"c_1f1b@{lat:g}"))
+        mb = max(med(f"e_mb_gpipe@{lat:g}"), med(f"e_mb_1f1b@{lat:g}"))
+        dec = {k: med(f"{k}@{lat:g}") for k in ("e_dni", "e_local", "e_delayed")}
+        best = max(dec, key=dec.get)
+        goal = 1.0 if lat == 0 else 2.0
+        lines.append(
+            f"- {lat:g} ms: microbatched exact cuts {mb / best_c:.2f}x the better pipeline schedule (goal 0.95x: "
+            f"**{'met' if mb >= 0.95 * best_c else 'missed'}**); the best decoupled kind ({PIPELINE_LABELS[best][15:]}) "
+            f"{dec[best] / best_c:.2f}x" + (f" (goal {goal:g}x: **{'met' if dec[best] >= goal * best_c else 'missed'}**)" if lat in (0, 10) else "")
+        )  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 # =========================================================================== main
@@ -736,6 +889,17 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--schedule", help=argparse.SUPPRESS)
+    p.add_argument("--latency-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="issue 17's table instead: at S = 2, the pipeline schedules against dnicompile's microbatched exact cuts "
+        "and its decoupled kinds, for each --latencies (emulated links), into the 'Pipeline schedules and slow "
+        "links' section",
+    )
+    p.add_argument(
+        "--latencies", default="0,10", help="--pipeline: emulated one-way latencies in ms (default: %(default)s)"
+    )
     args = p.parse_args()
     global DEPTH, QUEUE_DEPTH
     DEPTH, QUEUE_DEPTH = args.depth, args.queue_depth
@@ -743,6 +907,8 @@ def main() -> int:
         print("RESULT " + json.dumps(CHILDREN[args.child](args)), flush=True)
         return 0
 
+    if args.pipeline:
+        return pipeline_main(args)
     began = time.perf_counter()
     info = machine()
     if args.workers:
