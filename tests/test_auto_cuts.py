@@ -258,10 +258,10 @@ def test_time_balance_measures_and_leaves_the_model_as_it_was():
 # ----------------------------------------------------------------------------- errors
 
 
-def _run(tmp_path, text: str, capsys) -> tuple[int, str]:
+def _run(tmp_path, text: str, capsys, *flags: str) -> tuple[int, str]:
     spec = tmp_path / "spec.yaml"
     spec.write_text("model: build_model\nmodel_args: {depth: 2, width: 16}\ninputs:\n  x: {shape: [4, 784]}\n" + text)
-    code = main([str(ROOT / "examples/wide_mlp.py"), "--spec", str(spec)])
+    code = main([str(ROOT / "examples/wide_mlp.py"), "--spec", str(spec), *flags])
     return code, capsys.readouterr().err
 
 
@@ -346,3 +346,23 @@ def test_automatic_cuts_in_an_exported_gpt(checks):
     assert [c.after for c in program.spec.cuts] == ["transformer.h.0", "transformer.h.1"]
     idx, targets = torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8))
     checks.forward_matches(program, model, (idx, targets))
+
+
+DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
+
+
+@pytest.mark.skipif(not (DATA / "train-images-idx3-ubyte.gz").is_file(), reason=f"Fashion-MNIST not found at {DATA}")
+def test_time_balance_is_refused_under_torchrun(tmp_path, capsys, monkeypatch):
+    """Under torchrun every process compiles for itself: timed cuts could differ between ranks."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, err = _run(
+        tmp_path,
+        "cuts:\n  auto: {stages: 2, balance: time}\ndata: fashion-mnist\n",
+        capsys,
+        "--train",
+        "--data",
+        str(DATA),
+    )
+    assert code == 2, err
+    assert "spec.yaml:6:21" in err and "`balance: time` under torchrun" in err and "paste" in err
