@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from dnicompile import compile_decoupled
 from dnicompile.cli import main
-from dnicompile.compile.auto import balance_chain, cuts_yaml, pinned_cuts, stage_costs
+from dnicompile.compile.auto import balance_chain, cuts_data, cuts_yaml, pinned_cuts, stage_costs
 from dnicompile.errors import SpecError
 from dnicompile.spec import load_spec
 
@@ -126,6 +126,9 @@ def test_auto_cuts_on_random_dags_are_valid_and_optimal(ops, seed, stages, balan
     checks.forward_matches(program, model, (x,))
     weights = torch.randn(BATCH, WIDTH)
     checks.grads_match(reference, program, model, (x,), lambda out: (out * weights).sum())
+    # the names the cuts are written with (module paths where they name the node) cut at the same places
+    pasted = compile_decoupled(copy.deepcopy(reference), {"cuts": cuts_data(program.spec)}, example_inputs=x)
+    assert pasted.partition.stage_nodes == program.partition.stage_nodes
 
 
 @settings(max_examples=200, deadline=None)
@@ -170,7 +173,7 @@ def test_auto_spec_is_the_program_of_its_printed_cuts(example):
     if example == "wide_mlp":
         model, inputs, batch = module.build_model(depth=5, width=48), {"x": {"shape": [16, 784]}}, (16, 784)
     else:
-        model, inputs, batch = module.build_model(widths=(4, 8, 8)), {"x": {"shape": [8, 1, 28, 28]}}, (8, 1, 28, 28)
+        model, inputs, batch = module.build_model(widths=(4, 8, 8)), {"x": {"shape": [8, 1, 12, 12]}}, (8, 1, 12, 12)
     kind = {
         "synthetic_gradient": {"model": "linear", "condition_on_labels": True, "optimizer": {"name": "SGD", "lr": 0.1}}
     }
@@ -223,7 +226,8 @@ def test_workers_load_the_cuts_chosen_here():
 
     module = __import__("wide_mlp")
     spec_path = ROOT / "specs/wide_mlp_auto.yaml"
-    program = compile_decoupled(module.build_model(depth=4, width=32), load_spec(spec_path))
+    small_numbers = ["cuts.auto.kind.synthetic_gradient.optimizer={name: Adam, lr: 1.0e-5, eps: 1.0e-8}"]
+    program = compile_decoupled(module.build_model(depth=4, width=32), load_spec(spec_path, overrides=small_numbers))
     assert pinned_cuts(load_spec(spec_path)) == []
     args = SimpleNamespace(model="examples/wide_mlp.py", spec=str(spec_path), set=["train.steps=3"], argv=None)
     args.steps = args.batch_size = args.eval_every = args.seed = args.data = None
@@ -231,6 +235,7 @@ def test_workers_load_the_cuts_chosen_here():
     assert overrides[0] == "train.steps=3" and overrides[1:] == pinned_cuts(program.spec)
     again = load_spec(spec_path, overrides=overrides)
     assert again.cuts == program.spec.cuts and again.train.steps == 3
+    assert again.cuts[0].synthetic_gradient.optimizer.arguments() == {"lr": 1e-5, "eps": 1e-8}  # numbers, not text
 
 
 def test_time_balance_measures_and_leaves_the_model_as_it_was():

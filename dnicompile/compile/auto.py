@@ -172,9 +172,9 @@ def pinned_cuts(spec: Spec) -> list[str]:
     processes that load the spec again (each would measure its own times, and could choose other cuts)."""
     if spec.chosen_by is None:
         return []
-    import json
-
-    return ["cuts=" + json.dumps(cuts_data(spec), separators=(",", ":"))]
+    # YAML's own writer, not JSON: PyYAML reads JSON's `1e-05` back as a string, its own `1.0e-05` as a number
+    flow = yaml.safe_dump(cuts_data(spec), default_flow_style=True, width=float("inf"), sort_keys=False)
+    return ["cuts=" + flow.strip()]
 
 
 # ----------------------------------------------------------------------------- candidates and their costs
