@@ -28,7 +28,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from dnicompile import compile_decoupled
 from dnicompile.cli import main
 from dnicompile.compile.auto import balance_chain, cuts_data, cuts_yaml, pinned_cuts, stage_costs
-from dnicompile.errors import SpecError
+from dnicompile.errors import PartitionError, SpecError
 from dnicompile.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,7 +275,7 @@ def _run(tmp_path, text: str, capsys, *flags: str) -> tuple[int, str]:
     [
         (
             "cuts:\n  auto: {stages: 40}\n",
-            ["spec.yaml:6:10", "`stages: 40` needs 39 cuts", "only 5 points", "at most 6 stages"],
+            ["spec.yaml:6:10", "`stages: 40` needs 39 cuts", "only 5 points where", "at most 6 stages"],
         ),
         (
             "cuts:\n  auto: {stages: 2, balanse: time}\n",
@@ -332,6 +332,31 @@ def test_tensors_without_gradient_may_cross_an_automatic_cut(checks):
         assert cut.boundary[0].dtype == torch.bool or cut.boundary[1].dtype == torch.bool
     checks.forward_matches(program, model, (x,))
     checks.grads_match(reference, program, model, (x,), lambda out: out.square().sum())
+
+
+class ScaledMLP(nn.Module):
+    """A float computed from the batch size half way, used at the end: partition cannot carry it across a cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        h = self.a(x).relu()
+        scale = h.shape[0] ** 0.5  # a Python float of the batch size
+        h = self.b(h).relu()
+        return self.c(h) / scale
+
+
+def test_points_partition_refuses_are_no_candidates():
+    x = torch.randn(BATCH, WIDTH)
+    for after in ("b", "relu_1", "c"):  # the float would cross: refused when written by hand
+        with pytest.raises(PartitionError, match="a float value crosses"):
+            compile_decoupled(ScaledMLP(), {"cuts": [{"after": after}]}, example_inputs=x)
+    program = compile_decoupled(ScaledMLP(), {"cuts": {"auto": {"stages": 3}}}, example_inputs=x)
+    assert [c.node for c in program.cut_plan.candidates] == ["a", "relu"]
+    with pytest.raises(SpecError, match="only 2 points where it can be cut automatically .* after `a`, `relu`"):
+        compile_decoupled(ScaledMLP(), {"cuts": {"auto": {"stages": 4}}}, example_inputs=x)
 
 
 def test_automatic_cuts_in_an_exported_gpt(checks):

@@ -111,8 +111,9 @@ def choose_cuts(gm: fx.GraphModule, spec: Spec, model: nn.Module, example_inputs
         shown = ", ".join(f"`{c.after}`" for c in plan.candidates[:8]) + (", ..." if found > 8 else "")
         raise SpecError(
             f"{where}: `stages: {config.stages}` needs {wanted} cuts, but the graph has only {found} point"
-            f"{'s' if found != 1 else ''} that every path from the inputs to the outputs passes through (after "
-            f"{shown}), so at most {found + 1} stages. Use `stages: {found + 1}` or fewer, or write the cuts as a "
+            f"{'s' if found != 1 else ''} where it can be cut automatically (every path from the inputs to the "
+            f"outputs passes through them, and only tensors cross there: after {shown}), so at most {found + 1} "
+            "stages. Use `stages: {found + 1}` or fewer, or write the cuts as a "
             "list (`- after: NODE`; `--nodes` lists the names) where skip connections may cross them."
         )
     costs = plan.costs[config.balance]
