@@ -59,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect = p.add_argument_group("inspect")
     inspect.add_argument("--code", action="store_true", help="print each stage's generated Python")
-    inspect.add_argument("--nodes", action="store_true", help="list the fx nodes and module paths you can cut after")
+    inspect.add_argument(
+        "--nodes",
+        action="store_true",
+        help="list the fx nodes and module paths you can cut after, and the points automatic cuts choose from "
+        "(with `cuts: {auto: ...}`: the cuts chosen, as YAML to paste into the spec)",
+    )
     inspect.add_argument("--emit", metavar="DIR", help="write stage_<i>.py, stages.dot, stages.svg and stages.html")
     train = p.add_argument_group("train")
     train.add_argument("--train", action="store_true", help="train the program on the spec's data set")
