@@ -348,6 +348,12 @@ class ScaledMLP(nn.Module):
         return self.c(h) / scale
 
 
+class EarlyScaledMLP(ScaledMLP):
+    def forward(self, x):
+        scale = x.shape[0] ** 0.5  # made first: it would cross every point
+        return self.c(self.b(self.a(x).relu()).relu()) / scale
+
+
 def test_points_partition_refuses_are_no_candidates():
     x = torch.randn(BATCH, WIDTH)
     for after in ("b", "relu_1", "c"):  # the float would cross: refused when written by hand
@@ -357,6 +363,8 @@ def test_points_partition_refuses_are_no_candidates():
     assert [c.node for c in program.cut_plan.candidates] == ["a", "relu"]
     with pytest.raises(SpecError, match="only 2 points where it can be cut automatically .* after `a`, `relu`"):
         compile_decoupled(ScaledMLP(), {"cuts": {"auto": {"stages": 4}}}, example_inputs=x)
+    with pytest.raises(SpecError, match="no point where it can be cut automatically"):
+        compile_decoupled(EarlyScaledMLP(), {"cuts": {"auto": {"stages": 2}}}, example_inputs=x)
 
 
 def test_automatic_cuts_in_an_exported_gpt(checks):

@@ -104,8 +104,8 @@ def choose_cuts(gm: fx.GraphModule, spec: Spec, model: nn.Module, example_inputs
         if found == 0:
             raise SpecError(
                 f"{where}: `stages: {config.stages}` needs {wanted} cut{'s' if wanted != 1 else ''}, but the graph has "
-                "no point that every path from the inputs to the outputs passes through (a skip connection spans "
-                "the whole model?), so no cut can be placed automatically. Write the cuts as a list (`- after: "
+                "no point where it can be cut automatically (one every path from the inputs to the outputs passes "
+                "through, where only tensors cross: a skip connection over the whole model leaves none). Write the cuts as a list (`- after: "
                 "NODE`; `--nodes` lists the names) where skip connections may cross them."
             )
         shown = ", ".join(f"`{c.after}`" for c in plan.candidates[:8]) + (", ..." if found > 8 else "")
@@ -194,7 +194,7 @@ def cut_candidates(
     compute = [n for n in nodes if n.op in COMPUTE_OPS]
     last_compute = pos[compute[-1]] if compute else -1
     names = [n.name for n in _dominators(gm) if n.op in COMPUTE_OPS and pos[n] < last_compute]
-    part, names = _partition_at(gm, model, names) if names else (None, [])
+    part, names = _partition_at(gm, model, names)
     after = _spec_names(nodes, pos, model)
     candidates = tuple(
         Candidate(node=name, after=after.get(name, name), boundary=cut.boundary)
@@ -282,9 +282,11 @@ def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def _partition_at(gm: fx.GraphModule, model: nn.Module, names: list[str]) -> tuple[Partition, list[str]]:
+def _partition_at(gm: fx.GraphModule, model: nn.Module, names: list[str]) -> tuple[Partition | None, list[str]]:
     """Partition a copy of `gm` after every node in `names`, leaving out any partition refuses (a value that
-    is not a tensor and cannot be computed again behind it)."""
+    is not a tensor and cannot be computed again behind it); None when it refuses them all."""
+    if not names:
+        return None, []
     try:
         return partition(_copy_module(gm), _probe_spec(names), model), names
     except PartitionError:
@@ -296,7 +298,7 @@ def _partition_at(gm: fx.GraphModule, model: nn.Module, names: list[str]) -> tup
         except PartitionError:
             continue
         good.append(name)
-    return partition(_copy_module(gm), _probe_spec(good), model), good
+    return (partition(_copy_module(gm), _probe_spec(good), model) if good else None), good
 
 
 def _spec_names(nodes: list[fx.Node], pos: dict, model: nn.Module) -> dict[str, str]:
