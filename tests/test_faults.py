@@ -461,3 +461,28 @@ def test_the_root_cause_is_the_dead_rank_not_its_peers(tmp_path, capsys):
         write_report(tmp_path, 3, "stage3", e)
     assert report_failure(tmp_path, exits) == 2
     assert "rank 3 (stage3) failed: data: no such file" in capsys.readouterr().err
+
+
+def test_a_hung_peer_is_named_by_the_rank_that_waited_for_it(tmp_path, capsys):
+    """Rank 1 is stopped (SIGSTOP, a deadlock): rank 0 times out waiting for it and reports a PeerError; rank 1
+    reports nothing and the launcher has to stop it. The cause is rank 1, named with its stages, not rank 0."""
+    from dnicompile.runtime.transport import PeerError
+
+    write_started(tmp_path, 0, "stage0")
+    write_started(tmp_path, 1, "stage1")
+    write_started(tmp_path, 2, "stage2")
+    try:
+        raise PeerError(
+            "rank 0 (stage0) timed out or failed waiting for the true gradient of batch 7 from rank 1 after 8s"
+        )
+    except PeerError as e:
+        write_report(tmp_path, 0, "stage0", e)
+    exits = [WorkerExit(0, 1), WorkerExit(1, -9, sent=signal.SIGKILL), WorkerExit(2, -15, sent=signal.SIGTERM)]
+    assert report_failure(tmp_path, exits) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dnicompile: error: rank 1 (stage1) stopped answering: it was still running"), err
+    assert "when rank 0 (stage0) gave up waiting for it (PeerError: rank 0 (stage0) timed out" in err
+    # a rank that died is still the cause before a silent one
+    exits[2] = WorkerExit(2, -9)
+    report_failure(tmp_path, exits)
+    assert "rank 2 (stage2) was killed by signal 9" in capsys.readouterr().err

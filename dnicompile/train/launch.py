@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -464,6 +465,19 @@ def report_failure(folder: Path, exits: list[WorkerExit] | None = None) -> int:
     errors = read_reports(folder)
     reported = {e.get("rank") for e in errors}
     died = [x for x in exits or [] if x.failed and not x.killed_by_us and x.rank not in reported]
+    # ranks the launcher had to stop, that reported nothing: still running when a peer gave up waiting on them
+    silent = [x for x in exits or [] if x.killed_by_us and x.rank not in reported]
+    if errors and errors[0].get("kind") == "peer" and not died and silent:
+        e = errors[0]
+        named = re.search(r"from rank (\d+)", e.get("message", ""))
+        hung = next((x for x in silent if named and x.rank == int(named.group(1))), silent[0])
+        started = _read_json(folder / f"started{hung.rank}.json") or {}
+        sys.stderr.write(
+            f"dnicompile: error: rank {hung.rank} ({started.get('stages', 'its stages not assigned yet')}) stopped "
+            f"answering: it was still running (hung, or slower than distributed.timeout_s) when rank {e['rank']} "
+            f"({e['stages']}) gave up waiting for it ({e['message']}); the workers were stopped.\n"
+        )
+        return 1
     if errors and errors[0].get("kind") == "bad-input" or not died:
         if not errors:
             sys.stderr.write("dnicompile: error: a worker died without a report (killed by the system?)\n")
