@@ -99,6 +99,8 @@ def build_optimizer(params, config: OptimizerConfig, where: str | Where):
         opt = cls(params, **kwargs)
     except Exception as e:  # torch's own checks: "Invalid beta parameter at index 0: 5.0"
         raise SpecError(f"{at()}: optimizer {config.name}({_show(kwargs)}): {e}") from None
+    if config.clip_grad_norm is not None:  # every optimizer of the spec clips the same way, before its step
+        opt.register_step_pre_hook(_clipper(config.clip_grad_norm))
     sched = None
     if config.scheduler is not None:
         scls = _scheduler_class(config.scheduler.name, at)
@@ -108,6 +110,14 @@ def build_optimizer(params, config: OptimizerConfig, where: str | Where):
         except Exception as e:
             raise SpecError(f"{at('scheduler')}: scheduler {config.scheduler.name}({_show(skw)}): {e}") from None
     return opt, sched
+
+
+def _clipper(max_norm: float):
+    def clip(optimizer, args, kwargs) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    return clip
 
 
 def check_optimizer(config: OptimizerConfig, where: Where) -> None:

@@ -111,6 +111,13 @@ class OptimizerConfig(BaseModel):
     name: str = Field("Adam", description="Class name in torch.optim, e.g. Adam, SGD, AdamW.")
     lr: float = Field(1e-3, gt=0, description="Learning rate.")
     scheduler: SchedulerConfig | None = Field(None, description="Optional learning-rate scheduler, stepped on ticks.")
+    clip_grad_norm: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Before each step, scale the gradients of this optimizer's parameters (a stage's, a "
+        "synthesizer's, a head's) down to this total 2-norm (torch.nn.utils.clip_grad_norm_); null: no clipping.",
+    )
 
     def arguments(self) -> dict[str, Any]:
         """Keyword arguments for the optimizer class (everything but name and scheduler)."""

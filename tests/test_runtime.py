@@ -68,6 +68,32 @@ def test_exact_cuts_train_like_plain_pytorch(optimizer):
         torch.testing.assert_close(ours[key], theirs[key], msg=key)
 
 
+def test_clip_grad_norm_per_stage_equals_clipping_by_hand():
+    """`optimizer: {clip_grad_norm: c}` on stage 1 (layers.1) of an all-exact program: its gradients are scaled to
+    norm c before its step, the other stages' are not; plain PyTorch with clip_grad_norm_ on those parameters."""
+    torch.manual_seed(0)
+    model = MLP()
+    reference = copy.deepcopy(model)
+    clipped = {"optimizer": {"name": "SGD", "lr": 0.1, "clip_grad_norm": 0.05}}
+    program = compile_decoupled(model, _spec(3, **{"1": clipped}))
+    opt_clip = torch.optim.SGD(reference.layers[1].parameters(), lr=0.1)
+    rest = [p for n, p in reference.named_parameters() if not n.startswith("layers.1.")]
+    opt_rest = torch.optim.SGD(rest, lr=0.1)
+    norms = []
+    for step in range(3):
+        x, y = _batch(seed=step)
+        program.train_step(x, y)
+        opt_clip.zero_grad()
+        opt_rest.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(reference.layers[1].parameters(), 0.05)))
+        opt_clip.step()
+        opt_rest.step()
+    assert min(norms) > 0.05  # the clip did something
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference.state_dict()[key], msg=key)
+
+
 def test_zero_synthesizer_freezes_earlier_stages_at_step_0():
     """Zero-initialised synthesizers send no gradient: under SGD the stages before the cut do not move."""
     torch.manual_seed(0)
