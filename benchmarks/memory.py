@@ -95,7 +95,8 @@ def child(args) -> dict:
         program = compile_decoupled(model, spec)
         program.train()
         if args.no_measure:  # no cosine(stale, fresh) every 10th step: its extra forward, backward and clones
-            program.runtime.measure_every = None
+            for iface in program.runtime.interfaces:
+                iface.measure_every = None
 
         def step(x, y):
             program.train_step(x, y)
@@ -117,7 +118,7 @@ def main() -> int:
     p.add_argument("--only", nargs="*", help="contenders (default: all)")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "memory.json"))
     p.add_argument(
-        "--no-measure", action="store_true", help="delayed cuts: no stale-fresh cosine (runtime.measure_every = None)"
+        "--no-measure", action="store_true", help="delayed cuts: no stale-fresh cosine (delayed_gradient.measure_every = null)"
     )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()

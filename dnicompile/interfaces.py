@@ -483,6 +483,7 @@ class DelayedGradientInterface(Interface):
         self.weights = config.weights
         self.shrink = config.shrink
         self.warmup = getattr(config, "warmup", 0)  # steps 0..warmup-1 run with delay 0
+        self.measure_every = getattr(config, "measure_every", 10)  # the stale-fresh cosine, every N-th step
         self.where = where
         self.group: ForwardGroup | None = None
         self.queue: list[_Pending] = []  # oldest first

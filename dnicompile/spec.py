@@ -214,6 +214,13 @@ class DelayedGradientConfig(_Strict):
         description="Steps at the start that wait for the true gradient (an exact cut, delay 0) before the delay "
         "begins: the first steps, where the gradient turns fastest, are not taken late.",
     )
+    measure_every: int | None = Field(
+        10,
+        ge=1,
+        le=10**9,
+        description="Every N-th step, measure the cosine between the stale gradient and the fresh one (one more "
+        "forward and backward of the stages before the cut); null: never.",
+    )
 
     @field_validator("delay", mode="before")
     @classmethod

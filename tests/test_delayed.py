@@ -175,6 +175,15 @@ def test_warmup_runs_the_first_steps_exact_then_delays(weights):
     assert [r.staleness.get("a") for r in results] == [0, 0, 0, None, None, 2, 2, 2]
 
 
+@pytest.mark.parametrize("every", [None, 2, 3])
+def test_the_stale_fresh_cosine_is_measured_every_n_steps(every):
+    torch.manual_seed(0)
+    program = compile_decoupled(Net(), _spec([_delayed(delay=1, measure_every=every)], "Adam"))
+    measured = [step for step, (x, y) in enumerate(_batches(9)) if "a" in program.train_step(x, y).cosine]
+    # 1-based multiples of N, from the first step with a gradient due (step 1 at delay 1)
+    assert measured == ([] if every is None else [s for s in range(1, 9) if (s + 1) % every == 0])
+
+
 def test_chained_delays_add():
     """Two delayed cuts, 2 then 1 step: the first stage applies gradients 3 steps old, and the program equals the
     same loop run by hand (the middle stage's input gradient of batch s reaches the first stage at s + 1 + 2)."""

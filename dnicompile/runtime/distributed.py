@@ -436,7 +436,7 @@ class RankWorker:
                 self.take(self.owed[0][0], block=True)
         else:
             self.take(step - int(iface.delay) - self.lag, block=True)
-        measure = rt.measure_fresh or bool(rt.measure_every and (step + 1) % rt.measure_every == 0)
+        measure = rt.measures(iface, step)
         done = iface.backward_due(step, measure=measure)
         stages = rt.delayed_groups[self.first][1] if self.sends_due else []
         if done is None:

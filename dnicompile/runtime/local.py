@@ -115,10 +115,9 @@ class LocalRuntime:
         self._delays_checked = False
         self.delayed_groups = self._bind_delayed_groups()  # first stage -> (delayed cut, the stages before it)
         # [Note: delayed gradients] the cosine between a delayed cut's stale gradient and the fresh one costs a
-        # forward and a backward of the group: it is measured on every `measure_every`-th step (1-based, as the
-        # training loop's log lines: its default log_every is 10), or on every step with `measure_fresh`.
-        # train/loop.py does not set them; a loop that logs on another grid may.
-        self.measure_every: int | None = 10
+        # forward and a backward of the group: it is measured on every step that is a multiple of the cut's
+        # `measure_every` (1-based, as the training loop's log lines: its default log_every is 10; the spec's
+        # `delayed_gradient: {measure_every: N | null}`), or on every step with `measure_fresh`.
         self.measure_fresh = False
 
     # ---------------------------------------------------------------- modes and devices
@@ -341,7 +340,6 @@ class LocalRuntime:
         if not ctx.delayed:
             return
         now = ctx.step
-        measure = self.measure_fresh or bool(self.measure_every and (now + 1) % self.measure_every == 0)
         fed: dict[int, tuple] = {}  # cut index -> (batch, gradient) from the delayed group behind it
         for cut, received in reversed(ctx.delayed):
             iface = self.interfaces[cut.index]
@@ -351,6 +349,7 @@ class LocalRuntime:
             elif not self._feeds_delayed(cut):
                 iface.arrive(now, {b.name: getattr(h, "grad", None) for b, h in zip(cut.boundary, received)}, now)
             stages = next(st for c, st in self.delayed_groups.values() if c is cut)
+            measure = self.measures(iface, now)
             done = iface.backward_due(now, measure=measure)
             if done is None:
                 for s in stages:
@@ -363,6 +362,11 @@ class LocalRuntime:
             before = self.program.cut_before(stages[0])
             if before is not None and self.interfaces[before.index].kind == "delayed":
                 fed[before.index] = done
+
+    def measures(self, iface, step: int) -> bool:
+        """Whether a delayed cut measures its stale-fresh cosine at `step` ([Note: delayed gradients])."""
+        every = iface.measure_every
+        return self.measure_fresh or bool(every and (step + 1) % every == 0)
 
     def _feeds_delayed(self, cut) -> bool:
         """Whether the stage after `cut` starts a group that ends at a delayed cut (its gradient comes from
