@@ -348,7 +348,9 @@ class LocalLossInterface(Interface):
         value = float(loss.detach())
         self.stats.add(value, ())
         if not target.is_floating_point() and scores.shape[:-1] == target.shape:
-            self.accuracy = float((scores.detach().argmax(-1) == target).float().mean())
+            scored = target >= 0  # not cross-entropy's ignore index
+            hits = (scores.detach().argmax(-1) == target)[scored]
+            self.accuracy = float(hits.float().mean()) if hits.numel() else float("nan")
         names = [n for n in self.names if n in h]
         return {n: self.weight * leaf.grad for n, leaf in zip(names, leaves) if leaf.grad is not None}
 

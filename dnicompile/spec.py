@@ -510,6 +510,20 @@ class LossFromOutput(_Strict):
         description="The forward() input that holds the labels (e.g. targets): the one-hot context of cDNI "
         "synthesizers, and train_step's `target`.",
     )
+    shift_labels: int = Field(
+        0,
+        ge=0,
+        le=10**6,
+        description="The model shifts the labels inside its loss (Hugging Face causal LMs take labels = input_ids; "
+        "position t predicts labels[t + 1]): shift the (B, T) labels this many positions left for cDNI's context "
+        "and local heads, so they see the token each position predicts (the last positions get none).",
+    )
+
+    @model_validator(mode="after")
+    def _shift_needs_labels(self) -> LossFromOutput:
+        if self.shift_labels and self.labels is None:
+            raise ValueError("`shift_labels` shifts the labels input: name it, e.g. `labels: labels`")
+        return self
 
 
 # a name, or a mapping for a loss the model returns; tagged so that errors come from the one branch that applies

@@ -182,10 +182,15 @@ def build_synthetic_input(cfg: SyntheticInputConfig, in_shape: tuple[int, ...], 
 
 
 def one_hot_context(target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Labels (B,) or (B, T) -> float one-hot (B, K) or (B, T, K); float targets pass through."""
+    """Labels (B,) or (B, T) -> float one-hot (B, K) or (B, T, K); float targets pass through. A negative label
+    (cross-entropy's ignore index, -100) gets an all-zero context."""
     if target.is_floating_point():
         return target
-    return F.one_hot(target.long(), num_classes).float()
+    ignore = target < 0
+    hot = F.one_hot(target.long().clamp(min=0), num_classes).float()
+    if ignore.any():
+        hot[ignore] = 0.0
+    return hot
 
 
 class LocalHead(nn.Module):

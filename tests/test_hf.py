@@ -265,3 +265,40 @@ def test_fx_names_a_decorated_forward_with_kwargs():
     assert "frontend: export" in text
     program = compile_decoupled(CachingLM(), _caching_spec("auto"))
     assert "torch.fx failed (a decorated forward() with **kwargs), torch.export worked" in program.frontend_reason
+
+
+def test_shift_labels_gives_cdni_and_local_heads_the_next_token():
+    """`loss: {from_output: loss, labels: labels, shift_labels: 1}` (a model that shifts its labels inside, as Hugging
+    Face causal LMs do): cDNI's context at position t is the one-hot of labels[t + 1], zero at the last position,
+    and the model's own loss is untouched."""
+    torch.manual_seed(0)
+    model = CachingLM()
+    spec = _caching_spec("export")
+    spec["loss"]["shift_labels"] = 1
+    spec["cuts"][0]["synthetic_gradient"] = {"model": "linear", "condition_on_labels": True}
+    program = compile_decoupled(model, spec)
+    ids, labels = torch.randint(0, 50, (3, 6)), torch.randint(0, 50, (3, 6))
+    ctx = program.runtime.begin_step((ids, labels), None)
+    expected = torch.zeros(3, 6, 50)
+    for b in range(3):
+        for t in range(5):
+            expected[b, t, labels[b, t + 1]] = 1.0
+    torch.testing.assert_close(ctx.context, expected, rtol=0, atol=0)
+    with torch.no_grad():
+        own = model(ids, labels, use_cache=False)["loss"].item()  # before the step updates the model
+    assert program.train_step(ids, labels).loss == pytest.approx(own, rel=1e-5)
+    # a local head is scored on the next token, the last position left out
+    spec["cuts"][0] = {"after": "block", "local_loss": {"head": "linear"}}
+    program = compile_decoupled(CachingLM(), spec)
+    iface = program.runtime.interfaces[0]
+    with torch.no_grad():
+        h = dict(zip([b.name for b in program.cuts[0].boundary], program.stages[0](ids, labels)))
+        scores = iface.head(*[h[n] for n in iface.names])
+    shifted = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], dim=1)
+    result = program.train_step(ids, labels)
+    expected_loss = F.cross_entropy(scores.reshape(-1, 50), shifted.reshape(-1))  # ignores -100
+    assert result.synth_loss["block"] == pytest.approx(expected_loss.item(), rel=1e-5)
+    hits = scores.argmax(-1)[:, :5] == labels[:, 1:]  # the last position has no label
+    assert result.head_accuracy["block"] == pytest.approx(hits.float().mean().item())
+    with pytest.raises(Exception, match="shift_labels"):
+        compile_decoupled(CachingLM(), {**spec, "loss": {"from_output": "loss", "shift_labels": 1}})

@@ -83,6 +83,7 @@ class LocalRuntime:
         self.loss_fn = get_loss(spec.loss, spec.where("loss"))
         # `loss: {from_output: i}`: the model returns its loss; its labels (if named) are one of its inputs
         self.labels_index = None if isinstance(spec.loss, str) else check_output_loss(program, spec.where("loss"))
+        self.label_shift = 0 if isinstance(spec.loss, str) else spec.loss.shift_labels
         self.num_classes = _num_classes(program)
         # a local-loss head is trained with the spec's loss (cross-entropy where the model computes its own)
         self.local_loss_fn = get_loss(spec.loss if isinstance(spec.loss, str) else "cross_entropy", spec.where("loss"))
@@ -164,10 +165,25 @@ class LocalRuntime:
             stage.zero_grad()
         if target is None and self.labels_index is not None:
             target = inputs[self.labels_index]
+        if self.label_shift and target is not None:
+            target = self.shifted(target)
         context = one_hot_context(target, self.num_classes) if self.num_classes else None
         result = StepResult(loss=float("nan"), output=torch.empty(0), ticked=ticks)
         batch = (target if target is not None else inputs[0]).shape[0]
         return StepContext(self.step, tuple(inputs), target, context, batch, ticks, result)
+
+    def shifted(self, labels: torch.Tensor) -> torch.Tensor:
+        """`loss: {shift_labels: s}`: position t's label is labels[t + s]; the last s positions get -100 (ignored
+        by cross-entropy, an all-zero cDNI context)."""
+        s = self.label_shift
+        if labels.dim() < 2 or labels.is_floating_point():
+            raise SpecError(
+                f"{self.program.spec.where('loss', 'shift_labels')}: shifts (B, T) integer labels along T; the "
+                f"labels are {tuple(labels.shape)} {labels.dtype}. Remove `shift_labels`."
+            )
+        out = torch.full_like(labels, -100)
+        out[:, : max(labels.shape[1] - s, 0)] = labels[:, s:]
+        return out
 
     def run_stages(self, first: int, last: int, values: tuple, ctx: StepContext) -> tuple[tuple, list[int]]:
         """Run stages first..last on `values`, crossing the synthetic and delayed cuts between them (steps 1-3 of
