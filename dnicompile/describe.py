@@ -53,7 +53,9 @@ def describe_optimizer(stage: Stage) -> str:
     opt = stage.optimizer_config
     extra = "".join(f", {k}={v}" for k, v in (opt.model_extra or {}).items())
     sched = f" + {opt.scheduler.name}" if opt.scheduler else ""
-    return f"{opt.name}(lr={opt.lr:g}{extra}){sched}"
+    clip = f", clip_grad_norm={opt.clip_grad_norm:g}" if opt.clip_grad_norm is not None else ""
+    precision = f", {stage.precision}" if getattr(stage, "precision", "fp32") != "fp32" else ""
+    return f"{opt.name}(lr={opt.lr:g}{extra}{clip}){sched}{precision}"
 
 
 def describe_clock(stage: Stage) -> str:

@@ -10,6 +10,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
 from .compile.emit import emit_stages, rebind_buffers
 from .compile.partition import BoundaryTensor, Partition, partition
@@ -43,9 +45,24 @@ class Stage:
         self.optimizer_config: OptimizerConfig = optimizer
         self.clock_config: ClockConfig = clock
         self.borrowed: frozenset[int] = frozenset()  # ids of tied tensors another stage owns (Partition.tied)
+        self.precision = "fp32"  # or "bf16": the forward runs under autocast ([Note: stage precision])
 
     def __call__(self, *args: Any) -> Any:
-        return self.graph_module(*args)
+        return self.run(args)
+
+    def run(self, values: tuple, tensors: dict | None = None) -> Any:
+        """The stage's forward on `values`, with the named parameters/buffers in `tensors` in place of its own
+        (torch.func.functional_call) where given."""
+        gm = self.graph_module
+        if self.precision == "fp32":
+            return functional_call(gm, tensors, tuple(values)) if tensors else gm(*values)
+        # [Note: stage precision] bf16: autocast on the device of the inputs; the parameters, their gradients and
+        # the optimizer stay fp32, and bf16 outputs leave the stage as fp32 (a lossless widening), so the boundary
+        # tensors, synthesizers, heads and messages between ranks keep the traced dtypes
+        device = next((v.device.type for v in values if isinstance(v, torch.Tensor)), "cpu")
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = functional_call(gm, tensors, tuple(values)) if tensors else gm(*values)
+        return tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t, out)
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this stage updates: all it uses but the tied ones another stage owns."""
@@ -380,6 +397,7 @@ def compile_decoupled(model: nn.Module, spec: str | Path | dict | Spec, example_
         outputs = _output_infos(gm)
         opt, clock = spec.stage_config(i, f"stage{i}")
         stages.append(Stage(i, gm, inputs, outputs, opt, clock))
+        stages[-1].precision = spec.stage_precision(i, f"stage{i}")
     for tied in part.tied:  # one stage owns (updates) a tied tensor; the others only read it
         tensor = model.get_parameter(tied.names[0]) if tied.parameter else model.get_buffer(tied.names[0])
         for s in tied.stages:

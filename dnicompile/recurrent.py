@@ -273,6 +273,12 @@ def compile_recurrent(model: nn.Module, spec) -> RecurrentProgram:
     num_stages = 2 if rc.upper is not None else 1
     _check_stage_keys(spec, num_stages)
     configs = [spec.stage_config(i, f"stage{i}") for i in range(num_stages)]
+    for i in range(num_stages):
+        if spec.stage_precision(i, f"stage{i}") != "fp32":
+            raise SpecError(
+                f"{spec.where('stages')}: `precision` runs a feed-forward stage under autocast; a recurrent program's "
+                "cores run in fp32. Remove `precision`."
+            )
     upper = None
     if rc.upper is not None:
         uc = rc.upper

@@ -314,10 +314,15 @@ CutsSpec = Annotated[
 
 
 class StageConfig(_Strict):
-    """Per-stage optimizer and clock; unset fields fall back to `default`."""
+    """Per-stage optimizer, clock and precision; unset fields fall back to `default`."""
 
     optimizer: OptimizerConfig | None = None
     clock: ClockConfig | None = None
+    precision: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None,
+        description="fp32 (the default), or bf16: the stage's forward (and so its backward) runs under "
+        "torch.autocast with bfloat16 (parameters and optimizer stay fp32; what leaves the stage is fp32).",
+    )
 
 
 class DataConfig(_Strict):
@@ -692,6 +697,21 @@ class Spec(_Strict):
                 )
         if problems:
             raise SpecError(problems[0] if len(problems) == 1 else "invalid spec:\n  " + "\n  ".join(problems))
+
+    def stage_precision(self, index: int, name: str) -> str:
+        """A stage's `precision`: its own entry over `default`, else fp32; fp16 is refused (it needs a gradient
+        scaler per stage, which the runtimes do not have)."""
+        default = self.stages.get("default", StageConfig())
+        key = next((k for k in (index, str(index), name) if k in self.stages), None)
+        own = self.stages.get(key) if key is not None else StageConfig()
+        precision = own.precision or default.precision or "fp32"
+        if precision == "fp16":
+            where = self.where("stages", key if own.precision else "default", "precision")
+            raise SpecError(
+                f"{where}: fp16 needs a gradient scaler per stage (its small gradients underflow), which dnicompile "
+                "does not have yet; use `precision: bf16` (same range as fp32), or fp32."
+            )
+        return precision
 
     def stage_config(self, index: int, name: str) -> tuple[OptimizerConfig, ClockConfig]:
         """Optimizer and clock of one stage: its own entry (by index or name) over `default`."""

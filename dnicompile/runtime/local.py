@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from ..errors import SpecError
@@ -335,15 +334,15 @@ class LocalRuntime:
         return groups
 
     def _forward_group(self, stages: list[int]) -> ForwardGroup:
-        modules = [self.program.stages[i].graph_module for i in stages]
+        group = [self.program.stages[i] for i in stages]
+        modules = [s.graph_module for s in group]
         params = {n: p for gm in modules for n, p in gm.named_parameters()}
         buffers = {n: b for gm in modules for n, b in gm.named_buffers()}
         names = [({n for n, _ in gm.named_parameters()} | {n for n, _ in gm.named_buffers()}) for gm in modules]
 
         def run(values: tuple, tensors: dict) -> tuple:
-            for gm, own in zip(modules, names):
-                mine = {n: t for n, t in tensors.items() if n in own}
-                values = functional_call(gm, mine, tuple(values)) if mine else gm(*values)
+            for stage, own in zip(group, names):
+                values = stage.run(values, {n: t for n, t in tensors.items() if n in own})
             return values
 
         return ForwardGroup(run, params, buffers)
