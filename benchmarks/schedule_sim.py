@@ -27,13 +27,13 @@ What the model holds to (and what it leaves out):
 - A rank computes one thing at a time: its forwards, backwards, optimizer steps, synthesizer and head work and
   per-step overheads run one after another on its own core. Ranks do not slow each other down (no shared
   cores, caches or memory bandwidth; measured for S = 2 on this machine in the `measure` part).
-- A message from rank a to b starts moving when it has been sent and (`rendezvous`, the default, as gloo does:
-  it moves the data only once the receiver has posted its receive) the receive has been posted; it arrives
-  latency + bytes / bandwidth later. A link carries one message at a time in each direction (a -> b and b -> a
-  are separate): a message waits until the one before it on that direction has finished its bytes / bandwidth
-  (latency is propagation, it does not occupy the link). Sends do not block the sender; a send "completes" when
-  its message has arrived, and only the schedules that wait for a send's completion (torch's, dnicompile's bound
-  of sends in flight) wait for it.
+- A message from rank a to b sent at time s arrives at max(s + latency, posted, link free) + bytes / bandwidth:
+  the latency first (as dnicompile's link emulation does: it posts the real send at s + latency), then the bytes,
+  which move only once the receiver has posted its receive (`rendezvous`, the default, as gloo does; measured:
+  a 1 MB receive posted late waits for the whole transfer) and once the link's direction is free. A link carries
+  one message at a time in each direction (a -> b and b -> a are separate); the latency does not occupy it.
+  Sends do not block the sender; a send "completes" when its message has arrived, and only the schedules that
+  wait for a send's completion (torch's, dnicompile's bound of sends in flight) wait for it.
 - dnicompile posts the receive of the next batch's activations as soon as the current one has arrived, and the
   receive of a true gradient when it sends h; torch's schedules post each receive right before they wait for it.
 - Every per-stage time is a constant (no noise): forward, backward, optimizer step, per-step overhead (drawing
@@ -209,11 +209,14 @@ class Engine:
         m = self.msgs[key]
         if m.arrival is not None or m.sent is None or m.posted is None:
             return
-        start = max(m.sent, m.posted) if self.rendezvous else m.sent
+        # the latency first (dnicompile's link emulation posts the real send at sent + latency), then the bytes,
+        # once the receive is posted (rendezvous) and the link's direction is free
+        start = m.sent + self.link.latency_s
+        if self.rendezvous:
+            start = max(start, m.posted)
         start = max(start, self.link_free[(m.src, m.dst)])
-        done = start + self.link.transfer(m.nbytes)
-        self.link_free[(m.src, m.dst)] = done
-        m.arrival = done + self.link.latency_s
+        m.arrival = start + self.link.transfer(m.nbytes)
+        self.link_free[(m.src, m.dst)] = m.arrival
         for r in self.waiters.pop(key, []):
             self._push(m.arrival, r)
 
@@ -632,8 +635,8 @@ PREDICT_KINDS = ("gpipe", "1f1b", "mb_1f1b", "exact", "synthetic", "delayed", "l
 
 
 def predict_grid(inp: dict, depth: int, sizes: list[int], latencies_ms: list[float], bandwidth: float) -> dict:
-    """Samples/s of every contender for each S and latency (the pipeline schedules: the best M of 4 ... 256, at
-    least S for 1F1B), and one process of plain backprop on all `depth` layers (the reference)."""
+    """Samples/s of every contender for each S and latency (the pipeline schedules: the best M of 4 ... 64, at
+    least S for torch's 1F1B), and one process of plain backprop on all `depth` layers (the reference)."""
     B = inp["batch"]
     one, _ = scaled_stages(inp, "backprop", depth, 1)
     base = simulate("exact", one, [], Link(), B, steps=8).throughput
@@ -645,7 +648,7 @@ def predict_grid(inp: dict, depth: int, sizes: list[int], latencies_ms: list[flo
             for kind in PREDICT_KINDS:
                 if kind in ("gpipe", "1f1b", "mb_1f1b"):
                     best = None
-                    for M in (4, 8, 16, 32, 64, 128, 256):
+                    for M in (4, 8, 16, 32, 64):
                         if M > B or (kind == "1f1b" and M < S):
                             continue
                         stages, cb = scaled_stages(inp, kind, depth, S, M)
@@ -1436,8 +1439,26 @@ def report(validation: dict | None, grid: dict | None) -> str:
     return "\n".join(lines)
 
 
+def repredict(validation: dict) -> dict:
+    """The validation's predictions made again with this file's model, from each rep's measured inputs and each
+    run's measured background (nothing taken from the runs' throughput)."""
+    for row in validation["reps"]:
+        row["predicted"] = predict_s2(row["inputs"])
+        row["predicted_shared"] = predict_s2(row["inputs"], cores=2, background=row["background"])
+        row["predicted_run"] = {
+            name: predict_s2(row["inputs"], cores=2, background=got["background"], only=name)[name]
+            for name, got in row["measured"].items()
+        }
+    validation["summary"] = summarize(validation["reps"])
+    return validation
+
+
 def cmd_report(args) -> int:
     validation = json.loads(Path(args.validation).read_text()) if args.validation else None
+    if validation and args.repredict:
+        validation = repredict(validation)
+        if args.write:
+            Path(args.write).write_text(json.dumps(validation, indent=1) + "\n")
     grid = json.loads(Path(args.predictions).read_text()) if args.predictions else None
     print(report(validation, grid))
     if validation and args.plot:
@@ -1487,6 +1508,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--validation")
     w.add_argument("--predictions")
     w.add_argument("--plot", help="write the validation bar chart here")
+    w.add_argument("--repredict", action="store_true", help="predict the validation again with this model")
+    w.add_argument("--write", help="with --repredict: write the validation file with the new predictions here")
     w.add_argument("--title", default="S = 2, depth 16: predicted against measured")
     args = p.parse_args(argv)
     if args.cmd == "report":

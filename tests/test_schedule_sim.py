@@ -1,8 +1,8 @@
 """benchmarks/schedule_sim.py against timelines worked out by hand (2 ranks, simple numbers).
 
 Every case: forward F = 1 (a microbatch's), backward B = 2, one-way latency 0.5, infinite bandwidth, no
-optimizer or overheads unless said. Messages move once both the send and the receive are posted
-(`rendezvous`, as gloo does): arrival = max(sent, posted) + latency."""
+optimizer or overheads unless said. A message arrives at max(sent + latency, posted) (+ bytes / bandwidth: 0
+here): the bytes move once the receive is posted (`rendezvous`, as gloo does)."""
 
 import sys
 from pathlib import Path
@@ -25,31 +25,45 @@ def events(result, rank):
 
 
 def test_gpipe_two_ranks_four_microbatches():
-    # rank 0: F0..F3 back to back from 0; then it waits for the sends to complete and for each gradient.
-    # rank 1 posts the receive of microbatch i only when it waits for it (after F(i-1)), so:
-    #   a0 sent 1, posted 0 -> 1.5; F0 [1.5, 2.5]; a1 sent 2, posted 2.5 -> 3.0; F1 [3, 4];
-    #   a2 sent 3, posted 4 -> 4.5; F2 [4.5, 5.5]; a3 sent 4, posted 5.5 -> 6; F3 [6, 7];
-    #   then B0..B3 back to back [7, 15], sending g_i at 9, 11, 13, 15.
-    # rank 0 waits for a3 to arrive (6), posts g0 then: g0 -> 9.5; B0 [9.5, 11.5]; g1 sent 11, posted 11.5
-    #   -> 12; B1 [12, 14]; g2 sent 13, posted 14 -> 14.5; B2 [14.5, 16.5]; g3 sent 15 -> 17; B3 [17, 19].
-    # rank 1's step ends when its last gradient has arrived (17); rank 0's at 19.
+    # rank 0: F0..F3 back to back from 0, sending a_i at 1, 2, 3, 4; then it waits for the sends to complete and
+    # for each gradient. rank 1 posts the receive of microbatch i only when it waits for it (after F(i-1)):
+    #   a0 -> max(1 + 0.5, 0) = 1.5; F0 [1.5, 2.5]; a1 -> max(2.5, 2.5); F1 [2.5, 3.5]; F2 [3.5, 4.5]; F3 [4.5, 5.5];
+    #   then B0..B3 back to back [5.5, 13.5], sending g_i at 7.5, 9.5, 11.5, 13.5.
+    # rank 0 waits for a3 to arrive (4.5), posts g0 then: g0 -> 8; B0 [8, 10]; g1 (posted 10) -> max(10, 10);
+    #   B1 [10, 12]; B2 [12, 14]; B3 [14, 16]. rank 1's step ends when its last gradient has arrived (14).
     r = simulate("gpipe", mb_stages(), [4.0], L, batch=1, steps=1, microbatches=4)
     assert events(r, 0) == [
         ("F", 0, 0, 1), ("F", 1, 1, 2), ("F", 2, 2, 3), ("F", 3, 3, 4),
-        ("B", 0, 9.5, 11.5), ("B", 1, 12, 14), ("B", 2, 14.5, 16.5), ("B", 3, 17, 19),
+        ("B", 0, 8, 10), ("B", 1, 10, 12), ("B", 2, 12, 14), ("B", 3, 14, 16),
     ]  # fmt: skip
     assert events(r, 1) == [
-        ("F", 0, 1.5, 2.5), ("F", 1, 3, 4), ("F", 2, 4.5, 5.5), ("F", 3, 6, 7),
-        ("B", 0, 7, 9), ("B", 1, 9, 11), ("B", 2, 11, 13), ("B", 3, 13, 15),
+        ("F", 0, 1.5, 2.5), ("F", 1, 2.5, 3.5), ("F", 2, 3.5, 4.5), ("F", 3, 4.5, 5.5),
+        ("B", 0, 5.5, 7.5), ("B", 1, 7.5, 9.5), ("B", 2, 9.5, 11.5), ("B", 3, 11.5, 13.5),
     ]  # fmt: skip
-    assert r.step_end == [[19], [17]]
+    assert r.step_end == [[16], [14]]
 
 
 def test_gpipe_steady_state():
-    # Step 1 starts on rank 0 at 19 and repeats step 0's pattern shifted by 19 (rank 1 is idle from 17).
+    # Step 1 starts on rank 0 at 16 and repeats step 0's pattern shifted by 16 (rank 1 is idle from 14).
     r = simulate("gpipe", mb_stages(), [4.0], L, batch=1, steps=8, microbatches=4)
-    assert r.step_end[1] == pytest.approx([17 + 19 * k for k in range(8)])
-    assert r.throughput == pytest.approx(1 / 19)
+    assert r.step_end[1] == pytest.approx([14 + 16 * k for k in range(8)])
+    assert r.throughput == pytest.approx(1 / 16)
+
+
+def test_a_late_receive_holds_the_bytes():
+    # 1 byte/s, latency 0.5: sent at 0, posted at 3: the bytes move from 3 (rendezvous), arriving at 5; without
+    # rendezvous they move from 0.5 and arrive at 2.5.
+    def sender():
+        yield ("send", 1, "a", 2.0)
+
+    def receiver():
+        yield ("compute", "F", 3.0, 0, -1)
+        yield ("wait", "a")
+        yield ("mark", 0)
+
+    for rendezvous, arrival in ((True, 5.0), (False, 2.5)):
+        marks, msgs = Engine(Link(0.5, 1.0), rendezvous=rendezvous).run([sender(), receiver()])
+        assert msgs["a"][2] == arrival and marks[1] == [max(3.0, arrival)]
 
 
 def test_1f1b_two_ranks_four_microbatches():
