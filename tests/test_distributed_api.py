@@ -87,6 +87,8 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
+        if world == 3:  # first: a chain of delayed cuts ends with gradients in flight that no rank takes
+            _regroup(rank, world, Path(out).parent)
         for kind in sorted(k for k in KINDS if len(KINDS[k][2]) == world):
             program = _program(kind)
             torch.manual_seed(0)
@@ -100,8 +102,62 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
             dist.barrier()
         if world == 2:
             _link_delay(rank, Path(out))
+            _regroup(rank, world, Path(out).parent)
     finally:
         dist.destroy_process_group()
+
+
+REGROUP_KIND, REGROUP_AT = "local", 4  # trained on TWO, checkpointed at step 4, resumed on THREE
+
+
+def _regroup(rank: int, world: int, top: Path) -> None:
+    """[Note: resuming on other workers]: on 2 ranks, train REGROUP_KIND for REGROUP_AT steps and checkpoint; on 3
+    ranks (spawned after), resume from that checkpoint and train the rest of the batches."""
+    import torch.distributed as dist
+
+    from dnicompile.runtime.distributed import distributed_runtime, load_checkpoint, save_checkpoint
+
+    program = _program(REGROUP_KIND)
+    torch.manual_seed(0)
+    program.build_runtime()
+    placement = TWO if world == 2 else THREE
+    worker = distributed_runtime(program, placement=placement)
+    batches = _batches()
+    if world == 2:
+        for step in range(REGROUP_AT):
+            worker.train_step(step, *batches[step])
+        worker.drain()
+        save_checkpoint(worker, top / "regroup", REGROUP_AT)
+        return
+    shard = load_checkpoint(worker, next((top / "regroup").glob("ckpt-*")))
+    assert shard["step"] == REGROUP_AT
+    for step in range(REGROUP_AT, STEPS):
+        worker.train_step(step, *batches[step])
+    worker.drain()
+    torch.save(worker.owned_state(), top / "regroup" / f"resumed{rank}.pt")
+    dist.barrier()
+
+
+def test_a_run_resumes_on_another_number_of_workers(trained):
+    top = trained[2].parent
+    assert trained[3].parent == top
+    got = {}
+    for r in range(3):
+        got.update(torch.load(top / "regroup" / f"resumed{r}.pt", weights_only=True))
+    program = _program(REGROUP_KIND)
+    torch.manual_seed(0)
+    program.build_runtime()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for x, y in _batches():
+            program.train_step(x, y)
+    finally:
+        torch.set_num_threads(threads)
+    want = program.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 LATENCY_S = 0.3

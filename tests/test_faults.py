@@ -197,8 +197,8 @@ def test_distributed_resume_falls_back_past_a_damaged_or_incomplete_checkpoint(t
     assert said[0].startswith("skipping ") and "ckpt-00000015/rank1.pt: not a readable checkpoint" in said[0]
     assert "ckpt-00000010: incomplete (missing rank0.pt)" in said[1]
     assert said[2] == "resuming from ckpt-00000005 (step 5) instead"
-    with pytest.raises(DNIError, match="written by 2 workers; resume with --workers 2"):
-        find_checkpoint(tmp_path, 3)
+    # another number of workers may resume it ([Note: resuming on other workers]: each rank takes its stages' parts)
+    assert find_checkpoint(tmp_path, 3).name == "ckpt-00000005"
 
 
 def test_distributed_checkpoints_keep_the_newest_k(tmp_path):

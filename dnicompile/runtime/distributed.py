@@ -637,6 +637,49 @@ class RankWorker:
         self.post_owed()
 
 
+# [Note: resuming on other workers] A checkpoint's shards hold each stage's state by stage index (optimizer,
+# scheduler, clock), each cut's interface by cut name, and the model's tensors by their state_dict keys, so a run
+# can resume on another number of workers or another placement: each rank reads every shard and takes what its
+# stages need; the task's state (data position) and the random state come from the shard of the rank that held
+# the last stage. Queues in flight were drained before the checkpoint was written (synthetic cuts' true gradients),
+# so nothing travelling is lost. Two things are tied to the placement and are refused with the way out: tied tensors
+# shared between ranks (their optimizer is a replica per rank, not a stage's) and delayed cuts (their pending
+# batches wait for gradients from the rank after the cut).
+def _load_regrouped(worker: RankWorker, folder: Path) -> dict:
+    shards = [load_tensors(p, map_location="cpu") for p in sorted(folder.glob("rank*.pt"))]
+    written = shards[0]["world"] if shards else None
+    rt = worker.rt
+    why = None
+    if worker.tied.replicas or any(s.get("runtime", {}).get("tied") for s in shards):
+        why = "tied tensors shared between ranks"
+    delayed = [c.name for c in worker.program.cuts if rt.interfaces[c.index].kind == "delayed"]
+    if delayed:
+        why = f"delayed cut `{delayed[0]}` (its pending batches wait for the next rank's gradients)"
+    if any(s.get("runtime", {}).get("format", 1) != FORMAT for s in shards):
+        why = "a checkpoint of an older format"
+    if why is not None:
+        raise DNIError(
+            f"--resume: {folder.name} was written by {written} workers (this run has {worker.world}, or another "
+            f"placement); a program with {why} resumes only on the workers and placement that wrote it: --workers "
+            f"{written}."
+        )
+    model, stages, interfaces = {}, {}, {}
+    for s in shards:
+        model.update(s["model"])
+        stages.update(s["runtime"]["stages"])
+        interfaces.update(s["runtime"]["interfaces"])
+    mine = range(worker.first, worker.last + 1)
+    lost = [f"stage{s}" for s in mine if s not in stages]
+    if lost:
+        raise DNIError(f"--resume: {folder.name} holds no state for {', '.join(lost)}; was it written by this spec?")
+    worker.program.model.load_state_dict(model, strict=False)
+    worker.load_runtime_state({"format": FORMAT, "stages": {s: stages[s] for s in mine}, "interfaces": interfaces})
+    last = max(shards, key=lambda s: tuple(s["placement"])[1])
+    if isinstance(last.get("rng"), torch.Tensor):
+        torch.set_rng_state(last["rng"])
+    return {k: v for k, v in last.items() if k in ("step", "task")}
+
+
 def _concat(parts: list):
     """The microbatches' outputs joined into the batch's: tensors with a batch dimension are concatenated, a scalar
     (a loss the model returns) is the last microbatch's."""
@@ -725,25 +768,17 @@ def _check_shards(folder: Path, step: int, world: int | None) -> None:
     missing = [f"rank{r}.pt" for r in range(written or 0) if f"rank{r}.pt" not in shards]
     if not shards or missing:
         raise DamagedFileError(f"{folder}: incomplete (missing {', '.join(missing) or 'every shard'})")
-    if world is not None and written != world:
-        raise DNIError(
-            f"--resume: {folder.name} was written by {written} workers; resume with --workers {written} (this run "
-            f"has {world})."
-        )
 
 
 def load_checkpoint(worker: RankWorker, folder: Path) -> dict:
-    """Load this rank's shard of a checkpoint folder into its stages and runtime; returns the shard (its `step`,
-    and the task's state under `task` where the run wrote one)."""
+    """Load this rank's part of a checkpoint folder into its stages and runtime: its own shard, or, where the run
+    that wrote it had another number of workers or placement, the parts of every shard that this rank's stages
+    need ([Note: resuming on other workers]). Returns the shard (its `step`, and the task's state under `task`
+    where the run wrote one)."""
     path = folder / f"rank{worker.rank}.pt"
-    if not path.is_file():
-        raise DNIError(f"--resume: {path} is missing; was the run made with {worker.world} workers?")
-    shard = load_tensors(path, map_location="cpu")  # each part moves its tensors where it lives
-    if shard["world"] != worker.world or tuple(shard["placement"]) != (worker.first, worker.last):
-        raise DNIError(
-            f"--resume: the checkpoint was written by {shard['world']} workers with rank {worker.rank} on stages "
-            f"{shard['placement']}; resume with the same --workers and placement."
-        )
+    shard = load_tensors(path, map_location="cpu") if path.is_file() else None  # parts move where they live
+    if shard is None or shard["world"] != worker.world or tuple(shard["placement"]) != (worker.first, worker.last):
+        return _load_regrouped(worker, folder)
     worker.program.model.load_state_dict(shard["model"], strict=False)
     worker.load_runtime_state(shard["runtime"])
     if isinstance(shard.get("rng"), torch.Tensor):
