@@ -6,7 +6,9 @@ import copy
 import time
 
 import torch
+from torch.utils._pytree import tree_leaves
 
+from ..compile.auto import balance_chain
 from ..errors import SpecError
 from ..synthesizers import one_hot_context
 
@@ -65,7 +67,7 @@ def measure_stage_costs(program, repeats: int = 3, device=None) -> list[float]:
                 ins = tuple(v.detach().requires_grad_(i > 0) if v.is_floating_point() else v for v in values)
                 start = time.perf_counter()
                 out = stage(*ins)
-                outs = out if isinstance(out, tuple) else (out,)
+                outs = out if isinstance(out, tuple) else tuple(tree_leaves(out))  # the last: the model's output
                 tensors = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
                 if tensors:
                     torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
@@ -76,7 +78,7 @@ def measure_stage_costs(program, repeats: int = 3, device=None) -> list[float]:
                 if r:
                     times.append(time.perf_counter() - start)
             costs.append(sorted(times)[len(times) // 2])
-            values = tuple(o.detach() for o in (out if isinstance(out, tuple) else (out,)))
+            values = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outs)
     finally:
         program.model.load_state_dict(saved)
         for m, state in zip(rt.modules(), synth_saved):
@@ -100,24 +102,7 @@ def _time_synthesizer(iface, cut, outs: tuple, context) -> None:
 
 
 def _balanced(costs: list[float], world: int) -> list[tuple[int, int]]:
-    """Split the chain of stage costs into `world` contiguous runs minimising the largest run (DP)."""
-    n = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(world + 1)]
-    cut = [[0] * (n + 1) for _ in range(world + 1)]
-    best[0][0] = 0.0
-    for k in range(1, world + 1):
-        for j in range(k, n + 1):
-            for i in range(k - 1, j):
-                v = max(best[k - 1][i], prefix[j] - prefix[i])
-                if v < best[k][j]:
-                    best[k][j], cut[k][j] = v, i
-    ranges, j = [], n
-    for k in range(world, 0, -1):
-        i = cut[k][j]
-        ranges.append((i, j - 1))
-        j = i
-    return ranges[::-1]
+    """Split the chain of stage costs into `world` contiguous runs minimising the largest run (the DP that
+    automatic cuts use: compile.auto.balance_chain)."""
+    bounds = [-1, *balance_chain(costs, world), len(costs) - 1]
+    return [(bounds[k] + 1, bounds[k + 1]) for k in range(world)]
