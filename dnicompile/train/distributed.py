@@ -27,7 +27,7 @@ from ..files import write_atomic
 from ..runtime.distributed import RankWorker, load_checkpoint, save_checkpoint
 from .data import load_dataset
 from .loop import FitOptions, RunCheckpoint, Runner, fit
-from .outputs import plot_curves
+from .outputs import cut_kinds, plot_curves
 from .tasks import Classification
 
 
@@ -144,6 +144,7 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
         device=str(device),
         log_every=cfg.log_every,
         metrics_path=Path(cfg.metrics_path) if driver and cfg.metrics_path else None,
+        loggers=cfg.loggers,
         out_dir=out_dir,
         checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints,
@@ -161,7 +162,8 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
             write_atomic(out_dir / "model.pt", lambda p: torch.save(full, p))
             final = {k: v for k, v in summary.items() if k != "rows"}
             write_atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(final, indent=2) + "\n"))
-            plot_curves(summary["rows"], out_dir / "curves.png", f"{type(program.model).__name__}, {world} workers")
+            title = f"{type(program.model).__name__}, {world} workers"
+            plot_curves(summary["rows"], out_dir / "curves.png", title, cut_kinds(program))
         acc = summary["test_accuracy"]
         console.print(
             f"done: {summary['steps_done']} steps in {summary['elapsed_s']:.1f}s"
