@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--metrics", metavar="FILE.jsonl", help="write one JSON object per line of metrics")
     train.add_argument("--out", metavar="DIR", help="write learning curves (PNG), metrics and final weights here")
+    train.add_argument(
+        "--logger",
+        type=_logger_names,
+        metavar="NAME[,NAME]",
+        help="where the metrics go: jsonl (default; metrics.jsonl or --metrics), csv (metrics.csv), tensorboard "
+        "(tensorboard/; needs the tb extra), comma-separated; csv and tensorboard write into --out, else next to "
+        "--metrics",
+    )
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     train.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
     train.add_argument(
@@ -104,6 +112,15 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _logger_names(text: str) -> list[str]:
+    from .train.loggers import logger_names
+
+    try:
+        return logger_names(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _seed(text: str) -> int:

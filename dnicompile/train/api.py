@@ -18,6 +18,7 @@ from rich.console import Console
 
 from ..errors import DNIError
 from ..files import write_atomic
+from .loggers import check_loggers
 from .loop import FitOptions, load_run_checkpoint
 from .loop import fit as run_loop
 from .outputs import check_outputs, cut_kinds, plot_curves
@@ -34,6 +35,7 @@ def fit(
     eval_every: int | None = None,
     log_every: int = 10,
     out: str | Path | None = None,
+    loggers: list | None = None,
     resume: bool = False,
     overwrite: bool = False,
     checkpoint_every: int | None = None,
@@ -47,7 +49,11 @@ def fit(
     scoring it on `eval_data` every `eval_every` steps and at the end (loss, and accuracy where the output is class
     scores). Returns the summary, with every metrics line under `rows`.
 
-    `out`: a folder for metrics.jsonl, checkpoints (every `checkpoint_every` steps, default the spec's
+    `loggers`: where the metrics go, names or objects ([Note: loggers] in train/loggers.py): "jsonl"
+    (metrics.jsonl, the default), "csv" (metrics.csv), "tensorboard" (tensorboard/; the tb extra), all into
+    `out`, and objects with write(record, kind) and close(), given every record (kind "train" or "eval").
+
+    `out`: a folder for the metrics, checkpoints (every `checkpoint_every` steps, default the spec's
     `train.checkpoint_every`, and at the end), model.pt, curves.png and summary.json; an existing run there is
     refused unless `resume=True` (go on from its newest checkpoint, drawing the same batches as a run that never
     stopped) or `overwrite=True`. `target`: the key of the labels in dict batches. `seed` seeds torch before
@@ -77,8 +83,11 @@ def fit(
     )
     if resume and out is None:
         raise DNIError("fit: resume=True goes on with the run in out=; give out=.")
+    options.loggers = ["jsonl"] if loggers is None else [loggers] if isinstance(loggers, str) else list(loggers)
+    check_loggers(options.loggers, out is not None, "fit: loggers=", "into out=", "give out=")
+    names = [n for n in options.loggers if isinstance(n, str)]
     # the command line's checks of --out, --resume and --overwrite: never overwrite a run unless told to
-    flags = SimpleNamespace(out=out, resume=out if resume else None, metrics=None, overwrite=overwrite)
+    flags = SimpleNamespace(out=out, resume=out if resume else None, metrics=None, overwrite=overwrite, logger=names)
     out_dir, options.metrics_path = check_outputs(flags)
     if out_dir is not None:
         if resume:

@@ -12,6 +12,7 @@ from rich.console import Console
 from ..errors import DNIError
 from ..files import write_atomic
 from .data import call_loader, load_dataset
+from .loggers import chosen_loggers
 from .loop import FitOptions, fit, load_run_checkpoint
 from .outputs import (
     check_outputs,
@@ -36,7 +37,7 @@ def train_from_cli(program, args, console: Console) -> int:
     resolve_device(opts.device)
     require_data(spec)
     out_dir, metrics_path = check_outputs(args)
-    opts.metrics_path = metrics_path
+    opts.metrics_path, opts.loggers = metrics_path, chosen_loggers(args)
     opts.out_dir = out_dir
     if args.resume:
         opts.resume = load_run_checkpoint(Path(args.resume), say=lambda t: console.print(t, highlight=False))

@@ -134,6 +134,8 @@ def train_core(program, rank: int, cfg) -> dict:
         seed=cfg.seed,
         log_every=cfg.log_every,
         metrics_path=Path(cfg.metrics_path) if rank == 0 and cfg.metrics_path else None,
+        out_dir=Path(cfg.out_dir) if rank == 0 and cfg.out_dir else None,  # for metrics.csv and tensorboard/
+        loggers=cfg.loggers,
         checkpoint_every=None,  # a hierarchical run on two workers does not resume (yet)
         command=cfg.command,
     )

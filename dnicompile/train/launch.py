@@ -32,6 +32,7 @@ from ..runtime.distributed import find_checkpoint
 from ..runtime.placement import measure_stage_costs, plan_placement
 from ..runtime.transport import PeerError
 from .data import find_fashion_mnist
+from .loggers import chosen_loggers
 from .outputs import check_outputs, cli_schedule, exit_code, require_data, resolve_device
 
 
@@ -43,6 +44,7 @@ def run_fields(args, spec) -> dict:
         # cuts a `cuts: {auto: ...}` spec chose here are the workers' too, not chosen again in each of them
         "overrides": [*(getattr(args, "set", None) or []), *pinned_cuts(spec)],
         "command": getattr(args, "argv", None),
+        "loggers": chosen_loggers(args),
         **cli_schedule(args, spec),
     }
 
@@ -119,6 +121,7 @@ class RunConfig:
     log_every: int = 10
     out_dir: str | None = None
     metrics_path: str | None = None
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # --logger: the driver rank's (train/loggers.py)
     checkpoint_every: int | None = None  # with out_dir
     keep_checkpoints: int = 2
     resume: str | None = None  # the checkpoint folder to continue from (find_checkpoint's choice)

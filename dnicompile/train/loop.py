@@ -33,7 +33,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,13 @@ from ..files import (
     remove_stale_tmp,
     save_atomic,
 )
-from .outputs import MetricsWriter, resolve_device, resume_metrics
+from .loggers import MetricsWriter, log_folder, open_loggers, read_metrics
+from .outputs import resolve_device
 
 
 @dataclass
 class FitOptions:
-    """How long and how to train; where the metrics go."""
+    """How long and how to train; where the metrics go ([Note: loggers])."""
 
     steps: int = 1000
     batch_size: int = 128
@@ -65,8 +66,11 @@ class FitOptions:
     seed: int = 0
     device: str = "cpu"
     log_every: int = 10
-    metrics_path: Path | None = None
+    metrics_path: Path | None = None  # the jsonl logger's file
     out_dir: Path | None = None
+    # names in train/loggers.py (jsonl, csv, tensorboard; csv and tensorboard write into out_dir, else next to
+    # metrics_path) or Logger objects
+    loggers: list = field(default_factory=lambda: ["jsonl"])
     checkpoint_every: int | None = None  # with out_dir: ckpt-<step>.pt every N steps, at the end, on a stop
     keep_checkpoints: int = 2
     resume: RunCheckpoint | None = None  # continue after this checkpoint's step (see load_run_checkpoint)
@@ -381,10 +385,14 @@ def fit(program, task: Task, options: FitOptions, console: Console | None = None
     if options.resume is not None:
         start, previous = runner.restore(program, task, options.resume, device)
         console.print(f"resumed from step {start} ({options.resume.path.name})", highlight=False)
-    if start and options.metrics_path is not None:
-        history = resume_metrics(options.metrics_path, start, previous / "metrics.jsonl")
-    metrics = MetricsWriter(options.metrics_path, append=bool(start))
-    metrics.rows = history
+    if start and options.metrics_path is not None:  # the resumed run's records, for the summary and metrics.jsonl
+        source = previous / "metrics.jsonl"
+        history = read_metrics(source if source.is_file() else options.metrics_path, start)
+    loggers = []
+    if runner.is_driver:
+        folder = log_folder(options.out_dir, options.metrics_path)
+        loggers = open_loggers(options.loggers, options.metrics_path, folder, start, history, previous)
+    metrics = MetricsWriter(loggers, history)
     summary: dict = {**task.summary(), "steps_done": start, "interrupted": False, "run": run_record(program, options)}
     saved_at = start if options.resume is not None else None
     window_t, window_n, begin, paused = 0.0, 0, time.perf_counter(), 0.0
@@ -451,7 +459,8 @@ def fit(program, task: Task, options: FitOptions, console: Console | None = None
                     if evaluated is not None:
                         scores, line = evaluated
                         now = time.perf_counter()
-                        metrics.write({"step": step, **scores, "elapsed_s": now - begin, "train_s": train_s})
+                        row = {"step": step, **scores, "elapsed_s": now - begin, "train_s": train_s}
+                        metrics.write(row, "eval")
                         summary.update(task.summary())
                         if line:
                             progress.console.print(line, highlight=False)

@@ -1,5 +1,5 @@
-"""What a training run writes: metrics (JSON lines), plots, final weights and summaries, and the checks of
---out / --metrics before a run starts; plus the CLI's device and schedule options shared by every loop."""
+"""What a training run writes: plots, final weights and summaries (its metrics: train/loggers.py), and the checks
+of --out / --metrics / --logger before a run starts; plus the CLI's device and schedule options shared by every loop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DNIError
-from ..files import checkpoints, remove_checkpoint, write_atomic, write_text_atomic
+from ..files import checkpoints, remove_checkpoint, write_atomic
+from .loggers import CSV_FILE, TENSORBOARD_DIR, check_loggers, chosen_loggers, log_folder
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,25 +28,6 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise DNIError(f"--device {name!r}: expected cpu, cuda or cuda:N.")
     return device
-
-
-class MetricsWriter:
-    """One JSON object per line, flushed as written, so an interrupted run keeps what it logged."""
-
-    def __init__(self, path: Path | None, append: bool = False):
-        self.path = path
-        self.rows: list[dict] = []
-        self._f = open(path, "a" if append else "w") if path else None  # noqa: SIM115 - held open for the run
-
-    def write(self, row: dict) -> None:
-        self.rows.append(row)
-        if self._f:
-            self._f.write(json.dumps(row) + "\n")
-            self._f.flush()
-
-    def close(self) -> None:
-        if self._f:
-            self._f.close()
 
 
 # how the cosine of each cut kind reads in a plot's legend (metrics: `cosine` per cut)
@@ -185,7 +167,7 @@ def _finish(fig, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-OUT_FILES = ("model.pt", "checkpoint.pt", "curves.png", "summary.json", "metrics.jsonl")
+OUT_FILES = ("model.pt", "checkpoint.pt", "curves.png", "summary.json", "metrics.jsonl", CSV_FILE, TENSORBOARD_DIR)
 
 
 def run_files(out_dir: Path) -> list[str]:
@@ -202,7 +184,7 @@ def _same_dir(a: Path, b: Path) -> bool:
 
 
 def check_outputs(args) -> tuple[Path | None, Path | None]:
-    """--out and --metrics, checked before training starts: never overwrite a run without --overwrite. With
+    """--out, --metrics and --logger, checked before training starts: never overwrite a run without --overwrite. With
     --resume DIR, --out defaults to DIR and the run goes on there; --overwrite replaces a run in another --out
     (its checkpoints are removed first, so that resuming it later never finds the old run's)."""
     resume = Path(args.resume) if getattr(args, "resume", None) else None
@@ -230,25 +212,19 @@ def check_outputs(args) -> tuple[Path | None, Path | None]:
             raise DNIError(f"--metrics {metrics_path}: file exists; choose another path or pass --overwrite.")
         if not metrics_path.parent.is_dir() and metrics_path.parent != out_dir:
             raise DNIError(f"--metrics {metrics_path}: folder {metrics_path.parent} does not exist.")
+    chosen = chosen_loggers(args)
+    check_loggers(
+        chosen, metrics_path is not None, "--logger ", "into --out DIR, or next to --metrics", "give --out or --metrics"
+    )
+    folder = log_folder(out_dir, metrics_path)
+    if folder is not None and out_dir is None and not args.overwrite and resume is None:
+        for name, file in (("csv", CSV_FILE), ("tensorboard", TENSORBOARD_DIR)):
+            if name in chosen and (folder / file).exists():
+                raise DNIError(
+                    f"--logger {name}: {folder / file} exists (the {name} logger writes next to --metrics "
+                    f"{metrics_path}); choose --metrics in another folder, or pass --overwrite."
+                )
     return out_dir, metrics_path
-
-
-def resume_metrics(path: Path, step: int, source: Path | None = None) -> list[dict]:
-    """The metrics of a resumed run, cut back to its checkpoint's `step`: the lines of `source` (the resumed
-    run's metrics.jsonl; `path` where it has none) up to that step are written to `path` (atomically) and
-    returned; lines written after the checkpoint, and a line torn by a crash, are dropped."""
-    src = source if source is not None and source.is_file() else path
-    rows = []
-    if src.is_file():
-        for line in src.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                rows.append(row)
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return rows
 
 
 def cli_schedule(args, spec) -> dict:
@@ -347,10 +323,12 @@ def outputs_written(out_dir: Path, metrics_path: Path | None) -> str:
     """What a run wrote, for its last line: the files in --out, and the metrics file where it is elsewhere."""
     names = [
         n
-        for n in ("model.pt", "checkpoint.pt", "curves.png", "summary.json", "metrics.jsonl")
+        for n in ("model.pt", "checkpoint.pt", "curves.png", "summary.json", "metrics.jsonl", CSV_FILE)
         if (out_dir / n).exists()
     ]
+    if (out_dir / TENSORBOARD_DIR).is_dir():
+        names.append(TENSORBOARD_DIR + "/")
     text = f"{', '.join(names)} to {out_dir}"
-    if metrics_path is not None and metrics_path.parent.resolve() != out_dir.resolve():
+    if metrics_path is not None and metrics_path.is_file() and metrics_path.parent.resolve() != out_dir.resolve():
         text += f", and the metrics to {metrics_path}"
     return text

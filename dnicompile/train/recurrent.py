@@ -12,6 +12,7 @@ from rich.console import Console
 
 from ..errors import DNIError
 from ..recurrent import compile_recurrent
+from .loggers import chosen_loggers
 from .loop import FitOptions, fit, load_run_checkpoint
 from .outputs import (
     check_outputs,
@@ -118,7 +119,7 @@ def train_recurrent_from_cli(program, args, console: Console) -> int:
     if getattr(args, "resume", None):  # before --out (DIR by default) is made
         opts.resume = load_run_checkpoint(Path(args.resume), say=lambda t: console.print(t, highlight=False))
     out_dir, metrics_path = _outputs(args)
-    opts.metrics_path, opts.out_dir = metrics_path, out_dir
+    opts.metrics_path, opts.out_dir, opts.loggers = metrics_path, out_dir, chosen_loggers(args)
     # a recurrent step is many small ops: one intra-op thread is fastest unless asked (and much faster than
     # several threads fighting other processes for the cores)
     threads = torch.get_num_threads()
