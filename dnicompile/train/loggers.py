@@ -200,12 +200,15 @@ def logger_names(text: str) -> list[str]:
     for part in text.split(","):
         name = part.strip().lower()
         if name not in LOGGERS:
-            close = difflib.get_close_matches(name, LOGGERS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown logger {part.strip()!r}{hint}; choose from {', '.join(LOGGERS)}")
+            raise ValueError(f"unknown logger {part.strip()!r}{_choose(name)}")
         if name not in names:
             names.append(name)
     return names
+
+
+def _choose(name: str) -> str:
+    close = difflib.get_close_matches(name, LOGGERS, n=1)
+    return (f" (did you mean {close[0]!r}?)" if close else "") + f"; choose from {', '.join(LOGGERS)}"
 
 
 def check_loggers(chosen: Iterable, has_folder: bool, where: str, folder: str, fix: str) -> None:
@@ -215,9 +218,7 @@ def check_loggers(chosen: Iterable, has_folder: bool, where: str, folder: str, f
     names = [c for c in chosen if isinstance(c, str)]
     for name in names:
         if name not in LOGGERS:
-            close = difflib.get_close_matches(name, LOGGERS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise DNIError(f"{where}{name}: unknown logger{hint}; choose from {', '.join(LOGGERS)}.")
+            raise DNIError(f"{where}{name}: unknown logger{_choose(name)}.")
     for obj in chosen:
         if not isinstance(obj, str) and not isinstance(obj, Logger):
             raise DNIError(
@@ -239,7 +240,12 @@ def check_loggers(chosen: Iterable, has_folder: bool, where: str, folder: str, f
 
 
 def open_loggers(
-    chosen: Iterable, jsonl: Path | None, folder: Path | None, start: int, history: list[dict] | None, previous
+    chosen: Iterable,
+    jsonl: Path | None,
+    folder: Path | None,
+    start: int,
+    history: list[dict] | None,
+    previous: Path | None,
 ) -> list:
     """The run's loggers: names opened (`jsonl` at `jsonl`, csv and tensorboard in `folder`; a name without
     its place is left out), objects as they are. `start`, `history` and `previous` (the resumed run's folder)
