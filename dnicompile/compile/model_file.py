@@ -79,6 +79,13 @@ def load_module(path: str | Path) -> ModuleType:
         )
     if path.suffix != ".py":
         raise ModelError(f"model file {str(path)!r} is not a .py file; pass the Python file that defines your model.")
+    return exec_file(path, "model file", ModelError)
+
+
+def exec_file(path: Path, what: str, error: type[Exception], prefix: str = "") -> ModuleType:
+    """Import the Python file at `path` as a new module, its folder on sys.path so that it can import its
+    neighbours. What it raises while importing becomes `error`, located at the line of the file that raised
+    (`what` names the file in messages: "model file", "data loader file"; `prefix` goes before them)."""
     name = f"_dnicompile_user_{path.stem}_{uuid.uuid4().hex[:8]}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -90,22 +97,18 @@ def load_module(path: str | Path) -> ModuleType:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         code = f": `{e.text.strip()}`" if e.text and e.text.strip() else ""
-        raise ModelError(
-            f"{e.filename}:{e.lineno}:{e.offset or 0}: syntax error in model file: {e.msg}{code}"
-        ) from None
+        raise error(f"{e.filename}:{e.lineno}:{e.offset or 0}: syntax error in {what}: {e.msg}{code}") from None
     except Exception as e:  # the user's module body raised
         where = user_frame(e.__traceback__, {str(path.resolve())}) or str(path)
-        raise ModelError(f"importing model file {str(path)!r} failed at {where}: {type(e).__name__}: {e}") from None
+        raise error(f"{prefix}importing {what} {str(path)!r} failed at {where}: {type(e).__name__}: {e}") from None
     except (SystemExit, KeyboardInterrupt) as e:  # script code at the top level: sys.exit(), or an interrupt
         where = user_frame(e.__traceback__, {str(path.resolve())}) or str(path)
-        raise ModelError(f"importing model file {str(path)!r} {_stopped(e)} at {where}. {_SCRIPT_HINT}") from None
+        hint = (
+            f"dnicompile imports the {what}, so code at its top level runs; put script code (argument parsing, "
+            "training, sys.exit) under `if __name__ == '__main__':`."
+        )
+        raise error(f"{prefix}importing {what} {str(path)!r} {_stopped(e)} at {where}. {hint}") from None
     return module
-
-
-_SCRIPT_HINT = (
-    "dnicompile imports the model file, so code at its top level runs; put script code (argument parsing, "
-    "training, sys.exit) under `if __name__ == '__main__':`."
-)
 
 
 def _stopped(e: BaseException) -> str:

@@ -10,8 +10,6 @@ import importlib.util
 import inspect
 import math
 import struct
-import sys
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..compile.model_file import user_frame
+from ..compile.model_file import exec_file, user_frame
 from ..errors import DataError, close_matches, did_you_mean
 
 FASHION_MNIST_FILES = {
@@ -297,26 +295,7 @@ def _import_loader_file(target: str, folder: Path, where: str):
             f"{where}: no file {path}{hint}; a relative path is read from the spec's folder ({folder}): give the "
             "file's path from there, or an absolute one."
         )
-    name = f"_dnicompile_data_{path.stem}_{uuid.uuid4().hex[:8]}"
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    parent = str(path.resolve().parent)
-    if parent not in sys.path:
-        sys.path.insert(0, parent)
-    sys.modules[name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except SyntaxError as e:
-        raise DataError(f"{e.filename}:{e.lineno}:{e.offset or 0}: syntax error in data loader file: {e.msg}") from None
-    except Exception as e:
-        raised_at = user_frame(e.__traceback__, {str(path.resolve())}) or str(path)
-        raise DataError(f"{where}: importing {path} failed at {raised_at}: {type(e).__name__}: {e}") from None
-    except (SystemExit, KeyboardInterrupt) as e:
-        raise DataError(
-            f"{where}: importing {path} stopped ({type(e).__name__}); put script code under "
-            "`if __name__ == '__main__':`."
-        ) from None
-    return module
+    return exec_file(path, "data loader file", DataError, prefix=f"{where}: ")
 
 
 def _import(module_name: str, where: str):
