@@ -260,6 +260,16 @@ def test_fit_refuses_loggers_it_cannot_write(tmp_path):
     with pytest.raises(DNIError, match="object: not a logger"):
         dnicompile.fit(_program(), _batches(), steps=1, out=tmp_path, loggers=[object()])
 
+    class NoKind:
+        def write(self, record):
+            raise AssertionError("called")
+
+        def close(self):
+            pass
+
+    with pytest.raises(DNIError, match=r"NoKind.write\(record\): a logger's write is called with \(record, kind\)"):
+        dnicompile.fit(_program(), _batches(), steps=1, out=tmp_path / "nokind", loggers=[NoKind()])
+
 
 @pytest.mark.skipif(not (DATA / "train-images-idx3-ubyte.gz").is_file(), reason=f"Fashion-MNIST not found at {DATA}")
 def test_the_command_line_writes_csv_next_to_metrics(tmp_path):

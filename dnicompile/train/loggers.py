@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import difflib
 import importlib.util
+import inspect
 import io
 import json
 from collections.abc import Iterable
@@ -225,6 +226,16 @@ def check_loggers(chosen: Iterable, has_folder: bool, where: str, folder: str, f
                 f"{where}{type(obj).__name__}: not a logger; give a name ({', '.join(LOGGERS)}) or an object "
                 "with write(record, kind) and close()."
             )
+        if not isinstance(obj, str):
+            try:
+                inspect.signature(obj.write).bind({}, "train")
+            except TypeError:
+                raise DNIError(
+                    f"{where}{type(obj).__name__}.write{inspect.signature(obj.write)}: a logger's write is called "
+                    "with (record, kind), kind being 'train' or 'eval'; add the `kind` argument."
+                ) from None
+            except ValueError:  # no signature to read (a builtin): it is tried at the first record
+                pass
     needs_folder = [n for n in names if n != "jsonl"]
     if needs_folder and not has_folder:
         name = needs_folder[0]
