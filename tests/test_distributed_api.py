@@ -144,20 +144,25 @@ def test_a_run_resumes_on_another_number_of_workers(trained):
     got = {}
     for r in range(3):
         got.update(torch.load(top / "regroup" / f"resumed{r}.pt", weights_only=True))
-    program = _program(REGROUP_KIND)
-    torch.manual_seed(0)
-    program.build_runtime()
+    want = _local_state(REGROUP_KIND)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def _local_state(kind: str) -> dict:
+    """The reference: the program of `kind` trained on every batch by the local runtime, one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        program = _program(kind)
+        torch.manual_seed(0)
+        program.build_runtime()
         for x, y in _batches():
             program.train_step(x, y)
     finally:
         torch.set_num_threads(threads)
-    want = program.state_dict()
-    assert got.keys() == want.keys()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=key)
+    return program.state_dict()
 
 
 LATENCY_S = 0.3
@@ -208,17 +213,7 @@ def test_distributed_runtime_from_python_equals_the_local_runtime(trained, kind)
     got = {}
     for r in range(world):
         got.update(torch.load(folder / f"rank{r}.pt", weights_only=True))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        program = _program(kind)
-        torch.manual_seed(0)
-        program.build_runtime()
-        for x, y in _batches():
-            program.train_step(x, y)
-    finally:
-        torch.set_num_threads(threads)
-    want = program.state_dict()
+    want = _local_state(kind)
     assert got.keys() == want.keys()
     for key in want:
         # microbatches sum the gradient in another order: rounding, carried through Adam's normalization

@@ -60,6 +60,16 @@ def user_site(skip: int = 1) -> str:
     return ""
 
 
+def nearby_file(path: Path) -> str | None:
+    """The name of the .py file beside `path` closest to its name, for a did-you-mean (None: none close)."""
+    try:
+        nearby = sorted(q.name for q in path.parent.glob("*.py"))[:200]
+    except OSError:
+        return None
+    close = close_matches(path.name, nearby, n=1)
+    return close[0] if close else None
+
+
 def load_module(path: str | Path) -> ModuleType:
     """Import a Python file by path; its folder goes on sys.path so it can import its neighbours."""
     path = Path(path)
@@ -68,12 +78,8 @@ def load_module(path: str | Path) -> ModuleType:
             f"model file {str(path)!r} is a directory; pass the path of a Python file defining your model."
         )
     if not path.is_file():
-        try:
-            nearby = sorted(q.name for q in path.parent.glob("*.py"))[:200]
-        except OSError:
-            nearby = []
-        close = close_matches(path.name, nearby, n=1)
-        hint = f" (did you mean {str(path.parent / close[0])!r}?)" if close else ""
+        close = nearby_file(path)
+        hint = f" (did you mean {str(path.parent / close)!r}?)" if close else ""
         raise ModelError(
             f"model file {str(path)!r} not found{hint}; pass the path of a Python file defining your model."
         )

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..compile.model_file import exec_file, user_frame
-from ..errors import DataError, close_matches, did_you_mean
+from ..compile.model_file import exec_file, nearby_file, user_frame
+from ..errors import DataError, did_you_mean
 
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -285,12 +285,8 @@ def _import_loader_file(target: str, folder: Path, where: str):
     """Import a data loader file by path, relative to the spec's folder."""
     path = Path(target) if Path(target).is_absolute() else folder / target
     if not path.is_file():
-        try:
-            nearby = sorted(q.name for q in path.parent.glob("*.py"))[:200]
-        except OSError:
-            nearby = []
-        close = close_matches(path.name, nearby, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = nearby_file(path)
+        hint = f" (did you mean {close!r}?)" if close else ""
         raise DataError(
             f"{where}: no file {path}{hint}; a relative path is read from the spec's folder ({folder}): give the "
             "file's path from there, or an absolute one."
