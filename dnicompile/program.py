@@ -46,6 +46,7 @@ class Stage:
         self.clock_config: ClockConfig = clock
         self.borrowed: frozenset[int] = frozenset()  # ids of tied tensors another stage owns (Partition.tied)
         self.precision = "fp32"  # or "bf16": the forward runs under autocast ([Note: stage precision])
+        self.accumulate = 1  # steps whose mean gradient each update takes ([Note: accumulation])
 
     def __call__(self, *args: Any) -> Any:
         return self.run(args)
@@ -398,6 +399,7 @@ def compile_decoupled(model: nn.Module, spec: str | Path | dict | Spec, example_
         opt, clock = spec.stage_config(i, f"stage{i}")
         stages.append(Stage(i, gm, inputs, outputs, opt, clock))
         stages[-1].precision = spec.stage_precision(i, f"stage{i}")
+        stages[-1].accumulate = spec.stage_accumulate(i, f"stage{i}")
     for tied in part.tied:  # one stage owns (updates) a tied tensor; the others only read it
         tensor = model.get_parameter(tied.names[0]) if tied.parameter else model.get_buffer(tied.names[0])
         for s in tied.stages:

@@ -279,6 +279,12 @@ def compile_recurrent(model: nn.Module, spec) -> RecurrentProgram:
                 f"{spec.where('stages')}: `precision` runs a feed-forward stage under autocast; a recurrent program's "
                 "cores run in fp32. Remove `precision`."
             )
+        if spec.stage_accumulate(i, f"stage{i}") != 1:
+            raise SpecError(
+                f"{spec.where('stages')}: `accumulate` averages a feed-forward stage's gradients over steps; a "
+                "recurrent program's cores update per truncation segment on their clocks. Use `clock: {every: k}` "
+                "for fewer updates, or remove `accumulate`."
+            )
     upper = None
     if rc.upper is not None:
         uc = rc.upper

@@ -323,6 +323,12 @@ class StageConfig(_Strict):
         description="fp32 (the default), or bf16: the stage's forward (and so its backward) runs under "
         "torch.autocast with bfloat16 (parameters and optimizer stay fp32; what leaves the stage is fp32).",
     )
+    accumulate: int | None = Field(
+        None,
+        ge=1,
+        description="Gradient accumulation: the stage steps once every `accumulate` training steps, with the mean "
+        "of those steps' gradients (as `loss / k` summed over k batches in plain PyTorch); it replaces `clock`.",
+    )
 
 
 class DataConfig(_Strict):
@@ -714,12 +720,30 @@ class Spec(_Strict):
         return precision
 
     def stage_config(self, index: int, name: str) -> tuple[OptimizerConfig, ClockConfig]:
-        """Optimizer and clock of one stage: its own entry (by index or name) over `default`."""
+        """Optimizer and clock of one stage: its own entry (by index or name) over `default`. A stage that
+        accumulates k steps' gradients updates on the clock {every: k, offset: k - 1} ([Note: accumulation])."""
         default = self.stages.get("default", StageConfig())
         own = self.stages.get(index) or self.stages.get(str(index)) or self.stages.get(name) or StageConfig()
         opt = own.optimizer or default.optimizer or OptimizerConfig()
         clock = own.clock or default.clock or ClockConfig()
+        k = self.stage_accumulate(index, name)
+        if k > 1:
+            if clock != ClockConfig():
+                key = next((c for c in (index, str(index), name) if c in self.stages), None)
+                both = key if (self.stages.get(key) or StageConfig()).accumulate else "default"
+                raise SpecError(
+                    f"{self.where('stages', both, 'accumulate')}: `stages.{both}.accumulate: {k}` makes stage{index} "
+                    f"update every {k} steps, so it takes no `clock` (it has {clock.model_dump(exclude_defaults=True)}"
+                    "). Remove one of them."
+                )
+            clock = ClockConfig(every=k, offset=k - 1)
         return opt, clock
+
+    def stage_accumulate(self, index: int, name: str) -> int:
+        """A stage's `accumulate` (steps whose gradients each update averages): its own entry over `default`."""
+        default = self.stages.get("default", StageConfig())
+        own = self.stages.get(index) or self.stages.get(str(index)) or self.stages.get(name) or StageConfig()
+        return own.accumulate or default.accumulate or 1
 
 
 # --------------------------------------------------------------------------- loading

@@ -94,6 +94,95 @@ def test_clip_grad_norm_per_stage_equals_clipping_by_hand():
         torch.testing.assert_close(value, reference.state_dict()[key], msg=key)
 
 
+@pytest.mark.parametrize(
+    "optimizer", [{"name": "SGD", "lr": 0.1, "momentum": 0.9}, {"name": "Adam", "lr": 0.01}], ids=["sgdm", "adam"]
+)
+def test_accumulation_equals_plain_pytorch_accumulating(optimizer):
+    """[Note: accumulation] `accumulate: 3` on every stage of an all-exact program, with clip_grad_norm on stage 1:
+    plain PyTorch summing 3 batches' gradients, taking their mean, clipping it, one step per 3 batches; after 8
+    steps (two windows and an unfinished one, whose gradients do not reach the weights). (The mean is taken after
+    the sum, as the runtime does, rather than `(loss / 3).backward()`: the same in exact arithmetic, but Adam
+    magnifies the rounding in the gradient of a bias before batch norm, which is zero but for rounding.)"""
+    torch.manual_seed(0)
+    model = MLP()
+    reference = copy.deepcopy(model)
+    clipped = {"optimizer": {**optimizer, "clip_grad_norm": 0.05}}
+    program = compile_decoupled(model, _spec(3, optimizer=optimizer, **{"1": clipped}))
+    for stage in ("default", "1"):
+        program.spec.stages[stage].accumulate = 3
+    program = compile_decoupled(model, program.spec)
+    assert [s.accumulate for s in program.stages] == [3, 3, 3, 3]
+    cls, kwargs = getattr(torch.optim, optimizer["name"]), {k: v for k, v in optimizer.items() if k != "name"}
+    opt_clip = cls(reference.layers[1].parameters(), **kwargs)
+    opt_rest = cls([p for n, p in reference.named_parameters() if not n.startswith("layers.1.")], **kwargs)
+    updated, norms = [], []
+    for step in range(8):
+        x, y = _batch(seed=step)
+        result = program.train_step(x, y)
+        updated.append(result.ticked)
+        loss = F.cross_entropy(reference(x), y)
+        loss.backward()
+        assert result.loss == pytest.approx(loss.item(), rel=1e-6)
+        if (step + 1) % 3 == 0:
+            for p in reference.parameters():
+                p.grad /= 3
+            norms.append(float(torch.nn.utils.clip_grad_norm_(reference.layers[1].parameters(), 0.05)))
+            opt_clip.step()
+            opt_rest.step()
+            opt_clip.zero_grad()
+            opt_rest.zero_grad()
+    assert updated == [[s % 3 == 2] * 4 for s in range(8)]
+    assert min(norms) > 0.05  # the clip acted on the accumulated gradient
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference.state_dict()[key], msg=key)
+
+
+def test_accumulation_per_stage_and_resumed_inside_a_window():
+    """Stage 0 accumulates 2 steps, the others update every step (Adam): two optimizers of plain PyTorch. The
+    runtime's state taken after step 3 (inside stage 0's window) and loaded into a fresh program continues as the
+    uninterrupted run: the window's gradients are in the checkpoint."""
+    torch.manual_seed(0)
+    model = MLP()
+    reference, start = copy.deepcopy(model), copy.deepcopy(model)
+    adam = {"name": "Adam", "lr": 0.01}
+    spec = _spec(3, optimizer=adam, **{"0": {"accumulate": 2}})
+    program = compile_decoupled(model, spec)
+    opt0 = torch.optim.Adam(reference.layers[0].parameters(), lr=0.01)
+    opt_rest = torch.optim.Adam([p for n, p in reference.named_parameters() if not n.startswith("layers.0.")], lr=0.01)
+    saved = None
+    for step in range(6):
+        x, y = _batch(seed=step)
+        program.train_step(x, y)
+        if step == 2:
+            saved = copy.deepcopy((model.state_dict(), program.runtime.state_dict()))
+        F.cross_entropy(reference(x), y).backward()
+        opt_rest.step()
+        opt_rest.zero_grad()
+        if step % 2 == 1:
+            for p in reference.layers[0].parameters():
+                p.grad /= 2
+            opt0.step()
+            opt0.zero_grad()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference.state_dict()[key], msg=key)
+    assert saved[1]["stages"][0]["grads"][0] is not None  # inside the window: stage 0's gradient so far
+    resumed = compile_decoupled(start, spec)
+    start.load_state_dict(saved[0])
+    resumed.runtime.load_state_dict(saved[1])
+    for step in range(3, 6):
+        resumed.train_step(*_batch(seed=step))
+    for key, value in start.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[key], msg=key)
+
+
+def test_accumulation_with_a_clock_is_refused():
+    spec = _spec(2, clock={"every": 2}, **{"stage1": {"accumulate": 4}})
+    with pytest.raises(
+        SpecError, match=r"`stages\.stage1\.accumulate: 4` makes stage1 update every 4 steps, so it takes no `clock`"
+    ):
+        compile_decoupled(MLP(depth=2), spec)
+
+
 def test_zero_synthesizer_freezes_earlier_stages_at_step_0():
     """Zero-initialised synthesizers send no gradient: under SGD the stages before the cut do not move."""
     torch.manual_seed(0)

@@ -107,7 +107,7 @@ class LocalRuntime:
                 )
             )
         self.stages = [
-            StageState(s.index, s.parameters(), s.optimizer_config, s.clock_config, spec.where("stages"))
+            StageState(s.index, s.parameters(), s.optimizer_config, s.clock_config, spec.where("stages"), s.accumulate)
             for s in program.stages
         ]
         self.step = 0

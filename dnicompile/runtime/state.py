@@ -14,27 +14,44 @@ from ..clock import Clock
 from ..optim import build_optimizer
 
 
+# [Note: accumulation] `stages: {...: {accumulate: k}}`: the stage updates on the clock {every: k, offset: k - 1}
+# (Spec.stage_config), i.e. after steps k-1, 2k-1, ..., and its gradients are not cleared between: `zero_grad`
+# clears them only at the first step of each window (step % k == 0), and `step` divides them by k before the
+# optimizer (and its clip_grad_norm pre-hook) sees them, which is plain PyTorch's `(loss / k).backward()` over k
+# batches. Whatever reaches the stage is accumulated: true gradients, synthetic ones, a local head's, a delayed
+# cut's late ones. The synthesizers and heads still learn every step. A checkpoint taken inside a window keeps
+# the gradients summed so far (`grads`), so a resumed run continues the window.
 class StageState:
-    """One stage's optimizer, lr scheduler and clock."""
+    """One stage's optimizer, lr scheduler, clock and gradient accumulation."""
 
-    def __init__(self, index: int, parameters, optimizer_config, clock_config, where: str) -> None:
+    def __init__(self, index: int, parameters, optimizer_config, clock_config, where: str, accumulate: int = 1):
         self.index = index
         self.optimizer_config = optimizer_config
         self.optimizer, self.scheduler = build_optimizer(parameters, optimizer_config, where)
         self.clock = Clock(clock_config, index)
+        self.accumulate = accumulate
+        self._window_start = True  # this step begins an accumulation window: its zero_grad clears
 
     def tick(self, step: int) -> bool:
         """Whether the stage updates at `step`; call once per step, in order."""
+        self._window_start = step % self.accumulate == 0
         return self.clock.tick(step)
 
     def zero_grad(self) -> None:
-        if self.optimizer is not None:
+        if self.optimizer is not None and self._window_start:
             self.optimizer.zero_grad(set_to_none=True)
+
+    def _parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def step(self) -> bool:
         """Step the optimizer and its scheduler; False when the stage has nothing to update."""
         if self.optimizer is None:
             return False
+        if self.accumulate > 1:
+            for p in self._parameters():
+                if p.grad is not None:
+                    p.grad.div_(self.accumulate)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -49,11 +66,14 @@ class StageState:
         self.optimizer.state.pop(tensor, None)
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "clock": self.clock.state_dict(),
         }
+        if self.accumulate > 1 and self.optimizer is not None:  # the window's gradients so far
+            state["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in self._parameters()]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.optimizer is not None and state.get("optimizer") is not None:
@@ -61,6 +81,15 @@ class StageState:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.clock.load_state_dict(state["clock"])
+        if self.accumulate > 1 and self.optimizer is not None and state.get("grads") is not None:
+            params = self._parameters()
+            if len(state["grads"]) != len(params):
+                raise ValueError(
+                    f"stage{self.index}: the checkpoint holds {len(state['grads'])} gradients, the stage "
+                    f"has {len(params)} parameters"
+                )
+            for p, g in zip(params, state["grads"]):
+                p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
 
 
 # [Note: checkpoint format] A runtime's state_dict carries `format`. Format 2 (this one): {"format": 2, "step",

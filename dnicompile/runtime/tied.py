@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import SpecError
 from ..optim import build_optimizer
 
 
@@ -35,7 +36,18 @@ class TiedReplicas:
     def __init__(self, program, rank: int, placement: list[tuple[int, int]], runtime):
         rank_of = {s: r for r, (a, b) in enumerate(placement) for s in range(a, b + 1)}
         self.replicas: list[_Replica] = []
-        for tied in program.partition.tied:
+        for tied in program.partition.tied:  # every rank checks the same program, so all refuse together
+            if (
+                tied.parameter
+                and len({rank_of[s] for s in tied.stages}) > 1
+                and program.stages[tied.owner].accumulate > 1
+            ):
+                raise SpecError(
+                    f"{program.spec.where('stages')}: stage{tied.owner} accumulates gradients (`accumulate: "
+                    f"{program.stages[tied.owner].accumulate}`) and owns `{tied.names[0]}`, which stages on other "
+                    "workers share; their copies update every step. Place the stages that share it on one worker "
+                    "(distributed.placement), or remove `accumulate`."
+                )
             ranks = sorted({rank_of[s] for s in tied.stages})
             if not tied.parameter or len(ranks) < 2:
                 continue
