@@ -47,6 +47,8 @@ class Stage:
         self.borrowed: frozenset[int] = frozenset()  # ids of tied tensors another stage owns (Partition.tied)
         self.precision = "fp32"  # or "bf16": the forward runs under autocast ([Note: stage precision])
         self.accumulate = 1  # steps whose mean gradient each update takes ([Note: accumulation])
+        self.compile_options: dict | None = None  # torch.compile's options, None for eager ([Note: compiled stages])
+        self._compiled = None
 
     def __call__(self, *args: Any) -> Any:
         return self.run(args)
@@ -55,6 +57,15 @@ class Stage:
         """The stage's forward on `values`, with the named parameters/buffers in `tensors` in place of its own
         (torch.func.functional_call) where given."""
         gm = self.graph_module
+        if self.compile_options is not None and not tensors:
+            # [Note: compiled stages] `compile:` wraps the stage's GraphModule in torch.compile at its first call
+            # (after the program has moved to its device); the wrapper shares the GraphModule's parameters, so
+            # optimizers, state_dict and checkpoints see the same tensors. A run with other parameters in place
+            # (`tensors`: a delayed cut's stashed weights) stays eager: dynamo would guard on, and recompile for,
+            # each stash.
+            if self._compiled is None:
+                self._compiled = torch.compile(gm, **self.compile_options)
+            gm = self._compiled
         if self.precision == "fp32":
             return functional_call(gm, tensors, tuple(values)) if tensors else gm(*values)
         # [Note: stage precision] bf16: autocast on the device of the inputs; the parameters, their gradients and
@@ -400,6 +411,7 @@ def compile_decoupled(model: nn.Module, spec: str | Path | dict | Spec, example_
         stages.append(Stage(i, gm, inputs, outputs, opt, clock))
         stages[-1].precision = spec.stage_precision(i, f"stage{i}")
         stages[-1].accumulate = spec.stage_accumulate(i, f"stage{i}")
+        stages[-1].compile_options = spec.stage_compile(i, f"stage{i}")
     for tied in part.tied:  # one stage owns (updates) a tied tensor; the others only read it
         tensor = model.get_parameter(tied.names[0]) if tied.parameter else model.get_buffer(tied.names[0])
         for s in tied.stages:

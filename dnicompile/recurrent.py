@@ -279,6 +279,11 @@ def compile_recurrent(model: nn.Module, spec) -> RecurrentProgram:
                 f"{spec.where('stages')}: `precision` runs a feed-forward stage under autocast; a recurrent program's "
                 "cores run in fp32. Remove `precision`."
             )
+        if spec.stage_compile(i, f"stage{i}") is not None:
+            raise SpecError(
+                f"{spec.where('stages')}: `compile` applies to a feed-forward program's stages; a recurrent "
+                "program's cores run eagerly step by step. Remove `compile`."
+            )
         if spec.stage_accumulate(i, f"stage{i}") != 1:
             raise SpecError(
                 f"{spec.where('stages')}: `accumulate` averages a feed-forward stage's gradients over steps; a "

@@ -313,6 +313,25 @@ CutsSpec = Annotated[
 ]
 
 
+class CompileConfig(_Strict):
+    """`compile: {...}`: torch.compile's options for a stage ([Note: compiled stages])."""
+
+    backend: str = Field("inductor", description="torch.compile backend: inductor, aot_eager, eager, ...")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    dynamic: bool | None = Field(None, description="Dynamic shapes: None lets torch decide after a recompile.")
+    fullgraph: bool = Field(False, description="Refuse graph breaks.")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if v not in known:
+            raise ValueError(f"unknown torch.compile backend {v!r}{did_you_mean(v, known)}; known: {', '.join(known)}")
+        return v
+
+
 class StageConfig(_Strict):
     """Per-stage optimizer, clock and precision; unset fields fall back to `default`."""
 
@@ -322,6 +341,11 @@ class StageConfig(_Strict):
         None,
         description="fp32 (the default), or bf16: the stage's forward (and so its backward) runs under "
         "torch.autocast with bfloat16 (parameters and optimizer stay fp32; what leaves the stage is fp32).",
+    )
+    compile: bool | CompileConfig | None = Field(
+        None,
+        description="Run the stage's forward (and so its backward) through torch.compile: true, or {backend, mode, "
+        "dynamic, fullgraph} as torch.compile takes them.",
     )
     accumulate: int | None = Field(
         None,
@@ -738,6 +762,15 @@ class Spec(_Strict):
                 )
             clock = ClockConfig(every=k, offset=k - 1)
         return opt, clock
+
+    def stage_compile(self, index: int, name: str) -> dict | None:
+        """A stage's torch.compile options (its own `compile` over `default`), None for eager."""
+        default = self.stages.get("default", StageConfig())
+        own = self.stages.get(index) or self.stages.get(str(index)) or self.stages.get(name) or StageConfig()
+        config = own.compile if own.compile is not None else default.compile
+        if not config:
+            return None
+        return (CompileConfig() if config is True else config).model_dump(exclude_none=True)
 
     def stage_accumulate(self, index: int, name: str) -> int:
         """A stage's `accumulate` (steps whose gradients each update averages): its own entry over `default`."""

@@ -107,10 +107,9 @@ def test_accumulation_equals_plain_pytorch_accumulating(optimizer):
     model = MLP()
     reference = copy.deepcopy(model)
     clipped = {"optimizer": {**optimizer, "clip_grad_norm": 0.05}}
-    program = compile_decoupled(model, _spec(3, optimizer=optimizer, **{"1": clipped}))
-    for stage in ("default", "1"):
-        program.spec.stages[stage].accumulate = 3
-    program = compile_decoupled(model, program.spec)
+    spec = _spec(3, optimizer=optimizer, **{"1": clipped})
+    spec["stages"]["default"]["accumulate"] = 3  # stage 1 takes it from `default`
+    program = compile_decoupled(model, spec)
     assert [s.accumulate for s in program.stages] == [3, 3, 3, 3]
     cls, kwargs = getattr(torch.optim, optimizer["name"]), {k: v for k, v in optimizer.items() if k != "name"}
     opt_clip = cls(reference.layers[1].parameters(), **kwargs)
@@ -173,6 +172,38 @@ def test_accumulation_per_stage_and_resumed_inside_a_window():
         resumed.train_step(*_batch(seed=step))
     for key, value in start.state_dict().items():
         torch.testing.assert_close(value, model.state_dict()[key], msg=key)
+
+
+def test_compiled_stages_train_like_plain_pytorch():
+    """[Note: compiled stages] `compile: {backend: aot_eager}` on every stage (AOTAutograd traces each stage's
+    forward and backward; the tests use it rather than inductor, whose C++ build takes minutes on 2 cores;
+    benchmarks/stage_options.py measures inductor): the same steps as plain eager PyTorch, batch norm included."""
+    torch.manual_seed(0)
+    model = MLP()
+    reference = copy.deepcopy(model)
+    adam = {"name": "Adam", "lr": 0.01}
+    spec = _spec(3, optimizer=adam)
+    spec["stages"]["default"]["compile"] = {"backend": "aot_eager"}
+    program = compile_decoupled(model, spec)
+    opt = torch.optim.Adam(reference.parameters(), lr=0.01)
+    for step in range(3):
+        x, y = _batch(seed=step)
+        result = program.train_step(x, y)
+        opt.zero_grad()
+        loss = F.cross_entropy(reference(x), y)
+        loss.backward()
+        opt.step()
+        assert result.loss == pytest.approx(loss.item(), rel=1e-5)
+    assert all(isinstance(s._compiled, torch._dynamo.eval_frame.OptimizedModule) for s in program.stages)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference.state_dict()[key], msg=key)
+    assert set(program.state_dict()) == set(reference.state_dict())  # no `_orig_mod.` keys
+
+
+def test_unknown_compile_backend_is_refused():
+    spec = _spec(2, **{"0": {"compile": {"backend": "inducter"}}})
+    with pytest.raises(SpecError, match="unknown torch.compile backend 'inducter'.*did you mean.*inductor"):
+        compile_decoupled(MLP(depth=2), spec)
 
 
 def test_accumulation_with_a_clock_is_refused():
