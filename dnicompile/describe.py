@@ -137,13 +137,18 @@ def summary_text(program: DecoupledProgram, width: int = 140) -> str:
     return console.export_text()
 
 
-def stage_code(program: DecoupledProgram, stage: Stage) -> str:
-    """The readable Python of one stage, with a header naming its cuts."""
+def stage_header(program: DecoupledProgram, stage: Stage) -> str:
+    """Comment lines naming a stage, its size, its inputs and outputs."""
     ins = ", ".join(str(t) for t in stage.inputs)
     outs = ", ".join(str(t) for t in stage.outputs)
-    header = (
+    return (
         f"# {stage.name} of {type(program.model).__name__}: {stage.num_nodes} nodes, {stage.num_parameters():,} parameters\n"
         f"# inputs:  {ins}\n# outputs: {outs}\n"
     )
+
+
+def stage_code(program: DecoupledProgram, stage: Stage) -> str:
+    """The readable Python of one stage, with a header naming its cuts."""
+    header = stage_header(program, stage)
     body = textwrap.indent(stage.graph_module.code.strip("\n"), "    ")
     return f"{header}class {type(stage.graph_module).__name__}(torch.nn.Module):\n{body}\n"

@@ -6,9 +6,17 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .describe import describe_clock, describe_optimizer, describe_synthesizer, fmt_shape, stage_code, summary_text
+from .compile.emit import stage_module_source
+from .describe import (
+    describe_clock,
+    describe_optimizer,
+    describe_synthesizer,
+    fmt_shape,
+    stage_header,
+    summary_text,
+)
 from .errors import DNIError
-from .files import write_text_atomic
+from .files import save_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from .program import DecoupledProgram
@@ -171,7 +179,17 @@ def write_emit(program: DecoupledProgram, out_dir: str | Path) -> list[Path]:
     written = []
     for stage in program.stages:
         path = out / f"stage_{stage.index}.py"
-        write_text_atomic(path, "import torch\n\n\n" + stage_code(program, stage))
+        header = (
+            f"{stage_header(program, stage)}# Import this file and build the stage with Stage{stage.index}(model).\n"
+        )
+        constants_file = f"stage_{stage.index}_constants.pt"
+        source, constants = stage_module_source(
+            stage.graph_module, program.model, f"Stage{stage.index}", header, constants_file
+        )
+        if constants:
+            save_atomic(constants, out / constants_file)
+            written.append(out / constants_file)
+        write_text_atomic(path, source)
         written.append(path)
     svg = stages_svg(program)
     files = {

@@ -117,6 +117,61 @@ def test_forward_equals_model_in_train_and_eval_mode(compiled):
     program.train()
 
 
+def _import_emitted(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"emitted_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_emitted_stage_files_import_on_their_own_and_compute_the_program(compiled, tmp_path):
+    """[Note: emitted stage files] `--emit`'s stage_<i>.py import on their own (from dnicompile only the export
+    front end's helpers their code calls); StageI(model), chained on the boundary tensors, computes the model's
+    output (eval mode), on the model's own tensors."""
+    from torch.utils._pytree import tree_leaves
+
+    from dnicompile.inspect import write_emit
+
+    _, model, program, batch, _ = compiled
+    write_emit(program, tmp_path)
+    stages = [
+        getattr(_import_emitted(tmp_path / f"stage_{s.index}.py"), f"Stage{s.index}")(model) for s in program.stages
+    ]
+    for s in program.stages:
+        text = (tmp_path / f"stage_{s.index}.py").read_text()
+        assert {line for line in text.splitlines() if "import" in line and "dnicompile" in line} <= {
+            "from dnicompile.compile.export import when_training as dnicompile_compile_export_when_training",
+            "from dnicompile.compile.export import dropout_p as dnicompile_compile_export_dropout_p",
+        }
+    assert {id(p) for st in stages for p in st.parameters()} <= {id(p) for p in model.parameters()}
+    inputs, _ = batch(1)
+    program.eval()
+    with torch.no_grad():
+        values = inputs
+        for stage in stages:
+            values = stage.eval()(*values)
+        expected = model.eval()(*inputs)
+    program.train(), model.train()
+    for got, want in zip(tree_leaves(values), tree_leaves(expected), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_emitted_stage_files_of_the_fx_front_end_need_only_torch(tmp_path):
+    from dnicompile.inspect import write_emit
+
+    torch.manual_seed(0)
+    model = _MLP()
+    program = compile_decoupled(model, {"inputs": {"x": {"shape": [4, 8]}}, "cuts": [{"after": "layers.1"}]})
+    assert program.frontend == "fx"
+    write_emit(program, tmp_path)
+    assert "dnicompile" not in "".join(p.read_text() for p in tmp_path.glob("stage_*.py"))
+    stage0, stage1 = (_import_emitted(tmp_path / f"stage_{i}.py") for i in (0, 1))
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(stage1.Stage1(model)(*stage0.Stage0(model)(x)), model(x))
+
+
 def test_batch_dimension_stays_dynamic(compiled):
     _, model, program, batch, _ = compiled
     inputs, _ = batch(2)
