@@ -92,3 +92,15 @@ def checks() -> SimpleNamespace:
         forward_matches=assert_forward_matches,
         grads_match=assert_grads_match,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_downloads(tmp_path_factory):
+    """No test touches the internet: data sets are never downloaded (DNICOMPILE_OFFLINE=1), the cache folder is an
+    empty one of this session, and the mirror an address where nothing listens. Worker processes and `python -m
+    dnicompile` subprocesses inherit these; tests/test_download.py sets its own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DNICOMPILE_OFFLINE", "1")
+        mp.setenv("DNICOMPILE_DATA", str(tmp_path_factory.mktemp("data-cache")))
+        mp.setenv("DNICOMPILE_DATA_MIRROR", "http://127.0.0.1:1/")
+        yield

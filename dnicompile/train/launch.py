@@ -52,7 +52,7 @@ def run_fields(args, spec) -> dict:
 def train_distributed_from_cli(program, args, console) -> int:
     spec = program.spec
     require_data(spec)
-    find_fashion_mnist(args.data or spec.data.path)  # fail here, not in every worker
+    find_fashion_mnist(args.data or spec.data.path)  # fail or download here, once; the workers find the files
     resolve_device(args.device)
     under_torchrun = "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.workers

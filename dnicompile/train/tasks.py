@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..compile.model_file import user_frame
 from ..errors import DataError, DNIError, SpecError
+from . import download
 from .data import Batches
 from .loop import Task
 
@@ -153,12 +154,10 @@ class TextData:
 
 
 def load_text(path: str | None, split: float = 0.9) -> TextData:
-    """A UTF-8 text file as characters; the first `split` of it trains, the rest is held out."""
+    """A UTF-8 text file as characters; the first `split` of it trains, the rest is held out. Without a path,
+    tiny Shakespeare from the cache folder, downloaded there on first use (train/download.py)."""
     if path is None:
-        raise DataError(
-            "a text data set needs a file: pass --data FILE (e.g. --data ../shared/data/tinyshakespeare/input.txt) "
-            "or set `data.path` in the spec."
-        )
+        return _load_text(str(tiny_shakespeare().resolve()), split)
     p = Path(path)
     if p.is_dir():
         candidates = sorted(q.name for q in p.glob("*.txt"))
@@ -167,6 +166,22 @@ def load_text(path: str | None, split: float = 0.9) -> TextData:
     if not p.is_file():
         raise DataError(f"--data {path}: no such file; pass a UTF-8 text file (e.g. tinyshakespeare's input.txt).")
     return _load_text(str(p.resolve()), split)
+
+
+def tiny_shakespeare() -> Path:
+    """tiny Shakespeare's input.txt in the cache folder, downloaded on first use."""
+    try:
+        return download.fetch("tinyshakespeare") / "input.txt"
+    except download.DownloadError as e:
+        cache = download.dataset_dir("tinyshakespeare")
+        raise DataError(
+            f"a text data set needs a file, and none was given: tiny Shakespeare is not in the cache folder {cache} "
+            f"and could not be downloaded: {e}. Pass --data FILE (or set `data.path` in the spec) to a UTF-8 text "
+            f"file, or put tiny Shakespeare's input.txt at {cache / 'input.txt'} (the cache folder; "
+            f"{download.CACHE_ENV}=DIR moves it to DIR/tinyshakespeare), copied from {download.TINY_SHAKESPEARE_URL}. "
+            "Without these, the next run tries the download again"
+            + (f" once {download.OFFLINE_ENV} is unset." if download.offline() else ".")
+        ) from None
 
 
 @functools.lru_cache(maxsize=2)
