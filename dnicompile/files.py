@@ -2,13 +2,16 @@
 fsync, rename, fsync the folder), checkpoint series kept to the newest K, and loading a tensor file without
 running code from it.
 
-[Note: checkpoint files] A checkpoint is `ckpt-<step, 8 digits>.pt` (one process) or a folder
-`ckpt-<step>/` holding one `rank<N>.pt` per rank (several). Each file is written atomically and fsynced
-before its rename, so a file with a checkpoint's name is complete; a crash leaves at most a `.<name>.<random>
-.tmp` beside it, which the next run removes (`remove_stale_tmp`). A run keeps its newest K checkpoints
-(`prune_checkpoints`), and resuming tries them newest first: a damaged file (truncated, unreadable) falls back
-to the one before, while a file that asks to run code (a pickled callable) is refused outright
-(`load_tensors` raises `UnsafeFileError`), since dnicompile never writes one.
+[Note: checkpoint files] A checkpoint is a folder `ckpt-<step, 8 digits>/` written with torch.distributed.checkpoint
+([Note: dcp checkpoints] in checkpoint.py), by one process or by every rank of several. It is written as
+`.ckpt-<step>.tmp/`, each file fsynced, then renamed into place (and the parent folder fsynced), so a folder with
+a checkpoint's name is complete; `LATEST` names the newest. Other files are written atomically and fsynced before
+their rename; a crash leaves at most a `.<name>.<random>.tmp` file or a `.ckpt-<step>.tmp/` folder, which the next
+run removes (`remove_stale_tmp`). A run keeps its newest K checkpoints (`prune_checkpoints`), and resuming tries
+them newest first: a damaged one (truncated, unreadable, incomplete) falls back to the one before, while a file
+that asks to run code (a pickled callable) is refused outright (`UnsafeFileError`), since dnicompile never writes
+one. dnicompile 0.1.0 wrote `ckpt-<step>.pt` files and `ckpt-<step>/rank<k>.pt` shards: they are listed (to keep,
+prune and remove them) but not resumed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +81,8 @@ def save_atomic(obj, path: Path) -> None:
 
 # the temporary files write_atomic makes: `.` + the target's name + `.` + mkstemp's 8 random characters + `.tmp`
 _TMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+# the folders a checkpoint is written in (and an older one of the same step is moved to while it is replaced)
+_TMP_DIR = re.compile(r"^\.ckpt-\d{8,}\.(tmp|old)$")
 
 
 def remove_stale_tmp(folder: Path) -> list[Path]:
@@ -91,11 +97,16 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
             if _TMP.match(p.name) and p.is_file() and not p.is_symlink():
                 p.unlink(missing_ok=True)
                 removed.append(p)
+    for p in folder.iterdir():
+        if _TMP_DIR.match(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
 
 
 _CKPT = {"file": re.compile(r"^ckpt-(\d{8,})\.pt$"), "dir": re.compile(r"^ckpt-(\d{8,})$")}
-_SHARD = re.compile(r"^rank\d+\.pt$")
+# what a checkpoint folder holds: DCP's metadata and data files (and dnicompile 0.1.0's rank<k>.pt shards)
+_SHARD = re.compile(r"^(rank\d+\.pt|\.metadata|__\d+\.metadata|__\d+_\d+\.distcp)$")
 
 
 def checkpoint_name(step: int, kind: str) -> str:
@@ -118,8 +129,8 @@ def checkpoints(folder: Path, kind: str) -> list[tuple[int, Path]]:
 
 
 def remove_checkpoint(path: Path) -> None:
-    """Remove one checkpoint: a `ckpt-<step>.pt` file, or a `ckpt-<step>/` folder's shards (and the folder,
-    once nothing else is in it)."""
+    """Remove one checkpoint: a `ckpt-<step>/` folder's files (and the folder, once nothing else is in it), or an
+    old `ckpt-<step>.pt` file."""
     path = Path(path)
     if path.is_dir():
         for p in path.iterdir():

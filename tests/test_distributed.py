@@ -222,7 +222,12 @@ def test_a_signal_to_the_launcher_stops_every_worker(tmp_path, sig, code):
     assert summary["interrupted"] and summary["stopped_by"] == "SIGTERM"  # the launcher's one SIGTERM each
     latest = (tmp_path / "run/LATEST").read_text().strip()
     assert latest == f"ckpt-{summary['steps_done']:08d}"
-    assert sorted(p.name for p in (tmp_path / "run" / latest).iterdir()) == ["rank0.pt", "rank1.pt"]
+    # [Note: dcp checkpoints]: each rank's data file, one metadata
+    assert sorted(p.name for p in (tmp_path / "run" / latest).iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
 
 
 def _children(pid: int) -> list[int]:

@@ -107,47 +107,104 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-REGROUP_KIND, REGROUP_AT = "local", 4  # trained on TWO, checkpointed at step 4, resumed on THREE
+REGROUP_KIND, REGROUP_AT = "local", 4  # checkpointed at step 4 on TWO (or in one process), resumed elsewhere
 
 
 def _regroup(rank: int, world: int, top: Path) -> None:
-    """[Note: resuming on other workers]: on 2 ranks, train REGROUP_KIND for REGROUP_AT steps and checkpoint; on 3
-    ranks (spawned after), resume from that checkpoint and train the rest of the batches."""
+    """[Note: resuming on other workers]: on 2 ranks, train REGROUP_KIND for REGROUP_AT steps and checkpoint (no
+    pickled object travels between the ranks), resume that checkpoint on the same 2 ranks, and resume the one
+    process's checkpoint (written by `trained`) on 2 ranks; on 3 ranks (spawned after), resume the 2 ranks'
+    checkpoint. Each resumed run trains the rest of the batches and keeps its parameters."""
     import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
 
     from dnicompile.runtime.distributed import distributed_runtime, load_checkpoint, save_checkpoint
 
-    program = _program(REGROUP_KIND)
-    torch.manual_seed(0)
-    program.build_runtime()
-    placement = TWO if world == 2 else THREE
-    worker = distributed_runtime(program, placement=placement)
+    def resume(folder: Path, name: str) -> None:
+        program = _program(REGROUP_KIND)
+        torch.manual_seed(0)
+        program.build_runtime()
+        worker = distributed_runtime(program, placement=TWO if world == 2 else THREE)
+        assert load_checkpoint(worker, next(folder.glob("ckpt-*")))["step"] == REGROUP_AT
+        for step in range(REGROUP_AT, STEPS):
+            worker.train_step(step, *batches[step])
+        worker.drain()
+        torch.save(worker.owned_state(), folder / f"{name}{rank}.pt")
+        dist.barrier()
+
     batches = _batches()
     if world == 2:
+        program = _program(REGROUP_KIND)
+        torch.manual_seed(0)
+        program.build_runtime()
+        worker = distributed_runtime(program, placement=TWO)
         for step in range(REGROUP_AT):
             worker.train_step(step, *batches[step])
         worker.drain()
-        save_checkpoint(worker, top / "regroup", REGROUP_AT)
+        pickled = c10d._object_to_tensor
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a checkpoint sent a pickled object between ranks")
+
+        c10d._object_to_tensor = refuse  # every object collective (gather_object, broadcast_object_list) uses it
+        try:
+            save_checkpoint(worker, top / "regroup", REGROUP_AT)
+        finally:
+            c10d._object_to_tensor = pickled
+        resume(top / "regroup", "same")  # 2 -> 2
+        resume(top / "local1", "resumed")  # 1 -> 2
         return
-    shard = load_checkpoint(worker, next((top / "regroup").glob("ckpt-*")))
-    assert shard["step"] == REGROUP_AT
-    for step in range(REGROUP_AT, STEPS):
-        worker.train_step(step, *batches[step])
-    worker.drain()
-    torch.save(worker.owned_state(), top / "regroup" / f"resumed{rank}.pt")
-    dist.barrier()
+    resume(top / "regroup", "resumed")  # 2 -> 3
 
 
-def test_a_run_resumes_on_another_number_of_workers(trained):
-    top = trained[2].parent
-    assert trained[3].parent == top
+def _resumed(folder: Path, name: str, world: int) -> dict:
     got = {}
-    for r in range(3):
-        got.update(torch.load(top / "regroup" / f"resumed{r}.pt", weights_only=True))
+    for r in range(world):
+        got.update(torch.load(folder / f"{name}{r}.pt", weights_only=True))
+    return got
+
+
+def _assert_local(got: dict) -> None:
+    """`got` equals the local runtime trained on every batch without stopping."""
     want = _local_state(REGROUP_KIND)
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize(
+    "written, resumed",
+    [("regroup", "same"), ("regroup", "resumed"), ("local1", "resumed")],
+    ids=["2-to-2", "2-to-3", "1-to-2"],
+)
+def test_a_run_resumes_on_another_number_of_workers(trained, written, resumed):
+    top = trained[2].parent
+    assert trained[3].parent == top
+    world = 3 if (written, resumed) == ("regroup", "resumed") else 2
+    _assert_local(_resumed(top / written, resumed, world))
+
+
+def test_a_two_worker_checkpoint_resumes_in_one_process(trained):
+    """2 -> 1: the 2 ranks' checkpoint in the local runtime, through the loop's restore ([Note: dcp checkpoints])."""
+    from types import SimpleNamespace
+
+    from dnicompile.checkpoint import Checkpoint, restore_program
+
+    folder = next((trained[2].parent / "regroup").glob("ckpt-*"))
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        program = _program(REGROUP_KIND)
+        torch.manual_seed(0)
+        program.build_runtime()
+        task = SimpleNamespace(load_state_dict=lambda state: None)
+        assert restore_program(program, task, Checkpoint(folder), torch.device("cpu")) == REGROUP_AT
+        for x, y in _batches()[REGROUP_AT:]:
+            program.train_step(x, y)
+    finally:
+        torch.set_num_threads(threads)
+    _assert_local(program.state_dict())
 
 
 def _local_state(kind: str) -> dict:
@@ -199,6 +256,22 @@ def test_an_emulated_link_delays_a_gloo_message(trained):
 def trained(tmp_path_factory):
     """World size -> the folder holding each kind's trained shards."""
     folders = {}
+    # one process's checkpoint at REGROUP_AT, for the 2 ranks to resume (1 -> 2)
+    from dnicompile.checkpoint import program_entries, write_checkpoint
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        program = _program(REGROUP_KIND)
+        torch.manual_seed(0)
+        program.build_runtime()
+        for x, y in _batches()[:REGROUP_AT]:
+            program.train_step(x, y)
+        write_checkpoint(
+            tmp_path_factory.getbasetemp() / "local1", REGROUP_AT, program_entries(program, {}, REGROUP_AT), 2
+        )
+    finally:
+        torch.set_num_threads(threads)
     for world in sorted({len(k[2]) for k in KINDS.values()}):
         folder = tmp_path_factory.mktemp(f"world{world}")
         mp.start_processes(_rank, args=(world, str(folder / "store"), str(folder)), nprocs=world, start_method="spawn")

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dnicompile.checkpoint import Checkpoint, flatten, write_checkpoint
 from dnicompile.cli import main
 from dnicompile.errors import DNIError
 from dnicompile.files import (
@@ -27,7 +28,6 @@ from dnicompile.files import (
     load_tensors,
     prune_checkpoints,
     remove_stale_tmp,
-    save_atomic,
     write_atomic,
 )
 from dnicompile.runtime.distributed import find_checkpoint
@@ -93,18 +93,43 @@ def test_atomic_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
 
 
+def _entries(step: int, **parts) -> dict:
+    """The entries of a small checkpoint as one process writes it ([Note: dcp checkpoints])."""
+    entries = {"model.w": torch.full((2,), float(step))}
+    for name, value in {"stage/0": {"clock": {"n": step}}, "task": {}, **parts}.items():
+        flatten(name, value, entries)
+    entries.update({"meta/format": 3, "meta/step": step, "meta/world": 1, "meta/placement": [[0, 0]]})
+    return entries
+
+
 def test_stale_temporary_files_and_old_checkpoints_are_removed(tmp_path):
     for name in (".model.pt.abcd1234.tmp", ".ckpt-00000005.pt.Zx_9aaaa.tmp", "notes.tmp", ".hidden", "keep.txt"):
         (tmp_path / name).write_text("x")
     (tmp_path / "ckpt-00000003").mkdir()
     (tmp_path / "ckpt-00000003" / ".rank0.pt.q1w2e3r4.tmp").write_text("x")
+    (tmp_path / ".ckpt-00000007.tmp").mkdir()  # a checkpoint folder a crash left unfinished
+    (tmp_path / ".ckpt-00000007.tmp" / "__0_0.distcp").write_text("x")
+    (tmp_path / ".ckpt-00000009.tmp.d").mkdir()  # not a name dnicompile writes: left alone
     removed = sorted(p.name for p in remove_stale_tmp(tmp_path))
-    assert removed == [".ckpt-00000005.pt.Zx_9aaaa.tmp", ".model.pt.abcd1234.tmp", ".rank0.pt.q1w2e3r4.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "ckpt-00000003", "keep.txt", "notes.tmp"]
+    assert removed == [
+        ".ckpt-00000005.pt.Zx_9aaaa.tmp",
+        ".ckpt-00000007.tmp",
+        ".model.pt.abcd1234.tmp",
+        ".rank0.pt.q1w2e3r4.tmp",
+    ]
+    left = [".ckpt-00000009.tmp.d", ".hidden", "ckpt-00000003", "keep.txt", "notes.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
+    (tmp_path / "ckpt-00000003").rmdir()
     for step in (5, 10, 15, 100):
-        save_atomic({"step": step}, tmp_path / f"ckpt-{step:08d}.pt")
-    prune_checkpoints(tmp_path, 2, "file")
-    assert [s for s, _ in checkpoints(tmp_path, "file")] == [100, 15]
+        write_checkpoint(tmp_path, step, _entries(step), keep=10)
+    assert sorted(p.name for p in (tmp_path / "ckpt-00000015").iterdir()) == [".metadata", "__0_0.distcp"]
+    prune_checkpoints(tmp_path, 2, "dir")
+    assert [s for s, _ in checkpoints(tmp_path, "dir")] == [100, 15]
+    assert (tmp_path / "LATEST").read_text() == "ckpt-00000100\n"
+    # the same step again (a resumed run that stops at once) replaces the folder whole
+    write_checkpoint(tmp_path, 15, _entries(15, task={"again": True}), keep=2)
+    assert Checkpoint(tmp_path / "ckpt-00000015").parts(["task"]) == {"task": {"again": True}}
+    assert sorted(p.name for p in tmp_path.glob(".ckpt-*")) == [".ckpt-00000009.tmp.d"]  # no .tmp or .old left
 
 
 @pytest.mark.parametrize(
@@ -141,11 +166,22 @@ def test_every_runtime_state_loads_weights_only(tmp_path, model, spec):
             program.train_step(torch.randn(128, 784), torch.randint(0, 10, (128,)))
     else:
         program = compile_recurrent(net, loaded)
+    # through a checkpoint ([Note: dcp checkpoints]): plain values are read back with weights_only=True
+    from dnicompile.checkpoint import program_entries, restore_program
+
     state = program.runtime.state_dict()
-    save_atomic(state, tmp_path / "state.pt")
-    back = load_tensors(tmp_path / "state.pt")
-    program.runtime.load_state_dict(back)
-    assert repr(back) == repr(state)
+    write_checkpoint(tmp_path, 3, program_entries(program, {}, 3), keep=2)
+    ckpt = Checkpoint(tmp_path / "ckpt-00000003")
+    names = ckpt.part_names("interface/")
+    parts = ckpt.parts(
+        ["runtime", *(f"stage/{i}" for i in range(program.num_stages))] + [f"interface/{n}" for n in names]
+    )
+    back = {**parts["runtime"], "stages": [parts[f"stage/{i}"] for i in range(program.num_stages)]}
+    back["interfaces"] = {n: parts[f"interface/{n}"] for n in names}
+    assert back.keys() == state.keys()
+    for key in state:
+        assert repr(back[key]) == repr(state[key]), key
+    assert restore_program(program, SimpleNamespace(load_state_dict=lambda s: None), ckpt, torch.device("cpu")) == 3
     if "mlp" in spec:
         assert state["stages"][0]["scheduler"] is not None and state["stages"][0]["optimizer"]["state"]
 
@@ -160,45 +196,54 @@ def _evil(marker: Path):
 
 @needs_data
 def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path, capsys):
+    """[Note: dcp checkpoints]: a `.metadata` that asks for a callable, and a data file whose plain value is a
+    pickled callable, are refused (exit 2, naming the file and what it asked for) and nothing of them runs; a
+    checkpoint of dnicompile 0.1.0's format is refused without being opened."""
+    import pickle
+
     run, marker = tmp_path / "run", tmp_path / "pwned"
-    run.mkdir()
-    torch.save({"format": 1, "step": 5, "model": _evil(marker), "runtime": {}, "task": {}}, run / "ckpt-00000005.pt")
     spec = _spec(tmp_path)
     argv = [str(ROOT / "examples/mlp.py"), "--spec", str(spec), "--train", "--data", str(DATA), "--steps", "8"]
+    # a data file: DCP's own planner would torch.load it with weights_only=False
+    write_checkpoint(run, 5, _entries(5, task=_evil(marker)), keep=5)
     assert main([*argv, "--resume", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "refused" in err and "io.open" in err and "Nothing from it was run" in err, err
+    assert "ckpt-00000005: refused" in err and "io.open" in err and "Nothing from it was run" in err, err
     assert "Traceback" not in err
     assert not marker.exists()
-    # a distributed run's shard, the same
-    shard = run / "ckpt-00000007"
-    shard.mkdir()
-    torch.save({"step": 7, "world": 1, "placement": (0, 4), "model": _evil(marker)}, shard / "rank0.pt")
+    # the metadata: DCP reads it with pickle.load
+    folder = run / "ckpt-00000007"
+    write_checkpoint(run, 7, _entries(7), keep=5)
+    (folder / ".metadata").write_bytes(pickle.dumps(_evil(marker)))
     with pytest.raises(UnsafeFileError, match="refused"):
         find_checkpoint(run, 1)
+    assert main([*argv, "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "ckpt-00000007/.metadata: refused" in err and "io.open" in err and "Traceback" not in err, err
     assert main([*argv, "--workers", "2", "--resume", str(run)]) == 2  # refused before any worker starts
-    assert "rank0.pt: refused" in capsys.readouterr().err
+    assert ".metadata: refused" in capsys.readouterr().err
+    assert not marker.exists()
+    # an old checkpoint file: refused with what wrote it, never loaded
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"format": 1, "step": 5, "model": _evil(marker), "runtime": {}, "task": {}}, old / "ckpt-00000005.pt")
+    assert main([*argv, "--resume", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert "ckpt-00000005.pt is a ckpt-<step>.pt file" in err and "dnicompile 0.1.0" in err, err
     assert not marker.exists()
 
 
-def test_distributed_resume_falls_back_past_a_damaged_or_incomplete_checkpoint(tmp_path):
-    def shard(step: int, rank: int) -> dict:
-        return {"step": step, "world": 2, "placement": (rank, rank), "model": {"w": torch.ones(2)}, "runtime": {}}
-
+def test_resume_falls_back_past_a_damaged_or_incomplete_checkpoint(tmp_path):
     for step in (5, 10, 15):
-        (tmp_path / f"ckpt-{step:08d}").mkdir()
-        for rank in (0, 1):
-            torch.save(shard(step, rank), tmp_path / f"ckpt-{step:08d}" / f"rank{rank}.pt")
-    data = (tmp_path / "ckpt-00000015" / "rank1.pt").read_bytes()
-    (tmp_path / "ckpt-00000015" / "rank1.pt").write_bytes(data[: len(data) // 2])  # torn
-    (tmp_path / "ckpt-00000010" / "rank0.pt").unlink()  # never finished
+        write_checkpoint(tmp_path, step, _entries(step), keep=5)
+    data = tmp_path / "ckpt-00000015" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # torn
+    (tmp_path / "ckpt-00000010" / ".metadata").unlink()  # never finished
     said = []
     assert find_checkpoint(tmp_path, 2, say=said.append).name == "ckpt-00000005"
-    assert said[0].startswith("skipping ") and "ckpt-00000015/rank1.pt: not a readable checkpoint" in said[0]
-    assert "ckpt-00000010: incomplete (missing rank0.pt)" in said[1]
+    assert said[0].startswith("skipping ") and "ckpt-00000015: not a readable checkpoint" in said[0], said
+    assert "ckpt-00000010: not a readable checkpoint (no .metadata)" in said[1], said
     assert said[2] == "resuming from ckpt-00000005 (step 5) instead"
-    # another number of workers may resume it ([Note: resuming on other workers]: each rank takes its stages' parts)
-    assert find_checkpoint(tmp_path, 3).name == "ckpt-00000005"
 
 
 def test_distributed_checkpoints_keep_the_newest_k(tmp_path):
@@ -215,9 +260,10 @@ def test_distributed_checkpoints_keep_the_newest_k(tmp_path):
             rank=0,
             first=0,
             last=0,
+            placement=[(0, 0)],
             is_driver=True,
             owned_state=lambda: {"w": torch.ones(2)},
-            runtime_state=lambda: {"format": 2},
+            runtime_state=lambda: {"format": 2, "stages": {0: {"clock": {}}}, "interfaces": {}, "tied": []},
         )
         out = tmp_path / "run"
         out.mkdir()
@@ -241,7 +287,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_ends_like_one_that_never_stoppe
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
-        while not checkpoints(tmp_path / "a", "file"):
+        while not checkpoints(tmp_path / "a", "dir"):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.05)
@@ -251,16 +297,17 @@ def test_sigterm_checkpoints_and_the_resumed_run_ends_like_one_that_never_stoppe
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err
-    stopped = max(s for s, _ in checkpoints(tmp_path / "a", "file"))
-    assert f"stopped by SIGTERM at step {stopped}; wrote ckpt-{stopped:08d}.pt" in out, out
+    stopped = max(s for s, _ in checkpoints(tmp_path / "a", "dir"))
+    assert f"stopped by SIGTERM at step {stopped}; wrote ckpt-{stopped:08d}" in out, out
     assert "Traceback" not in err and not list((tmp_path / "a").glob(".*.tmp"))
-    assert len(checkpoints(tmp_path / "a", "file")) <= 2  # keep_checkpoints: 2
+    assert len(checkpoints(tmp_path / "a", "dir")) <= 2  # keep_checkpoints: 2
+    assert (tmp_path / "a/LATEST").read_text() == f"ckpt-{stopped:08d}\n"
     steps = str(stopped + 13)
     # the rest here, on one thread too (--threads 1), sparing two interpreter starts
     argv = [str(ROOT / "examples/mlp.py"), *flags, "--train", "--data", str(DATA), "--steps", steps]
     capsys.readouterr()
     assert main([*argv, "--resume", str(tmp_path / "a")]) == 0
-    assert f"resuming from ckpt-{stopped:08d}.pt (step {stopped})" in capsys.readouterr().out
+    assert f"resuming from ckpt-{stopped:08d} (step {stopped})" in capsys.readouterr().out
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0
     _assert_same_weights(_weights(tmp_path / "a/model.pt"), _weights(tmp_path / "b/model.pt"))
     # the metrics were cut back to the checkpoint: the resumed run's lines are the straight run's
@@ -277,15 +324,16 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
     argv = [str(ROOT / "examples/mlp.py"), "--spec", str(spec), "--train", "--data", str(DATA), "--threads", "1"]
     run = tmp_path / "run"
     assert main([*argv, "--steps", "12", "--out", str(run)]) == 0
-    assert [s for s, _ in checkpoints(run, "file")] == [12, 10]  # every 5 steps and at the end; the newest 2
-    newest = run / "ckpt-00000012.pt"
+    assert [s for s, _ in checkpoints(run, "dir")] == [12, 10]  # every 5 steps and at the end; the newest 2
+    newest = run / "ckpt-00000012" / "__0_0.distcp"
     newest.write_bytes(newest.read_bytes()[:1000])
-    (run / ".ckpt-00000013.pt.a1b2c3d4.tmp").write_bytes(b"half")  # a write the crash cut short
+    (run / ".ckpt-00000013.tmp").mkdir()  # a checkpoint the crash cut short
+    (run / ".ckpt-00000013.tmp" / "__0_0.distcp").write_bytes(b"half")
     capsys.readouterr()
     assert main([*argv, "--steps", "15", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "skipping " in out and "ckpt-00000012.pt: not a readable checkpoint" in out, out
-    assert "resuming from ckpt-00000010.pt (step 10) instead" in out
+    assert "skipping " in out and "ckpt-00000012: not a readable checkpoint" in out, out
+    assert "resuming from ckpt-00000010 (step 10) instead" in out
     assert not list(run.glob(".*.tmp"))
     assert main([*argv, "--steps", "15", "--out", str(tmp_path / "straight")]) == 0
     _assert_same_weights(_weights(run / "model.pt"), _weights(tmp_path / "straight/model.pt"))

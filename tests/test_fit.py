@@ -86,7 +86,7 @@ def test_dict_batches_eval_data_and_metrics(tmp_path):
     assert summary["test_accuracy"] == pytest.approx(acc)
     assert evals[-1]["test_loss"] < evals[0]["test_loss"]  # it learns
     assert all("train_accuracy" in r and "cosine" in r for r in rows if "samples_per_s" in r)
-    for name in ("model.pt", "summary.json", "curves.png", "ckpt-00000030.pt"):
+    for name in ("model.pt", "summary.json", "curves.png", "ckpt-00000030/.metadata", "LATEST"):
         assert (tmp_path / "run" / name).exists(), name
 
 
@@ -96,7 +96,7 @@ def test_a_resumed_fit_ends_as_one_that_never_stopped(tmp_path):
     loader = DataLoader(_dataset(), batch_size=8, shuffle=True)
     first = _program()
     dnicompile.fit(first, loader, steps=7, checkpoint_every=3, keep_checkpoints=5, out=tmp_path / "a")
-    (tmp_path / "a/ckpt-00000007.pt").unlink()
+    shutil.rmtree(tmp_path / "a/ckpt-00000007")
     resumed = _program()
     summary = dnicompile.fit(resumed, loader, steps=13, checkpoint_every=3, out=tmp_path / "a", resume=True)
     assert summary["steps_done"] == 13

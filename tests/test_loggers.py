@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -206,8 +207,8 @@ def test_a_resumed_run_cuts_its_logs_back_to_its_checkpoint(tmp_path):
     names = ["jsonl", "csv", "tensorboard"] if HAS_TB else ["jsonl", "csv"]
     options = dict(steps=12, log_every=2, checkpoint_every=4, out=out, loggers=names)
     dnicompile.fit(_program(), batches, **options)
-    (out / "ckpt-00000012.pt").unlink()  # as if it had stopped after step 8's checkpoint, having logged to 12
-    assert [p.name for p in sorted(out.glob("ckpt-*.pt"))] == ["ckpt-00000008.pt"]
+    shutil.rmtree(out / "ckpt-00000012")  # as if it had stopped after step 8's checkpoint, having logged to 12
+    assert [p.name for p in sorted(out.glob("ckpt-*"))] == ["ckpt-00000008"]
     first = _jsonl(out / "metrics.jsonl")
     dnicompile.fit(_program(), batches, **options, resume=True)
     records = _jsonl(out / "metrics.jsonl")

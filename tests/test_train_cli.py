@@ -187,5 +187,6 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_stage(tmp_path, cap
     assert "Traceback" not in err and "bug" not in err
     step = int(err.split(" at step ")[1].split(":")[0])
     assert 1 < step < 50
-    saved = sorted(out.glob("ckpt-*.pt"))
-    assert saved and all(int(p.stem.split("-")[1]) < step for p in saved), (saved, step)
+    saved = sorted(out.glob("ckpt-*"))
+    assert saved and all(int(p.name.split("-")[1]) < step for p in saved), (saved, step)
+    assert all((p / ".metadata").is_file() for p in saved)

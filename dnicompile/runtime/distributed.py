@@ -38,17 +38,9 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..errors import DNIError, SpecError
-from ..files import (
-    DamagedFileError,
-    checkpoint_name,
-    checkpoints,
-    load_tensors,
-    newest_readable,
-    prune_checkpoints,
-    save_atomic,
-    write_text_atomic,
-)
+from ..checkpoint import Checkpoint, restore_worker, worker_entries, write_checkpoint
+from ..checkpoint import find_checkpoint as _find
+from ..errors import SpecError
 from .local import LocalRuntime, StepResult
 from .placement import plan_placement
 from .state import FORMAT
@@ -637,47 +629,15 @@ class RankWorker:
         self.post_owed()
 
 
-# [Note: resuming on other workers] A checkpoint's shards hold each stage's state by stage index (optimizer,
-# scheduler, clock), each cut's interface by cut name, and the model's tensors by their state_dict keys, so a run
-# can resume on another number of workers or another placement: each rank reads every shard and takes what its
-# stages need; the task's state (data position) and the random state come from the shard of the rank that held
-# the last stage. Queues in flight were drained before the checkpoint was written (synthetic cuts' true gradients),
-# so nothing travelling is lost. Two things are tied to the placement and are refused with the way out: tied tensors
-# shared between ranks (their optimizer is a replica per rank, not a stage's) and delayed cuts (their pending
-# batches wait for gradients from the rank after the cut).
-def _load_regrouped(worker: RankWorker, folder: Path) -> dict:
-    shards = [load_tensors(p, map_location="cpu") for p in sorted(folder.glob("rank*.pt"))]
-    written = shards[0]["world"] if shards else None
-    rt = worker.rt
-    why = None
-    if worker.tied.replicas or any(s.get("runtime", {}).get("tied") for s in shards):
-        why = "tied tensors shared between ranks"
-    delayed = [c.name for c in worker.program.cuts if rt.interfaces[c.index].kind == "delayed"]
-    if delayed:
-        why = f"delayed cut `{delayed[0]}` (its pending batches wait for the next rank's gradients)"
-    if any(s.get("runtime", {}).get("format", 1) != FORMAT for s in shards):
-        why = "a checkpoint of an older format"
-    if why is not None:
-        raise DNIError(
-            f"--resume: {folder.name} was written by {written} workers (this run has {worker.world}, or another "
-            f"placement); a program with {why} resumes only on the workers and placement that wrote it: --workers "
-            f"{written}."
-        )
-    model, stages, interfaces = {}, {}, {}
-    for s in shards:
-        model.update(s["model"])
-        stages.update(s["runtime"]["stages"])
-        interfaces.update(s["runtime"]["interfaces"])
-    mine = range(worker.first, worker.last + 1)
-    lost = [f"stage{s}" for s in mine if s not in stages]
-    if lost:
-        raise DNIError(f"--resume: {folder.name} holds no state for {', '.join(lost)}; was it written by this spec?")
-    worker.program.model.load_state_dict(model, strict=False)
-    worker.load_runtime_state({"format": FORMAT, "stages": {s: stages[s] for s in mine}, "interfaces": interfaces})
-    last = max(shards, key=lambda s: tuple(s["placement"])[1])
-    if isinstance(last.get("rng"), torch.Tensor):
-        torch.set_rng_state(last["rng"])
-    return {k: v for k, v in last.items() if k in ("step", "task")}
+# [Note: resuming on other workers] A checkpoint holds each stage's state by stage index (optimizer, scheduler,
+# clock), each cut's interface by cut name and the model's tensors by their state_dict keys ([Note: dcp
+# checkpoints] in checkpoint.py), so a run can resume on another number of workers, another placement, or in one
+# process (and one process's checkpoint on several workers): each rank reads the keys of its stages; the task's
+# state (data position) and the random state come from the rank that held the last stage (each rank's own where
+# the placement is the same). Queues in flight were drained before the checkpoint was written (synthetic cuts' true
+# gradients), so nothing travelling is lost. Two things are tied to the placement and are refused with the way
+# out: tied tensors shared between ranks (their optimizer is a replica per rank, not a stage's) and delayed cuts
+# (their pending batches wait for gradients from the rank after the cut).
 
 
 def _concat(parts: list):
@@ -712,75 +672,23 @@ def distributed_runtime(program, placement=None, device=None, timeout_s: float |
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(worker: RankWorker, out_dir: Path, step: int, keep: int = 2, task: dict | None = None) -> Path:
-    """Every rank writes its shard into ckpt-<step>/ (atomically, fsynced); then the driver points LATEST at it
-    and keeps the newest `keep` checkpoints ([Note: checkpoint files]). A crash at any moment leaves the
-    checkpoints before whole; resuming takes the newest whose shards all load (find_checkpoint). `task`: the
-    training task's state (data position, running averages), as in a one-process checkpoint. Drain the worker
-    first."""
-    folder = out_dir / checkpoint_name(step, "dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    shard = {"step": step, "world": worker.world, "placement": (worker.first, worker.last)}
-    shard.update(model=worker.owned_state(), runtime=worker.runtime_state(), rng=torch.get_rng_state())
-    if task is not None:
-        shard["task"] = task
-    save_atomic(shard, folder / f"rank{worker.rank}.pt")
-    dist.barrier()
-    if worker.is_driver:
-        write_text_atomic(out_dir / "LATEST", folder.name + "\n")
-        prune_checkpoints(out_dir, keep, "dir")
-    dist.barrier()
-    return folder
+    """Every rank writes the keys of its stages into ckpt-<step>/ with torch.distributed.checkpoint; the driver
+    finishes the folder (merged metadata, fsynced, renamed into place), points LATEST at it and keeps the newest
+    `keep` checkpoints ([Note: dcp checkpoints], [Note: checkpoint files]). A crash at any moment leaves the
+    checkpoints before whole. `task`: the training task's state (data position, running averages), as in one
+    process. Drain the worker first."""
+    return write_checkpoint(out_dir, step, worker_entries(worker, task, step), keep, worker.rank, worker.world)
 
 
 def find_checkpoint(resume_dir: Path, world: int | None = None, say=None) -> Path:
-    """The newest checkpoint folder in `resume_dir` whose shards (one per rank of `world`, default: as many
-    as it holds) all load, for --resume; `say(text)` hears which one and which newer ones were skipped as
-    damaged. A shard that asks to run code is refused (UnsafeFileError), not skipped."""
-    resume_dir = Path(resume_dir)
-    if not resume_dir.is_dir():
-        raise DNIError(f"--resume {resume_dir}: no such directory; pass the --out of an earlier run.")
-    found = checkpoints(resume_dir, "dir")
-    if not found:
-        if checkpoints(resume_dir, "file"):
-            raise DNIError(
-                f"--resume {resume_dir}: holds the checkpoints of a run in one process (ckpt-<step>.pt); resume it "
-                "without --workers."
-            )
-        raise DNIError(f"--resume {resume_dir}: no checkpoint there (no ckpt-<step>/ folder); pass the --out of a run.")
-    return newest_readable(resume_dir, found, lambda step, folder: _check_shards(folder, step, world), say)[1]
+    """The newest checkpoint folder in `resume_dir` that reads whole, for --resume on any number of workers
+    ([Note: resuming on other workers]); `say(text)` hears which one and which newer ones were skipped as damaged.
+    A file that asks to run code is refused (UnsafeFileError), not skipped. `world` is not needed: kept for callers."""
+    return _find(Path(resume_dir), say).path
 
 
-def _check_shards(folder: Path, step: int, world: int | None) -> None:
-    """Every shard of a checkpoint folder loads (weights only) and agrees on step and world; else
-    DamagedFileError (DNIError when whole but written by another number of workers)."""
-    shards = {}
-    for path in sorted(folder.glob("rank*.pt")):
-        shard = load_tensors(path, map_location="cpu")
-        if not isinstance(shard, dict) or any(k not in shard for k in ("step", "world", "placement", "model")):
-            raise DamagedFileError(f"{path}: not a dnicompile checkpoint shard")
-        if shard["step"] != step:
-            raise DamagedFileError(f"{path}: holds step {shard['step']!r}, not {step}")
-        shards[path.name] = shard
-    worlds = {s["world"] for s in shards.values()}
-    if len(worlds) > 1:
-        raise DamagedFileError(f"{folder}: its shards were written by runs with {sorted(worlds)} workers")
-    written = worlds.pop() if worlds else world
-    missing = [f"rank{r}.pt" for r in range(written or 0) if f"rank{r}.pt" not in shards]
-    if not shards or missing:
-        raise DamagedFileError(f"{folder}: incomplete (missing {', '.join(missing) or 'every shard'})")
-
-
-def load_checkpoint(worker: RankWorker, folder: Path) -> dict:
-    """Load this rank's part of a checkpoint folder into its stages and runtime: its own shard, or, where the run
-    that wrote it had another number of workers or placement, the parts of every shard that this rank's stages
-    need ([Note: resuming on other workers]). Returns the shard (its `step`, and the task's state under `task`
-    where the run wrote one)."""
-    path = folder / f"rank{worker.rank}.pt"
-    shard = load_tensors(path, map_location="cpu") if path.is_file() else None  # parts move where they live
-    if shard is None or shard["world"] != worker.world or tuple(shard["placement"]) != (worker.first, worker.last):
-        return _load_regrouped(worker, folder)
-    worker.program.model.load_state_dict(shard["model"], strict=False)
-    worker.load_runtime_state(shard["runtime"])
-    if isinstance(shard.get("rng"), torch.Tensor):
-        torch.set_rng_state(shard["rng"])
-    return shard
+def load_checkpoint(worker: RankWorker, folder: Path, task=None) -> dict:
+    """Load this rank's part of a checkpoint folder (written by any number of workers, or one process) into its
+    stages and runtime, and `task`'s state into `task` where given ([Note: resuming on other workers]). Returns
+    {"step": its step}."""
+    return {"step": restore_worker(worker, task, Checkpoint(folder), worker.device)}

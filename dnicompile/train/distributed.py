@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
+from ..checkpoint import restore_worker
 from ..files import write_atomic
-from ..runtime.distributed import RankWorker, load_checkpoint, save_checkpoint
+from ..runtime.distributed import RankWorker, save_checkpoint
 from .data import load_dataset
 from .loop import FitOptions, RunCheckpoint, Runner, fit
 from .outputs import cut_kinds, plot_curves
@@ -69,8 +70,8 @@ class RankRunner(Runner):
 
 class PipelineRank(RankRunner):
     """The stages a placement gives this rank, in the one training loop: its steps, every rank's statistics at
-    each log line, evaluation through the pipeline, and a checkpoint of per-rank shards
-    (runtime/distributed.save_checkpoint)."""
+    each log line, evaluation through the pipeline, and a checkpoint to which each rank writes the keys of its
+    stages (runtime/distributed.save_checkpoint, [Note: dcp checkpoints])."""
 
     def __init__(self, rank: int, world: int, placement, device: torch.device, timeout_s: float) -> None:
         super().__init__(rank, device)
@@ -117,13 +118,9 @@ class PipelineRank(RankRunner):
         return save_checkpoint(self.worker, out_dir, step, keep, task.state_dict()).name
 
     def restore(self, program, task, resume: RunCheckpoint, device) -> tuple[int, Path]:
-        shard = load_checkpoint(self.worker, resume.path)
-        step = int(shard["step"])
-        if "task" in shard:
-            task.load_state_dict(shard["task"])
-        else:  # a shard from before tasks kept their state: the batches depend on the step alone
-            task.batches.skip(step)
-        return step, resume.path.parent
+        # the keys of this rank's stages, from a checkpoint of any number of workers ([Note: resuming on other
+        # workers]); the launcher chose it and read it whole
+        return restore_worker(self.worker, task, resume.open(), device), resume.path.parent
 
     def finish(self) -> None:
         super().finish()
@@ -148,7 +145,7 @@ def train_rank(program, rank: int, world: int, placement, device, cfg) -> dict:
         out_dir=out_dir,
         checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints,
-        resume=RunCheckpoint(Path(cfg.resume), {}) if cfg.resume else None,  # the folder find_checkpoint chose
+        resume=RunCheckpoint(Path(cfg.resume)) if cfg.resume else None,  # the folder find_checkpoint chose
         command=cfg.command,
     )
     console = Console(quiet=not (driver and cfg.progress), highlight=False)

@@ -8,15 +8,16 @@ seeding and building the runtime ([Note: seeds]), timing, the progress bar, metr
 `eval_every` steps and at the end, checkpoints ([Note: run checkpoints]), and a clean stop on Ctrl-C or
 SIGTERM that keeps what was written.
 
-[Note: run checkpoints] With an output folder and `checkpoint_every`, the loop writes `ckpt-<step>.pt` every
+[Note: run checkpoints] With an output folder and `checkpoint_every`, the loop writes `ckpt-<step>/` every
 `checkpoint_every` steps, at the end, and when Ctrl-C or SIGTERM stops it (at the end of the step under way,
-so a checkpoint never holds half a step): the model's state_dict, the runtime's (optimizers, schedulers,
+so a checkpoint never holds half a step): the model's tensors, the runtime's state (optimizers, schedulers,
 clocks, synthesizers: [Note: checkpoint format]), the task's (`Task.state_dict`: data position, curriculum,
-running averages), torch's random state and the step. It keeps the newest `keep_checkpoints` ([Note:
+running averages), torch's random state and the step, in torch.distributed.checkpoint's format, the same for
+one process and several workers ([Note: dcp checkpoints]). It keeps the newest `keep_checkpoints` ([Note:
 checkpoint files]). Resuming (`FitOptions.resume`, from `load_run_checkpoint`) builds everything as a fresh
-run does, loads those states, cuts the metrics file back to the checkpoint's step and goes on from the next
-step: the run ends with the parameters of one that never stopped. Every file holds tensors and plain
-values only and is read with weights_only=True.
+run does, loads those states (from a run on any number of workers), cuts the metrics file back to the
+checkpoint's step and goes on from the next step: the run ends with the parameters of one that never stopped.
+Every file holds tensors and plain values only and is read without running code.
 
 [Note: runners] Where the steps run is a `Runner`: the default runs them in this process, on the program's
 local runtime. A rank of a multi-process run brings its own (train/distributed.py: the feed-forward ranks;
@@ -41,17 +42,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..checkpoint import Checkpoint, find_checkpoint, program_entries, restore_program, write_checkpoint
 from ..errors import DNIError
-from ..files import (
-    DamagedFileError,
-    checkpoint_name,
-    checkpoints,
-    load_tensors,
-    newest_readable,
-    prune_checkpoints,
-    remove_stale_tmp,
-    save_atomic,
-)
+from ..files import remove_stale_tmp
 from .loggers import MetricsWriter, log_folder, open_loggers, read_metrics
 from .outputs import resolve_device
 
@@ -71,7 +64,7 @@ class FitOptions:
     # names in train/loggers.py (jsonl, csv, tensorboard; csv and tensorboard write into out_dir, else next to
     # metrics_path) or Logger objects
     loggers: list = field(default_factory=lambda: ["jsonl"])
-    checkpoint_every: int | None = None  # with out_dir: ckpt-<step>.pt every N steps, at the end, on a stop
+    checkpoint_every: int | None = None  # with out_dir: ckpt-<step>/ every N steps, at the end, on a stop
     keep_checkpoints: int = 2
     resume: RunCheckpoint | None = None  # continue after this checkpoint's step (see load_run_checkpoint)
     command: list[str] | None = None  # the command line that started the run (default: sys.argv), for the summary
@@ -190,101 +183,40 @@ def _progress(console: Console) -> Progress:
 
 
 # --------------------------------------------------------------------------- checkpoints
-RUN_FORMAT = 1  # the version of a ckpt-<step>.pt file's layout ([Note: run checkpoints])
-
-
 @dataclass
 class RunCheckpoint:
-    """A run checkpoint read back for --resume: its file, its contents and the step it was written after."""
+    """A checkpoint chosen for --resume: its folder, opened (and read) on first use ([Note: dcp checkpoints])."""
 
     path: Path
-    state: dict
+    checkpoint: Checkpoint | None = None
+
+    def open(self) -> Checkpoint:
+        if self.checkpoint is None:
+            self.checkpoint = Checkpoint(self.path)
+        return self.checkpoint
 
     @property
     def step(self) -> int:
-        return int(self.state["step"])
+        return self.open().step
 
 
 def save_run_checkpoint(out_dir: Path, step: int, program, task: Task, keep: int) -> Path:
-    """Write ckpt-<step>.pt into `out_dir` (atomically, fsynced) and keep the newest `keep` checkpoints."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = {
-        "format": RUN_FORMAT,
-        "step": step,
-        "model": {k: v.detach().cpu() for k, v in program.model.state_dict().items()},
-        "runtime": program.runtime.state_dict(),
-        "task": task.state_dict(),
-        "rng": rng,
-    }
-    path = out_dir / checkpoint_name(step, "file")
-    save_atomic(state, path)
-    prune_checkpoints(out_dir, keep, "file")
-    return path
+    """Write ckpt-<step>/ into `out_dir` (torch.distributed.checkpoint, fsynced, renamed into place), point LATEST
+    at it and keep the newest `keep` checkpoints."""
+    return write_checkpoint(out_dir, step, program_entries(program, task.state_dict(), step), keep)
 
 
 def load_run_checkpoint(folder: Path, say=None) -> RunCheckpoint:
-    """The newest checkpoint in `folder` that can be read, for --resume; `say(text)` hears which one it is and
+    """The newest checkpoint in `folder` that reads whole, for --resume; `say(text)` hears which one it is and
     which newer ones were skipped as damaged. A file that asks to run code is refused (UnsafeFileError), not
-    skipped; no readable checkpoint at all is a DNIError."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DNIError(f"--resume {folder}: no such directory; pass the --out of an earlier run.")
-    found = checkpoints(folder, "file")
-    if not found:
-        if checkpoints(folder, "dir"):
-            raise DNIError(
-                f"--resume {folder}: holds the checkpoints of a run on several workers (ckpt-<step>/ folders); "
-                "resume it with the same --workers N."
-            )
-        raise DNIError(
-            f"--resume {folder}: no checkpoint there (no ckpt-<step>.pt); pass the --out of a run made with "
-            "train.checkpoint_every set (the default)."
-        )
-
-    def read(step: int, path: Path) -> dict:
-        state = load_tensors(path, map_location="cpu")
-        _check_run_state(state, path)
-        return state
-
-    _, path, state = newest_readable(folder, found, read, say)
-    return RunCheckpoint(path, state)
-
-
-def _check_run_state(state, path: Path) -> None:
-    """A run checkpoint's layout, or DamagedFileError."""
-    keys = ("format", "step", "model", "runtime", "task")
-    if not isinstance(state, dict) or any(k not in state for k in keys):
-        raise DamagedFileError(f"{path}: not a dnicompile run checkpoint (it lacks {', '.join(keys)})")
-    if not isinstance(state["format"], int) or state["format"] > RUN_FORMAT:
-        raise DamagedFileError(
-            f"{path}: checkpoint layout {state['format']!r} is newer than this dnicompile reads ({RUN_FORMAT})"
-        )
-    if not isinstance(state["step"], int) or state["step"] < 0:
-        raise DamagedFileError(f"{path}: its step {state['step']!r} is not a step")
+    skipped; no readable checkpoint at all is a DNIError. A checkpoint written by several workers resumes here."""
+    ckpt = find_checkpoint(Path(folder), say)
+    return RunCheckpoint(ckpt.path, ckpt)
 
 
 def _restore(program, task: Task, ckpt: RunCheckpoint, device: torch.device) -> int:
     """Load a run checkpoint into a freshly built program, runtime and task; returns its step."""
-    state = ckpt.state
-    try:
-        program.model.load_state_dict(state["model"])
-        program.to(device)
-        program.runtime.load_state_dict(state["runtime"])  # each part moves its tensors where it lives
-        task.load_state_dict(state["task"])
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-        raise DNIError(
-            f"--resume {ckpt.path}: the checkpoint does not fit this model and spec ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); resume with the model file and spec "
-            "the run was made with."
-        ) from None
-    rng = state.get("rng") or {}
-    if isinstance(rng.get("torch"), torch.Tensor):
-        torch.set_rng_state(rng["torch"])
-    if device.type == "cuda" and rng.get("cuda"):
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return ckpt.step
+    return restore_program(program, task, ckpt.open(), device)
 
 
 class _StopSignals:
