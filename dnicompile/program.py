@@ -148,6 +148,36 @@ class ProgramBase(nn.Module):
     spec: Spec
     _runtime = None
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._register_load_state_dict_pre_hook(self._load_as_a_child)
+
+    def _load_as_a_child(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        """[Note: a program inside a module] A module that holds the program (a LightningModule's attribute)
+        saves the program's keys as the model's own under its prefix (`state_dict`), and loads by recursing into
+        its children, where the model is the child `model`: put every key under `model.` (the model's own keys
+        never lack it here, whatever they are called, `model.` included), and load `interfaces.` keys into the
+        cuts' models."""
+        cut_keys = {}
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix) :]
+            if rest.startswith("interfaces."):
+                cut_keys[rest] = state_dict.pop(key)
+            else:
+                state_dict[f"{prefix}model.{rest}"] = state_dict.pop(key)
+        self._load_interfaces(cut_keys, strict)
+
+    def _load_interfaces(self, cut_keys: dict, strict: bool) -> None:
+        """`interfaces.<cut>.<i>.` keys into the cuts' models of the runtime (built if it is not yet)."""
+        if not cut_keys:
+            return
+        for iface in self.runtime.interfaces:
+            for i, module in enumerate(iface.modules()):
+                prefix = f"interfaces.{iface.name}.{i}."
+                mine = {k[len(prefix) :]: v for k, v in cut_keys.items() if k.startswith(prefix)}
+                if mine or strict:
+                    module.load_state_dict(mine, strict=strict)
+
     # ---------------------------------------------------------------- the runtime
     def _new_runtime(self):
         raise NotImplementedError
@@ -225,14 +255,7 @@ class ProgramBase(nn.Module):
         cuts' models of the runtime (built if it is not yet). Returns the model's missing and unexpected keys."""
         own = {k: v for k, v in state_dict.items() if not k.startswith("interfaces.")}
         result = self.model.load_state_dict(own, strict=strict, assign=assign)
-        cut_keys = {k: v for k, v in state_dict.items() if k.startswith("interfaces.")}
-        if cut_keys:
-            for iface in self.runtime.interfaces:
-                for i, module in enumerate(iface.modules()):
-                    prefix = f"interfaces.{iface.name}.{i}."
-                    mine = {k[len(prefix) :]: v for k, v in cut_keys.items() if k.startswith(prefix)}
-                    if mine or strict:
-                        module.load_state_dict(mine, strict=strict)
+        self._load_interfaces({k: v for k, v in state_dict.items() if k.startswith("interfaces.")}, strict)
         return result
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):

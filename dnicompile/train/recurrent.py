@@ -78,14 +78,12 @@ def train_hierarchical_distributed(program, args, console: Console) -> int:
     resolve_device(args.device)
     if torch.device(args.device).type != "cpu":
         raise DNIError("--workers 2 runs a hierarchical program on CPU processes (gloo); drop --device.")
-    data = args.data or spec.data.path
-    check_recurrent_sizes(
-        program, None, load_text(data, spec.data.split).vocab_size, "text"
-    )  # here, not in the workers
+    text = load_text(args.data or spec.data.path, spec.data.split)  # here (and any download), not in the workers
+    check_recurrent_sizes(program, None, text.vocab_size, "text")
     out_dir, metrics_path = _outputs(args)
     cfg = RunConfig(
         **run_fields(args, spec),
-        data_dir=str(Path(data).resolve()),
+        data_dir=text.source,
         threads=args.threads or 1,
         log_every=args.log_every or 10,
         out_dir=str(out_dir) if out_dir else None,
