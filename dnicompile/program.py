@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .compile.emit import emit_stages, rebind_buffers
 from .compile.partition import BoundaryTensor, Partition, partition
@@ -33,6 +33,34 @@ class TensorInfo:
         return f"{self.name}: {dt}[{', '.join(map(str, self.shape))}]"
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """The identity, multiplying the gradient on its way back by the scaler's scale (`inverse`: dividing by it),
+    read when the backward runs: a delayed cut's backward steps later, with the scale its update unscales by."""
+
+    @staticmethod
+    def forward(ctx, scaler, inverse: bool, *tensors):
+        ctx.scaler, ctx.inverse = scaler, inverse
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        scale = ctx.scaler.get_scale()
+        factor = 1.0 / scale if ctx.inverse else scale
+        return (None, None, *(None if g is None else g * factor for g in grads))
+
+
+def _scale_grad(values: tuple, scaler, inverse: bool) -> tuple:
+    """`values` with the gradients of its tensors that require grad scaled by `scaler` (_ScaleGrad)."""
+    picked = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor) and v.requires_grad]
+    if not picked:
+        return values
+    scaled = _ScaleGrad.apply(scaler, inverse, *(values[i] for i in picked))
+    out = list(values)
+    for i, v in zip(picked, scaled):
+        out[i] = v
+    return tuple(out)
+
+
 class Stage:
     """The nodes between two consecutive cuts, as a GraphModule sharing the model's parameters."""
 
@@ -48,6 +76,7 @@ class Stage:
         self.precision = "fp32"  # or "bf16": the forward runs under autocast ([Note: stage precision])
         self.accumulate = 1  # steps whose mean gradient each update takes ([Note: accumulation])
         self.compile_options: dict | None = None  # torch.compile's options, None for eager ([Note: compiled stages])
+        self.scaler: torch.amp.GradScaler | None = None  # fp16 only ([Note: stage precision])
         self._compiled = None
 
     def __call__(self, *args: Any) -> Any:
@@ -68,13 +97,36 @@ class Stage:
             gm = self._compiled
         if self.precision == "fp32":
             return functional_call(gm, tensors, tuple(values)) if tensors else gm(*values)
-        # [Note: stage precision] bf16: autocast on the device of the inputs; the parameters, their gradients and
-        # the optimizer stay fp32, and bf16 outputs leave the stage as fp32 (a lossless widening), so the boundary
-        # tensors, synthesizers, heads and messages between ranks keep the traced dtypes
+        # [Note: stage precision] bf16 / fp16: autocast on the device of the inputs; the parameters, their
+        # gradients and the optimizer stay fp32, and half outputs leave the stage as fp32 (a lossless widening), so
+        # the boundary tensors, synthesizers, heads and messages between ranks keep the traced dtypes. fp16 has a
+        # gradient scaler of its own per stage (torch.amp.GradScaler): the gradient entering the stage at its
+        # outputs is multiplied by the scale, the one leaving it at its inputs divided by it, so only this stage's
+        # backward and its parameters' gradients are scaled, whatever sent the gradient (the loss, a synthesizer,
+        # a delayed cut, the next rank); StageState.step unscales them, skips the update where one is not finite
+        # and updates the scale, as GradScaler does for a whole model.
         device = next((v.device.type for v in values if isinstance(v, torch.Tensor)), "cpu")
-        with torch.autocast(device, dtype=torch.bfloat16):
+        half = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        scaler = self.grad_scaler(device) if half == torch.float16 and torch.is_grad_enabled() else None
+        if scaler is not None:
+            values = _scale_grad(tuple(values), scaler, inverse=True)
+        with torch.autocast(device, dtype=half):
             out = functional_call(gm, tensors, tuple(values)) if tensors else gm(*values)
-        return tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t, out)
+        out = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == half else t, out)
+        if scaler is None:
+            return out
+        leaves, spec = tree_flatten(out)
+        return tree_unflatten(list(_scale_grad(tuple(leaves), scaler, inverse=False)), spec)
+
+    def grad_scaler(self, device: str = "cpu") -> torch.amp.GradScaler:
+        """The fp16 stage's gradient scaler, on `device` (made anew there, with the scale so far, on a move)."""
+        if self.scaler is None or self.scaler._device != device:
+            state = self.scaler.state_dict() if self.scaler is not None else None
+            self.scaler = torch.amp.GradScaler(device)
+            if state:
+                self.scaler.load_state_dict(state)
+            self.scaler.scale(torch.zeros((), device=device))  # makes its scale tensor (scale() does, lazily)
+        return self.scaler
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this stage updates: all it uses but the tied ones another stage owns."""

@@ -339,8 +339,9 @@ class StageConfig(_Strict):
     clock: ClockConfig | None = None
     precision: Literal["fp32", "bf16", "fp16"] | None = Field(
         None,
-        description="fp32 (the default), or bf16: the stage's forward (and so its backward) runs under "
-        "torch.autocast with bfloat16 (parameters and optimizer stay fp32; what leaves the stage is fp32).",
+        description="fp32 (the default), bf16 or fp16: the stage's forward (and so its backward) runs under "
+        "torch.autocast in that type (parameters and optimizer stay fp32; what leaves the stage is fp32); fp16 with "
+        "a gradient scaler of the stage's own.",
     )
     compile: bool | CompileConfig | None = Field(
         None,
@@ -729,19 +730,11 @@ class Spec(_Strict):
             raise SpecError(problems[0] if len(problems) == 1 else "invalid spec:\n  " + "\n  ".join(problems))
 
     def stage_precision(self, index: int, name: str) -> str:
-        """A stage's `precision`: its own entry over `default`, else fp32; fp16 is refused (it needs a gradient
-        scaler per stage, which the runtimes do not have)."""
+        """A stage's `precision`: its own entry over `default`, else fp32."""
         default = self.stages.get("default", StageConfig())
         key = next((k for k in (index, str(index), name) if k in self.stages), None)
         own = self.stages.get(key) if key is not None else StageConfig()
-        precision = own.precision or default.precision or "fp32"
-        if precision == "fp16":
-            where = self.where("stages", key if own.precision else "default", "precision")
-            raise SpecError(
-                f"{where}: fp16 needs a gradient scaler per stage (its small gradients underflow), which dnicompile "
-                "does not have yet; use `precision: bf16` (same range as fp32), or fp32."
-            )
-        return precision
+        return own.precision or default.precision or "fp32"
 
     def stage_config(self, index: int, name: str) -> tuple[OptimizerConfig, ClockConfig]:
         """Optimizer and clock of one stage: its own entry (by index or name) over `default`. A stage that

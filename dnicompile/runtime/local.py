@@ -107,7 +107,9 @@ class LocalRuntime:
                 )
             )
         self.stages = [
-            StageState(s.index, s.parameters(), s.optimizer_config, s.clock_config, spec.where("stages"), s.accumulate)
+            StageState(
+                s.index, s.parameters(), s.optimizer_config, s.clock_config, spec.where("stages"), s.accumulate, s
+            )
             for s in program.stages
         ]
         self.step = 0

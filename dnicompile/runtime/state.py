@@ -24,8 +24,11 @@ from ..optim import build_optimizer
 class StageState:
     """One stage's optimizer, lr scheduler, clock and gradient accumulation."""
 
-    def __init__(self, index: int, parameters, optimizer_config, clock_config, where: str, accumulate: int = 1):
+    def __init__(
+        self, index: int, parameters, optimizer_config, clock_config, where: str, accumulate: int = 1, stage=None
+    ):
         self.index = index
+        self.stage = stage  # the program's Stage, whose fp16 gradient scaler this state steps with
         self.optimizer_config = optimizer_config
         self.optimizer, self.scheduler = build_optimizer(parameters, optimizer_config, where)
         self.clock = Clock(clock_config, index)
@@ -41,6 +44,13 @@ class StageState:
         if self.optimizer is not None and self._window_start:
             self.optimizer.zero_grad(set_to_none=True)
 
+    def _scaler(self):
+        """The stage's fp16 gradient scaler ([Note: stage precision]), else None."""
+        if self.stage is None or getattr(self.stage, "precision", "fp32") != "fp16":
+            return None
+        device = next((p.device.type for p in self._parameters()), "cpu")
+        return self.stage.grad_scaler(device)
+
     def _parameters(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
@@ -52,7 +62,12 @@ class StageState:
             for p in self._parameters():
                 if p.grad is not None:
                     p.grad.div_(self.accumulate)
-        self.optimizer.step()
+        scaler = self._scaler()
+        if scaler is not None and any(p.grad is not None for p in self._parameters()):
+            scaler.step(self.optimizer)  # unscales; skips the update where a gradient is not finite
+            scaler.update()
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         return True
@@ -71,6 +86,8 @@ class StageState:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "clock": self.clock.state_dict(),
         }
+        if self._scaler() is not None:
+            state["scaler"] = self._scaler().state_dict()
         if self.accumulate > 1 and self.optimizer is not None:  # the window's gradients so far
             state["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in self._parameters()]
         return state
@@ -81,6 +98,8 @@ class StageState:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.clock.load_state_dict(state["clock"])
+        if self._scaler() is not None and state.get("scaler"):
+            self._scaler().load_state_dict(state["scaler"])
         if self.accumulate > 1 and self.optimizer is not None and state.get("grads") is not None:
             params = self._parameters()
             if len(state["grads"]) != len(params):
