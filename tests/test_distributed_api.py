@@ -27,7 +27,7 @@ cuts:
   - after: layers.2
     __KIND__
 stages:
-  default: {optimizer: {name: __OPT__}}
+  default: {optimizer: {name: __OPT__}__STAGE__}
 loss: cross_entropy
 __DISTRIBUTED__
 """
@@ -54,6 +54,9 @@ KINDS = {  # name -> (the last cut's kind, the middle cut's kind, placement, `di
     # [Note: link emulation]: a slower link changes when messages arrive, not what a step computes
     "exact-slow-link": ("", "", TWO, LINK, SGD),
     "delayed1-slow-link": ("delayed_gradient: {delay: 1}", "", TWO, LINK, SGD),
+    # stage options across ranks ([Note: accumulation], [Note: stage precision]); after "|": the stages' own keys
+    "exact-accumulate3": ("", "", TWO, "", SGD + "|accumulate: 3"),
+    "delayed1-fp16": ("delayed_gradient: {delay: 1}", "", TWO, "", SGD + "|precision: fp16"),
 }
 
 
@@ -67,7 +70,9 @@ def _program(kind: str = "exact"):
     module_spec.loader.exec_module(module)
     torch.manual_seed(0)
     last, middle, _, distributed, optimizer = KINDS[kind]
+    optimizer, _, stage = optimizer.partition("|")
     spec = SPEC.replace("__KIND__", last).replace("__KIND1__", middle).replace("__OPT__", optimizer)
+    spec = spec.replace("__STAGE__", f", {stage}" if stage else "")
     spec = spec.replace("__DISTRIBUTED__", f"distributed: {{{distributed}}}" if distributed else "")
     return compile_decoupled(module.build_model(depth=3, **args), spec)
 
