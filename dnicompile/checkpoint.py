@@ -40,14 +40,10 @@ import shutil
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
 from .errors import DNIError
 from .files import (
@@ -112,7 +108,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         return found
 
 
-def read_metadata(path: Path) -> Metadata:
+def read_metadata(path: Path):
     """A DCP `.metadata` file, read without running code from it (UnsafeFileError where it asks to), checked to
     name only data files inside its folder (DamagedFileError otherwise, or where it cannot be read)."""
     path = Path(path)
@@ -129,8 +125,15 @@ def read_metadata(path: Path) -> Metadata:
         raise DamagedFileError(
             f"{path}: not a readable checkpoint ({_first_line(str(e)) or type(e).__name__})"
         ) from None
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+    md = _dcp().md
+    if not isinstance(metadata, md.Metadata) or not isinstance(metadata.state_dict_metadata, dict):
         raise DamagedFileError(f"{path}: not checkpoint metadata")
+    for key, entry in metadata.state_dict_metadata.items():
+        tensor = isinstance(entry, md.TensorStorageMetadata) and (
+            isinstance(entry.size, torch.Size) and isinstance(getattr(entry.properties, "dtype", None), torch.dtype)
+        )
+        if not isinstance(key, str) or not (tensor or isinstance(entry, md.BytesStorageMetadata)):
+            raise DamagedFileError(f"{path}: its entry {key!r} is neither a tensor nor a value")
     for index, info in (metadata.storage_data or {}).items():
         name = getattr(info, "relative_path", None)
         if (
@@ -143,26 +146,51 @@ def read_metadata(path: Path) -> Metadata:
     return metadata
 
 
-class SafeReader(FileSystemReader):
-    """DCP's file reader with `read_metadata` that never runs code ([Note: dcp checkpoints])."""
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        rank = kwargs.get("rank")
-        name = METADATA if rank is None else f"__{rank}{METADATA}"
-        metadata = read_metadata(Path(self.path) / name)
-        if getattr(metadata, "storage_meta", None) is not None:
-            metadata.storage_meta.load_id = self.load_id
-        return metadata
+_DCP: SimpleNamespace | None = None
 
 
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's load planner, reading plain values with weights_only=True (DCP's own reads them with False)."""
+def _dcp() -> SimpleNamespace:
+    """torch.distributed.checkpoint and dnicompile's safe reader and planner, imported on first use (the import
+    takes a second or two, which a run that never checkpoints should not pay)."""
+    global _DCP
+    if _DCP is not None:
+        return _DCP
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.metadata as md
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 
-    def __init__(self) -> None:
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+    class SafeReader(FileSystemReader):
+        """DCP's file reader with `read_metadata` that never runs code ([Note: dcp checkpoints])."""
 
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+        def read_metadata(self, *args, **kwargs):
+            rank = kwargs.get("rank")
+            name = METADATA if rank is None else f"__{rank}{METADATA}"
+            metadata = read_metadata(Path(self.path) / name)
+            if getattr(metadata, "storage_meta", None) is not None:
+                metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        """DCP's load planner, reading plain values with weights_only=True (DCP's own reads them with False)."""
+
+        def __init__(self) -> None:
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+    _DCP = SimpleNamespace(
+        dcp=dcp,
+        md=md,
+        FileSystemWriter=FileSystemWriter,
+        CheckpointException=CheckpointException,
+        DefaultSavePlanner=DefaultSavePlanner,
+        SafeReader=SafeReader,
+        SafeLoadPlanner=SafeLoadPlanner,
+    )
+    return _DCP
 
 
 # --------------------------------------------------------------------------- nested states as flat keys
@@ -250,17 +278,18 @@ def write_checkpoint(out_dir: Path, step: int, entries: dict, keep: int, rank: i
     if driver:
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    planner = DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-    writer = FileSystemWriter(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+    lib = _dcp()
+    planner = lib.DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+    writer = lib.FileSystemWriter(tmp)
     if world > 1:
         dist.barrier()
     try:
         if world > 1:
             # each rank its own data file and metadata; the ranks meet at barriers only (tensors, never objects)
-            _quiet(lambda: dcp.save(entries, storage_writer=writer, planner=planner, use_collectives=False))
+            _quiet(lambda: lib.dcp.save(entries, storage_writer=writer, planner=planner, use_collectives=False))
         else:
-            _quiet(lambda: dcp.save(entries, storage_writer=writer, planner=planner, no_dist=True))
+            _quiet(lambda: lib.dcp.save(entries, storage_writer=writer, planner=planner, no_dist=True))
     except BaseException as wrapped:  # DCP wraps what failed (a full disk) in a CheckpointException
         if driver:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -314,7 +343,7 @@ def _merge_metadata(folder: Path, world: int) -> None:
 # --------------------------------------------------------------------------- reading
 def _original(e: BaseException) -> BaseException:
     """The exception a rank raised inside DCP, which wraps it in a CheckpointException."""
-    if isinstance(e, CheckpointException):
+    if isinstance(e, _dcp().CheckpointException):
         for failure in e.failures.values():
             inner = failure[0] if isinstance(failure, tuple) else failure
             if isinstance(inner, BaseException):
@@ -350,6 +379,7 @@ class Checkpoint:
     def load(self, keys, missing_ok: bool = False) -> dict:
         """The entries `keys` (flat), tensors on the CPU. A key the checkpoint lacks is a DamagedFileError unless
         `missing_ok` (then it is left out)."""
+        lib = _dcp()
         known = self.metadata.state_dict_metadata
         want = [k for k in dict.fromkeys(keys) if k not in self.cache]
         lost = [k for k in want if k not in known]
@@ -358,15 +388,15 @@ class Checkpoint:
         target = {}
         for k in want:
             md = known.get(k)
-            if isinstance(md, TensorStorageMetadata):
+            if isinstance(md, lib.md.TensorStorageMetadata):
                 target[k] = torch.empty(md.size, dtype=md.properties.dtype)
-            elif isinstance(md, BytesStorageMetadata):
+            elif isinstance(md, lib.md.BytesStorageMetadata):
                 target[k] = None
         if target:
             try:
                 _quiet(
-                    lambda: dcp.load(
-                        target, storage_reader=SafeReader(self.path), planner=SafeLoadPlanner(), no_dist=True
+                    lambda: lib.dcp.load(
+                        target, storage_reader=lib.SafeReader(self.path), planner=lib.SafeLoadPlanner(), no_dist=True
                     )
                 )
             except BaseException as wrapped:
@@ -404,7 +434,7 @@ class Checkpoint:
         return sorted(
             k[len(prefix) :]
             for k, v in self.metadata.state_dict_metadata.items()
-            if k.startswith(prefix) and isinstance(v, BytesStorageMetadata)
+            if k.startswith(prefix) and isinstance(v, _dcp().md.BytesStorageMetadata)
         )
 
 
@@ -437,7 +467,7 @@ def _meta(entries: dict, step: int, placement) -> None:
 
 def program_entries(program, task_state: dict, step: int) -> dict:
     """A run in one process: the whole model, runtime, task and random state as checkpoint entries."""
-    entries = {f"model.{k}": v for k, v in program.model.state_dict().items()}
+    entries = {f"model.{k}": v.detach().cpu() for k, v in program.model.state_dict().items()}
     runtime = dict(program.runtime.state_dict())
     for i, stage in enumerate(runtime.pop("stages")):
         flatten(f"stage/{i}", stage, entries)

@@ -186,6 +186,46 @@ def test_every_runtime_state_loads_weights_only(tmp_path, model, spec):
         assert state["stages"][0]["scheduler"] is not None and state["stages"][0]["optimizer"]["state"]
 
 
+def test_load_state_dict_of_state_dict_round_trips_a_program(tmp_path):
+    """A program's state_dict (with its interfaces) loads into a program built from another seed, and the runtime's
+    state through a checkpoint: the two programs then take the same next step, to the bit."""
+    from dnicompile.checkpoint import program_entries, restore_program
+    from dnicompile.compile.model_file import build_model
+    from dnicompile.program import compile_decoupled
+    from dnicompile.spec import load_spec
+
+    spec = load_spec(ROOT / "specs/mlp_cdni.yaml")
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)) for _ in range(4)]
+
+    def program(seed: int):
+        torch.manual_seed(seed)
+        return compile_decoupled(build_model(str(ROOT / "examples/mlp.py"), spec.model, spec.model_args), spec)
+
+    first = program(0)
+    for x, y in batches[:3]:
+        first.train_step(x, y)
+    state = first.state_dict(interfaces=True)
+    assert any(k.startswith("interfaces.") for k in state)
+    second = program(1)
+    assert not torch.equal(second.state_dict()["layers.0.0.weight"], state["layers.0.0.weight"])
+    second.load_state_dict(state)
+    for key, value in second.state_dict(interfaces=True).items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
+    write_checkpoint(tmp_path, 3, program_entries(first, {}, 3), keep=2)
+    third = program(2)
+    restore_program(
+        third,
+        SimpleNamespace(load_state_dict=lambda s: None),
+        Checkpoint(tmp_path / "ckpt-00000003"),
+        torch.device("cpu"),
+    )
+    first.train_step(*batches[3])
+    third.train_step(*batches[3])
+    for key, value in third.state_dict(interfaces=True).items():
+        torch.testing.assert_close(value, first.state_dict(interfaces=True)[key], rtol=0, atol=0, msg=key)
+
+
 def _evil(marker: Path):
     class Evil:
         def __reduce__(self):
@@ -230,6 +270,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path, 
     assert main([*argv, "--resume", str(old)]) == 2
     err = capsys.readouterr().err
     assert "ckpt-00000005.pt is a ckpt-<step>.pt file" in err and "dnicompile 0.1.0" in err, err
+    (old / "ckpt-00000007").mkdir()  # and the shards of an old run on several workers
+    torch.save({"step": 7, "world": 1, "placement": (0, 4), "model": _evil(marker)}, old / "ckpt-00000007/rank0.pt")
+    with pytest.raises(DNIError, match=r"ckpt-00000007 is rank<k>.pt shards \(several workers\), .* dnicompile 0.1.0"):
+        find_checkpoint(old, 2)
     assert not marker.exists()
 
 
