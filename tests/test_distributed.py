@@ -57,12 +57,18 @@ def test_exact_cuts_on_two_workers_equal_the_local_runtime(tmp_path):
     common = ["examples/mlp.py", "--spec", str(spec), "--train", "--steps", "12", "--batch-size", "64", "--seed", "3"]
     local = _cli(*common, "--out", str(tmp_path / "local"))
     assert local.returncode == 0, local.stderr
-    two = _cli(*common, "--workers", "2", "--out", str(tmp_path / "dist"))
+    two = _cli(*common, "--workers", "2", "--out", str(tmp_path / "dist"), "--logger", "jsonl,csv")
     assert two.returncode == 0, two.stderr
     a, b = _state(tmp_path / "local/model.pt"), _state(tmp_path / "dist/model.pt")
     assert a.keys() == b.keys()
     for key in a:  # weights, biases and batch-norm statistics
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # the loggers on several workers ([Note: loggers]): the driver's metrics.csv holds what metrics.jsonl holds
+    from test_loggers import _assert_csv_equals_jsonl
+
+    records = [json.loads(line) for line in (tmp_path / "dist/metrics.jsonl").read_text().splitlines()]
+    assert len(records) >= 2 and any("test_accuracy" in r for r in records)
+    _assert_csv_equals_jsonl(tmp_path / "dist/metrics.csv", records)
 
 
 def test_synthetic_cuts_on_two_workers_with_no_queue_equal_the_local_runtime(tmp_path):

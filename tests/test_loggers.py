@@ -102,6 +102,8 @@ def _assert_csv_equals_jsonl(csv_path: Path, records: list[dict]) -> None:
             value, cell = flat.get(column), row[column]
             if value is None:
                 assert cell == "", (column, record["step"])
+            elif isinstance(value, list):  # one figure per rank (cpu_ms_per_step): a JSON list in the cell
+                assert json.loads(cell) == value, (column, record["step"], cell, value)
             elif isinstance(value, float) and math.isnan(value):
                 assert math.isnan(float(cell)), (column, record["step"])
             else:
