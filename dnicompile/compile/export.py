@@ -100,6 +100,38 @@ def export_model(model: nn.Module, input_names: list[str], examples: tuple, cons
     return ep
 
 
+def fixed_batch(gm: fx.GraphModule, examples: tuple) -> str:
+    """'' where the exported graph kept the batch dimension dynamic; otherwise a note for the stage table saying
+    that torch.export fixed it at the example's batch size, and why it may have.
+
+    Every input's dimension 0 is exported as `Dim.AUTO`, which torch.export turns into a constant, without a word,
+    where the code needs a Python int there (`len(x)`, `range(x.size(0))`) or where the example has a batch of 1;
+    the program then runs on batches of that size only."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]  # the inputs, in order
+    batched = [t.shape[0] for t in examples if isinstance(t, torch.Tensor) and t.dim()]
+    if not batched or any(isinstance(v, torch.Tensor) and v.dim() and _dynamic(v.shape[0]) for v in vals):
+        return ""
+    size = batched[0]
+    if size == 1:
+        return (
+            "; the batch is fixed at 1: torch.export keeps no dimension of size 1 dynamic (give the inputs a batch "
+            "of 2 or more)"
+        )
+    return (
+        f"; the batch is fixed at {size}: torch.export made it a constant, as forward() reads the batch size as a "
+        "Python int (e.g. `len(x)`, `range(x.size(0))`), so the program takes batches of that size only"
+    )
+
+
+def _dynamic(size: Any) -> bool:
+    """A symbolic size that its shape environment has not replaced with a number."""
+    if not isinstance(size, torch.SymInt):
+        return False
+    env = getattr(size.node, "shape_env", None)
+    expr = env.replace(size.node.expr) if env is not None else size.node.expr
+    return not expr.is_number
+
+
 def to_graph_module(model: nn.Module, ep: Any) -> fx.GraphModule:
     """The exported program as a GraphModule whose get_attr nodes read the model's own parameters and buffers.
 

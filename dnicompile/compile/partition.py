@@ -2,7 +2,9 @@
 
 A cut after node n splits the graph in program order: everything computed up to and including n is
 before it, everything after is behind it. The boundary tensors of a cut are all values defined before
-it and used behind it, so a residual stream that skips over several cuts is a boundary tensor of each.
+it and used behind it, so a residual stream that skips over several cuts is a boundary tensor of each;
+except sizes and tensors made from no input and no parameter (a rotary table, a causal mask made from
+sizes), which the stage behind the cut computes again.
 Stages form a chain (stage i feeds stage i+1), values that skip a stage are relayed through it.
 
 Everything here is linear in the size of the graph (plus a log factor in the number of cuts).
@@ -139,9 +141,12 @@ def _partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
         if not any(by_name[n].op in COMPUTE_OPS for n in stage_nodes[s]):
             _raise_empty_stage(s, resolved, spec, nodes)
 
-    # sizes and other non-tensor values a later stage reads are computed again there (nothing more crosses)
+    # tensors made from no input and no parameter (rotary tables, masks built from sizes) are computed again
+    # in the stage that reads them, and sizes and other non-tensor values a later stage reads too: only values
+    # that depend on the batch's data cross
     cut_nodes = [nodes[p] for p in cut_pos]
-    if _recompute_non_tensors(gm, cut_nodes, [i for _, i in resolved], spec):
+    copied = _recompute_input_free_tensors(gm, cut_nodes)
+    if _recompute_non_tensors(gm, cut_nodes, [i for _, i in resolved], spec) or copied:
         nodes = list(gm.graph.nodes)
         pos = {n: i for i, n in enumerate(nodes)}
         resolved = [(pos[n], i) for n, (_, i) in zip(cut_nodes, resolved)]
@@ -426,6 +431,223 @@ def _recompute_non_tensors(gm: fx.GraphModule, cut_nodes: list[fx.Node], spec_in
     _erase_dead_sizes(graph, replaced, set(cut_nodes))
     gm.recompile()
     return True
+
+
+# ----------------------------------------------------------------------------- tensors made from no input
+
+# ops that draw random numbers or leave memory unset: computing them again would not give the same tensor
+_NOT_AGAIN = ("dropout", "rand", "bernoulli", "normal", "multinomial", "poisson", "empty", "uniform", "exponential")
+# views: a write into one writes into the tensor it views
+_VIEW_NAMES = (
+    "getitem", "view", "reshape", "slice", "select", "narrow", "transpose", "permute", "expand", "unsqueeze",
+    "squeeze", "t", "flatten", "unflatten", "as_strided", "diagonal", "unbind", "split", "chunk", "alias",
+    "detach", "__getitem__", "contiguous",
+)  # fmt: skip
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.name.split("::")[-1]
+    return getattr(t, "__name__", str(t))
+
+
+def _writes(node: fx.Node) -> list[fx.Node]:
+    """The nodes whose tensors `node` writes in place (empty for an op that writes nothing)."""
+    t = node.target
+    if node.op == "call_method":
+        return [node.args[0]] if t.endswith("_") and node.args and isinstance(node.args[0], fx.Node) else []
+    if node.op != "call_function":
+        return []
+    if isinstance(t, torch._ops.OpOverload):
+        written = []
+        for i, arg in enumerate(t._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                written += [
+                    v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, fx.Node)
+                ]
+        return written
+    from .export import when_training
+
+    if t is when_training:  # when_training(op, training, tensor, ...): an in-place op on tensor (a counter)
+        return [a for a in node.args[2:3] if isinstance(a, fx.Node)]
+    name = getattr(t, "__name__", "")
+    return [node.args[0]] if name.endswith("_") and node.args and isinstance(node.args[0], fx.Node) else []
+
+
+class _InputFree:
+    """Which tensors of a graph depend on no program input and no parameter, and can be computed again behind a
+    cut: made by pure operations (nothing random, nothing in place) from constants, sizes, and buffers the graph
+    never writes."""
+
+    def __init__(self, gm: fx.GraphModule, nodes: list[fx.Node], written: set[int] | None = None):
+        self.gm = gm
+        self.written = written or set()  # ids of buffers the graph writes (None: take none as written)
+        # one pass in program order (every input before its users); a size or a device read from a tensor is
+        # computed again from the stage's own tensors, so it is no dependence on that tensor
+        self.free: set[fx.Node] = set()
+        for node in nodes:
+            if node.op == "get_attr":
+                attr = _get_attr(gm, node.target)
+                if not isinstance(attr, nn.Parameter) and id(attr) not in self.written:
+                    self.free.add(node)
+            elif node.op in ("call_function", "call_method") and all(map(self._free_input, node.all_input_nodes)):
+                if self.pure(node):
+                    self.free.add(node)
+
+    @classmethod
+    def written_buffers(cls, gm: fx.GraphModule, nodes: list[fx.Node]) -> set[int]:
+        """The ids of the buffers the graph writes in place (batch-norm statistics, counters), or a module it calls
+        may write (its own)."""
+        written: set[int] = set()
+        for node in nodes:
+            if node.op == "call_module":
+                written.update(id(t) for t in _tensors_of(gm.get_submodule(node.target)))
+            for target in _writes(node):
+                for attr in cls._viewed_attrs(target):
+                    written.add(id(_get_attr(gm, attr.target)))
+        return written
+
+    def _free_input(self, a: fx.Node) -> bool:
+        if a.op == "get_attr" or _is_tensor(a):
+            return a in self.free
+        return a.op != "placeholder" and not _holds_tensors(a) and self.pure(a)  # a size, a device, a flag
+
+    @staticmethod
+    def _viewed_attrs(node: fx.Node) -> list[fx.Node]:
+        """The get_attr nodes `node` is a view of (or is)."""
+        out, work = [], [node]
+        while work:
+            n = work.pop()
+            if n.op == "get_attr":
+                out.append(n)
+            elif n.op in ("call_function", "call_method") and _target_name(n) in _VIEW_NAMES and n.args:
+                work += [a for a in n.args[:1] if isinstance(a, fx.Node)]
+        return out
+
+    def pure(self, node: fx.Node) -> bool:
+        if node.op not in ("call_function", "call_method") or node.is_impure() or _writes(node):
+            return False
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload) and (
+            t._schema.is_mutable or torch.Tag.nondeterministic_seeded in t.tags
+        ):
+            return False
+        from .export import when_training
+
+        name = _target_name(node).lower()
+        return t is not when_training and not any(word in name for word in _NOT_AGAIN)
+
+    def parts(self, v: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+        """The computations to copy to compute `v` again (v among them), and the non-tensor values (sizes,
+        devices) they read, which partition then computes again from the stage's own tensors."""
+        compute, sizes, seen, work = [], [], set(), [v]
+        while work:
+            n = work.pop()
+            if n in seen or n.op == "get_attr":
+                continue
+            seen.add(n)
+            if _is_tensor(n):
+                compute.append(n)
+                work += n.all_input_nodes
+            else:
+                sizes.append(n)
+        return compute, sizes
+
+
+def _recompute_input_free_tensors(gm: fx.GraphModule, cut_nodes: list[fx.Node]) -> bool:
+    """A tensor computed from no program input and no parameter (a rotary position table from a buffer, a causal
+    mask made from sizes, a constant bias) that a later stage reads is computed again in that stage, instead of
+    crossing the cut: it carries no gradient and, often, no batch dimension, and a synthesizer or a message between
+    ranks is no place for it. The computations are copied in front of the stage's first use; the sizes they read
+    are then computed again from the stage's own tensors like any other size (so a tensor is only copied where
+    the tensors that still cross carry those sizes). True if the graph changed."""
+    graph = gm.graph
+    nodes, pos, cut_pos, stage = _positions(graph, cut_nodes)
+
+    def crosses(v: fx.Node) -> bool:
+        return v.op != "get_attr" and _is_tensor(v) and any(stage(u) > stage(v) for u in v.users)
+
+    # first as if the graph wrote no buffer (cheap, and enough to find that no such tensor crosses, the usual case)
+    if not any(map(crosses, _InputFree(gm, nodes).free)):
+        return False
+    judge = _InputFree(gm, nodes, _InputFree.written_buffers(gm, nodes))
+    candidates = [v for v in nodes if v in judge.free and crosses(v)]
+    if not candidates:
+        return False
+    sym = symbolic_values(gm)
+    chosen = set(candidates)
+    staying = [t for t in nodes if t.op != "output" and t not in chosen and crosses(t)]
+    plan: dict[int, list[fx.Node]] = {}  # stage -> the tensors it computes again
+    for v in candidates:
+        compute, sizes = judge.parts(v)
+        for s in sorted({stage(u) for u in v.users if stage(u) > stage(v)}):
+            # the sizes must be found again in the tensors that still reach stage s
+            reaching = [t for t in staying if stage(t) < s <= max(stage(u) for u in t.users)]
+            dims = set()
+            for t in reaching:
+                val = sym.values.get(t)
+                if isinstance(val, torch.Tensor):
+                    dims.update(_simplify(d) for d in val.shape if isinstance(d, torch.SymInt))
+            if all(n in sym.values and _rebuildable(sym.values[n], dims, bool(reaching)) for n in sizes):
+                plan.setdefault(s, []).append(v)
+    if not plan:
+        return False
+    copied: set[fx.Node] = set()
+    for s, values in sorted(plan.items()):
+        users = [u for v in values for u in v.users if stage(u) == s]
+        first = min(users, key=pos.__getitem__)
+        compute = sorted({n for v in values for n in judge.parts(v)[0]}, key=pos.__getitem__)
+        copied.update(compute)
+        copies: dict[fx.Node, fx.Node] = {}
+        for n in compute:
+            with graph.inserting_before(first):
+                copy = graph.node_copy(n, lambda a, copies=copies: copies.get(a, a))
+            copy.meta = dict(n.meta)
+            copy.meta["nn_module_stack"] = dict(first.meta.get("nn_module_stack") or {})
+            copies[n] = copy
+        for v in values:
+            new = copies[v]
+            for u in [u for u in v.users if stage(u) == s]:
+                u.args = fx.node.map_arg(u.args, lambda n, v=v, new=new: new if n is v else n)
+                u.kwargs = fx.node.map_arg(u.kwargs, lambda n, v=v, new=new: new if n is v else n)
+    # the originals no stage reads any more
+    for node in sorted(copied, key=pos.__getitem__, reverse=True):
+        if not node.users and node not in cut_nodes:
+            graph.erase_node(node)
+    gm.recompile()
+    return True
+
+
+def _rebuildable(val: Any, dims: set, has_tensors: bool) -> bool:
+    """Whether the Emitter below can build `val` from tensors whose dimensions are `dims` (sympy expressions)."""
+    if isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat)):
+        if free_unbacked_symbols(val):
+            return False
+        expr = _simplify(val)
+        return bool(expr.is_number) or (isinstance(val, torch.SymInt) and _buildable(expr, dims))
+    if val is None or val is Ellipsis or isinstance(val, (bool, int, float, str, torch.dtype, torch.layout)):
+        return True
+    if isinstance(val, torch.memory_format):
+        return True
+    if isinstance(val, torch.device):
+        return has_tensors
+    if isinstance(val, (torch.Size, tuple, list)) and not hasattr(val, "_fields"):
+        return all(_rebuildable(v, dims, has_tensors) for v in val)
+    if isinstance(val, slice):
+        return all(_rebuildable(v, dims, has_tensors) for v in (val.start, val.stop, val.step))
+    return False
+
+
+def _buildable(e, dims: set) -> bool:
+    if e.is_Integer or e in dims:
+        return True
+    if isinstance(e, (sympy.Add, sympy.Mul, FloorDiv, Mod, PythonMod)):
+        return all(_buildable(a, dims) for a in e.args)
+    return False
 
 
 def _live_tensors(nodes: list[fx.Node], pos: dict, cut_pos: list[int]) -> list[list[fx.Node]]:

@@ -374,6 +374,10 @@ def _trace(model: nn.Module, spec: Spec, example_inputs: Any) -> Traced:
             frontend = "export"
     if frontend == "auto":
         frontend = "fx"
+    if frontend == "export":
+        from .export import fixed_batch
+
+        reason += fixed_batch(gm, examples)
     ran_real = propagate_shapes(gm, examples, spec)
     if frontend == "export" and ran_real:  # cheap enough to run twice more: check eval mode on the examples
         from .export import check_eval_mode
