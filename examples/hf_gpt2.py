@@ -5,8 +5,8 @@ The model is `transformers.GPT2LMHeadModel` built from a small `GPT2Config` (ran
 downloaded; `--config config.json` takes your own). What the compiler meets in it: forward() takes keyword
 arguments (`input_ids`, `labels`, ...) and `**kwargs` and is wrapped by a decorator, so torch.fx cannot trace
 it and `trace: {frontend: auto}` exports it with torch.export; `use_cache` is fixed to False (a training
-program keeps no key/value cache); it builds its causal mask in Python from the input's shape (the mask crosses
-the cuts as a boolean tensor); it returns a `CausalLMOutputWithCrossAttentions` with the loss it computes
+program keeps no key/value cache); it builds its causal mask in Python from the input's shape (made from sizes and
+constants only, the mask is recomputed in each stage that reads it rather than sent across the cuts); it returns a `CausalLMOutputWithCrossAttentions` with the loss it computes
 itself (`loss: {from_output: loss, labels: labels}`), and the program returns the same type; and the token
 embedding is tied to the output head (one tensor, used by the first and the last stage).
 
