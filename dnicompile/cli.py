@@ -65,7 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the fx nodes and module paths you can cut after, and the points automatic cuts choose from "
         "(with `cuts: {auto: ...}`: the cuts chosen, as YAML to paste into the spec)",
     )
-    inspect.add_argument("--emit", metavar="DIR", help="write stage_<i>.py, stages.dot, stages.svg and stages.html")
+    inspect.add_argument(
+        "--emit", metavar="DIR", help="write stage_<i>.py, stages.dot, stages.svg, stages.html and memory.json"
+    )
+    inspect.add_argument(
+        "--memory",
+        type=_memory_size,
+        metavar="SIZE",
+        help="plan memory for a device of SIZE (80GB, 80GiB, 512MB: GB = 10^9 bytes, GiB = 2^30): say which stages "
+        "would not fit and by how much, at --batch-size (default: the spec's train.batch_size); the stage table "
+        "always estimates each stage (README, Planning memory). A plan, not a check: the exit code stays 0",
+    )
     train = p.add_argument_group("train")
     train.add_argument("--train", action="store_true", help="train the program on the spec's data set")
     train.add_argument(
@@ -112,6 +122,23 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+class _Size(int):
+    """Bytes, remembering how the flag wrote them (`80GB`)."""
+
+    text = ""
+
+
+def _memory_size(text: str) -> _Size:
+    from .memory_plan import parse_memory
+
+    try:
+        size = _Size(parse_memory(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    size.text = text
+    return size
 
 
 def _logger_names(text: str) -> list[str]:
@@ -288,6 +315,8 @@ def _run(args: argparse.Namespace) -> int:
         torch.manual_seed(spec.train.seed if args.seed is None else args.seed)
     model = build_model(args.model, spec.model, spec.model_args, where=spec.where)
     if spec.recurrent is not None or spec.bptt is not None:  # cut in time, not in the graph
+        if args.memory:
+            raise DNIError(f"--memory {args.memory.text}: plans feed-forward programs; this spec is recurrent.")
         from .train.recurrent import run_recurrent_cli
 
         if not args.train:  # check all that training would build (it builds its own program)
@@ -319,18 +348,41 @@ def _run(args: argparse.Namespace) -> int:
         from .train.feedforward import train_from_cli
 
         return train_from_cli(program, args, out)
-    out.print(summary_table(program))
+    plan = _memory_plan(program, args)
+    out.print(summary_table(program, plan))
+    for line in plan.report(args.memory.text if args.memory else None) if plan is not None else ():
+        out.print(line, markup=False, highlight=False)
     if args.code:
         for stage in program.stages:
             out.print(stage_code(program, stage), markup=False)
     if args.emit:
-        written = write_emit(program, args.emit)
+        written = write_emit(program, args.emit, plan=plan)
         out.print(f"wrote {len(written)} files to {args.emit}: " + ", ".join(p.name for p in written), markup=False)
     return 0
 
 
+def _memory_plan(program, args: argparse.Namespace):
+    """The memory plan the stage table shows ([Note: memory plan]); with --memory, against that device. A plan
+    that cannot be made is said once and the table is shown without it (--memory: exit 2)."""
+    from .memory_plan import plan_memory
+
+    try:
+        return plan_memory(program, batch=args.batch_size, device_bytes=args.memory)
+    except DNIError:
+        raise
+    except Exception as e:
+        if args.memory or args.traceback:
+            raise
+        sys.stderr.write(f"dnicompile: note: no memory estimate ({type(e).__name__}: {e})\n")
+        return None
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """Flags that name files, and numbers the parser cannot judge alone: fail before any work starts."""
+    if args.memory and args.train:
+        raise DNIError(
+            f"--memory {args.memory.text}: plans a program's memory without training; drop --train or --memory."
+        )
     if args.emit:
         emit = Path(args.emit)
         if emit.exists() and not emit.is_dir():

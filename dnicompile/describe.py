@@ -11,11 +11,22 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from .memory_plan import MemoryPlan
     from .program import Cut, DecoupledProgram, Stage
 
 
 def fmt_shape(shape) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def format_bytes(n: int | float | None) -> str:
+    """Binary units (TiB, GiB, MiB, KiB), one decimal; `?` for an unknown size."""
+    if n is None:
+        return "?"
+    for scale, unit in ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
 
 
 def describe_synthesizer(cut: Cut) -> str:
@@ -66,9 +77,11 @@ def describe_clock(stage: Stage) -> str:
     return text + (f" from {c.offset}" if c.offset else "")
 
 
-def summary_table(program: DecoupledProgram) -> Table:
+def summary_table(program: DecoupledProgram, plan: MemoryPlan | None = None) -> Table:
     """The stage table. Names come from the user's model and spec, so every cell is escaped: a cut named
-    `[/x]` is shown as written, never read as rich markup."""
+    `[/x]` is shown as written, never read as rich markup. With a memory plan (dnicompile/memory_plan.py) it has
+    columns of each stage's parameter bytes and its estimate at the plan's batch, marked where it exceeds the plan's
+    device."""
     table = Table(
         title=escape(
             f"{type(program.model).__name__}: {len(program.stages)} stages, {len(program.cuts)} cuts "
@@ -76,28 +89,51 @@ def summary_table(program: DecoupledProgram) -> Table:
         ),
         show_lines=True,
     )
-    for col in ("stage", "nodes", "params", "inputs", "outputs", "outgoing cut", "optimizer", "clock"):
-        table.add_column(col, overflow="fold", justify="right" if col in ("nodes", "params") else "left")
+    memory = f"memory @ batch {plan.batch}" if plan is not None else None
+    columns = ["stage", "nodes", "params", *(["param bytes", memory] if memory else [])]
+    columns += ["inputs", "outputs", "outgoing cut", "optimizer", "clock"]
+    for col in columns:
+        right = col in ("nodes", "params", "param bytes", memory)
+        table.add_column(col, overflow="fold", justify="right" if right else "left")
+    over = {s.index: x for s, x in plan.over()} if plan is not None else {}
     for stage in program.stages:
         cut = program.cut_after(stage.index)
         outgoing = f"{cut.name}: {describe_synthesizer(cut)}" if cut else "(loss)"
-        cells = (
-            stage.name,
-            str(stage.num_nodes),
-            f"{stage.num_parameters():,}",
+        cells = [stage.name, str(stage.num_nodes), f"{stage.num_parameters():,}"]
+        if plan is not None:
+            sp = plan.stages[stage.index]
+            cells.append(format_bytes(sp.param_bytes))
+            text = format_bytes(sp.total_bytes) + ("" if sp.known else " + ?")
+            if stage.index in over:
+                text += f"\n{format_bytes(over[stage.index])} over"
+            cells.append(text)
+        cells += [
             "\n".join(f"{t.name} {fmt_shape(t.shape)}" for t in stage.inputs),
             "\n".join(f"{t.name} {fmt_shape(t.shape)}" for t in stage.outputs),
             outgoing,
             describe_optimizer(stage),
             describe_clock(stage),
-        )
+        ]
         table.add_row(*(escape(c) for c in cells))
     notes = [describe_tied(t) for t in getattr(program.partition, "tied", ())]
     notes += describe_imports(program.spec)
+    if plan is not None:
+        notes.append(describe_plan(plan))
     if notes:
         table.caption = escape("\n".join(notes))
         table.caption_justify = "left"
     return table
+
+
+def describe_plan(plan: MemoryPlan) -> str:
+    """The stage table's note on its memory column."""
+    device = f"; device {format_bytes(plan.device_bytes)}" if plan.device_bytes is not None else ""
+    return (
+        f"memory @ batch {plan.batch}: a stage on a device of its own (weights, gradients, optimizer state, "
+        f"activations kept for the backward, boundary tensors, what its outgoing cut adds; optimizer steps as on "
+        f"{plan.device}{device}); the whole program in one process: {format_bytes(plan.one_process_bytes)}. "
+        "Estimates, not measurements: dnicompile/memory_plan.py says how."
+    )
 
 
 def describe_imports(spec) -> list[str]:
@@ -131,9 +167,9 @@ def describe_tied(tied) -> str:
     )
 
 
-def summary_text(program: DecoupledProgram, width: int = 140) -> str:
+def summary_text(program: DecoupledProgram, width: int = 140, plan: MemoryPlan | None = None) -> str:
     console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
-    console.print(summary_table(program))
+    console.print(summary_table(program, plan))
     return console.export_text()
 
 

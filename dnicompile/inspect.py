@@ -19,6 +19,7 @@ from .errors import DNIError
 from .files import save_atomic, write_text_atomic
 
 if TYPE_CHECKING:
+    from .memory_plan import MemoryPlan
     from .program import DecoupledProgram
 
 
@@ -170,8 +171,9 @@ def stages_svg(program: DecoupledProgram) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_emit(program: DecoupledProgram, out_dir: str | Path) -> list[Path]:
-    """Write stage_<i>.py, stages.dot, stages.svg and stages.html into `out_dir`."""
+def write_emit(program: DecoupledProgram, out_dir: str | Path, plan: MemoryPlan | None = None) -> list[Path]:
+    """Write stage_<i>.py, stages.dot, stages.svg and stages.html into `out_dir`; with a memory plan also
+    memory.json, its per-stage breakdown ([Note: memory plan]), and its column in stages.html's table."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DNIError(f"--emit {out}: exists and is not a directory; give a directory to write the stage files to.")
@@ -201,10 +203,12 @@ def write_emit(program: DecoupledProgram, out_dir: str | Path) -> list[Path]:
             "</head><body><h1>Stages</h1>"
             + svg
             + "<pre>"
-            + html.escape(summary_text(program))
+            + html.escape(summary_text(program, plan=plan))
             + "</pre></body></html>\n"
         ),
     }
+    if plan is not None:
+        files["memory.json"] = plan.to_json()
     for name, text in files.items():
         write_text_atomic(out / name, text)
         written.append(out / name)

@@ -28,7 +28,7 @@ LAYERS = [
     ["compile"],
     ["interfaces"],
     ["runtime"],
-    ["program", "recurrent"],
+    ["program", "recurrent", "memory_plan"],
     ["train", "inspect"],
     ["cli", "__main__", "__init__"],
 ]
