@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dnicompile import compile_decoupled
-from dnicompile.errors import SpecError
 
 
 def _mlp():
