@@ -22,7 +22,7 @@ import dnicompile
 PACKAGE = Path(dnicompile.__file__).parent
 
 LAYERS = [
-    ["errors", "files"],
+    ["errors", "files", "checkpoint"],
     ["spec"],
     ["clock", "optim", "losses", "synthesizers", "describe"],
     ["compile"],
