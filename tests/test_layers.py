@@ -3,7 +3,7 @@
 [Note: layers] From the bottom: errors and file helpers; the spec; the building blocks a spec names (clocks,
 optimizers, losses, synthesizers, the text that describes them); `compile/` (front ends, partition, emit,
 unrolling a recurrent core), which never imports a runtime; `interfaces` (what happens at a cut); `runtime/`
-(stage state, transports, schedules, placement), which works on any program through its attributes and never
+(stage state, transports, schedules, placement) with `checkpoint` (the files they write), which works on any program through its attributes and never
 imports a program class; the programs (`program`, `recurrent`), which compile a model and build their runtime;
 then `train/` (loops, tasks, outputs, launching) and `inspect` (drawings, emitted files); the command line on
 top. A module may import from its own layer or below, never above, and the import graph has no cycles.
@@ -22,12 +22,12 @@ import dnicompile
 PACKAGE = Path(dnicompile.__file__).parent
 
 LAYERS = [
-    ["errors", "files", "checkpoint"],
+    ["errors", "files"],
     ["spec"],
     ["clock", "optim", "losses", "synthesizers", "describe"],
     ["compile"],
     ["interfaces"],
-    ["runtime"],
+    ["runtime", "checkpoint"],
     ["program", "recurrent", "memory_plan"],
     ["train", "inspect"],
     ["cli", "__main__", "__init__"],
