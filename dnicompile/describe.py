@@ -66,10 +66,14 @@ def describe_optimizer(stage: Stage) -> str:
     sched = f" + {opt.scheduler.name}" if opt.scheduler else ""
     clip = f", clip_grad_norm={opt.clip_grad_norm:g}" if opt.clip_grad_norm is not None else ""
     precision = f", {stage.precision}" if getattr(stage, "precision", "fp32") != "fp32" else ""
-    return f"{opt.name}(lr={opt.lr:g}{extra}{clip}){sched}{precision}"
+    compiled = ", compiled" if getattr(stage, "compile_options", None) else ""
+    return f"{opt.name}(lr={opt.lr:g}{extra}{clip}){sched}{precision}{compiled}"
 
 
 def describe_clock(stage: Stage) -> str:
+    k = getattr(stage, "accumulate", 1)
+    if k > 1:  # [Note: accumulation]: the clock {every: k, offset: k - 1}, gradients kept between
+        return f"every {k}, accumulating"
     c = stage.clock_config
     text = (
         f"p={c.probability:g}" if c.probability is not None else ("every step" if c.every == 1 else f"every {c.every}")

@@ -206,6 +206,14 @@ def test_unknown_compile_backend_is_refused():
         compile_decoupled(MLP(depth=2), spec)
 
 
+def test_the_stage_table_shows_accumulation_and_compile():
+    from dnicompile.describe import summary_text
+
+    spec = _spec(2, **{"0": {"accumulate": 3}, "1": {"compile": {"backend": "aot_eager"}}})
+    table = " ".join(summary_text(compile_decoupled(MLP(depth=2), spec), width=250).split())
+    assert "every 3, accumulating" in table and "SGD(lr=0.1), compiled" in table
+
+
 def test_accumulation_with_a_clock_is_refused():
     spec = _spec(2, clock={"every": 2}, **{"stage1": {"accumulate": 4}})
     with pytest.raises(
