@@ -7,6 +7,7 @@ delays 1 and 2, and two chained delayed cuts on three ranks, whose delays add)."
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -197,33 +198,39 @@ def test_a_two_worker_checkpoint_resumes_in_one_process(trained):
 
     folder = next((trained[2].parent / "regroup").glob("ckpt-*"))
     assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         program = _program(REGROUP_KIND)
         torch.manual_seed(0)
         program.build_runtime()
         task = SimpleNamespace(load_state_dict=lambda state: None)
         assert restore_program(program, task, Checkpoint(folder), torch.device("cpu")) == REGROUP_AT
-        for x, y in _batches()[REGROUP_AT:]:
-            program.train_step(x, y)
+        _train_locally(program, _batches()[REGROUP_AT:])
+    _assert_local(program.state_dict())
+
+
+@contextmanager
+def _one_thread():
+    """The local references run on one thread, as each worker does, so that float sums match."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
-    _assert_local(program.state_dict())
+
+
+def _train_locally(program, batches) -> None:
+    for x, y in batches:
+        program.train_step(x, y)
 
 
 def _local_state(kind: str) -> dict:
     """The reference: the program of `kind` trained on every batch by the local runtime, one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         program = _program(kind)
         torch.manual_seed(0)
         program.build_runtime()
-        for x, y in _batches():
-            program.train_step(x, y)
-    finally:
-        torch.set_num_threads(threads)
+        _train_locally(program, _batches())
     return program.state_dict()
 
 
@@ -264,19 +271,14 @@ def trained(tmp_path_factory):
     # one process's checkpoint at REGROUP_AT, for the 2 ranks to resume (1 -> 2)
     from dnicompile.checkpoint import program_entries, write_checkpoint
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         program = _program(REGROUP_KIND)
         torch.manual_seed(0)
         program.build_runtime()
-        for x, y in _batches()[:REGROUP_AT]:
-            program.train_step(x, y)
+        _train_locally(program, _batches()[:REGROUP_AT])
         write_checkpoint(
             tmp_path_factory.getbasetemp() / "local1", REGROUP_AT, program_entries(program, {}, REGROUP_AT), 2
         )
-    finally:
-        torch.set_num_threads(threads)
     for world in sorted({len(k[2]) for k in KINDS.values()}):
         folder = tmp_path_factory.mktemp(f"world{world}")
         mp.start_processes(_rank, args=(world, str(folder / "store"), str(folder)), nprocs=world, start_method="spawn")
