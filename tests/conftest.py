@@ -94,6 +94,16 @@ def checks() -> SimpleNamespace:
     )
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: two on a shared 2-core machine are many times slower for small ops, and a
+    reference that must match a worker's float sums runs on one thread as each worker does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_downloads(tmp_path_factory):
     """No test touches the internet: data sets are never downloaded (DNICOMPILE_OFFLINE=1), the cache folder is an

@@ -392,15 +392,6 @@ def test_cli_shows_front_end_and_tied_tensor(capsys):
 # ----------------------------------------------------------------------------- tiny Shakespeare
 
 
-@pytest.fixture
-def one_thread():
-    """Two torch threads on a shared 2-core machine are many times slower than one for these small ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} not found")
 def test_cdni_gpt_learns_tiny_shakespeare(one_thread):
     """A short cDNI run of the GPT (a synthetic gradient at the cut, the tied embedding across it) learns."""

@@ -40,12 +40,7 @@ def _dataset(n: int = 40) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fit_with_a_dataloader_equals_train_step_by_hand():

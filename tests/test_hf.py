@@ -48,15 +48,6 @@ def hf_gpt2():
     return module
 
 
-@pytest.fixture
-def one_thread():
-    """Two torch threads on a shared 2-core machine are many times slower than one for these small ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_spec(name: str, n_layer: int = 4, n_embd: int = 32, length: int = T) -> dict:
     """The example's spec (specs/NAME.yaml) on a small model: fewer channels and a shorter sequence."""
     spec = yaml.safe_load((ROOT / "specs" / name).read_text())

@@ -38,15 +38,6 @@ import hf_families as H  # noqa: E402
 FAST = ("llama", "bert", "bart", "vit", "convnext")  # GPT-2: tests/test_hf.py
 
 
-@pytest.fixture
-def one_thread():
-    """Two torch threads on a shared 2-core machine are many times slower than one for these small ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(
     scope="module",
     params=[pytest.param(f.name, marks=() if f.name in FAST else pytest.mark.slow) for f in H.FAMILIES],
