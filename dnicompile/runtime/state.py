@@ -86,8 +86,9 @@ class StageState:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "clock": self.clock.state_dict(),
         }
-        if self._scaler() is not None:
-            state["scaler"] = self._scaler().state_dict()
+        scaler = self._scaler()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
         if self.accumulate > 1 and self.optimizer is not None:  # the window's gradients so far
             state["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in self._parameters()]
         return state
@@ -98,8 +99,9 @@ class StageState:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.clock.load_state_dict(state["clock"])
-        if self._scaler() is not None and state.get("scaler"):
-            self._scaler().load_state_dict(state["scaler"])
+        scaler = self._scaler()
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if self.accumulate > 1 and self.optimizer is not None and state.get("grads") is not None:
             params = self._parameters()
             if len(state["grads"]) != len(params):
