@@ -14,7 +14,10 @@ against eager PyTorch on the same model:
    DNI where it takes none) run as many `train_step`s as there are stages, batches of 4 and 3 taking turns: every
    loss finite, the last stage's parameters changed by the first step and every stage's by the last (a
    synthesizer starts at zero, and the one at cut k learns from what the one behind it sends back). Where it
-   fails, the same cuts unconditioned are run too, to tell the conditioning from the rest.
+   fails, the same cuts unconditioned are run too, to tell the conditioning from the rest. Each synthesizer's
+   tensor and gradient shapes are recorded, and how the labels joined its tensor (per token, per sample, per
+   batch: [Note: label context] in dnicompile/synthesizers.py); the table names the tensors that did not read
+   them per token where others did (an encoder's, beside a decoder's), and those read per batch.
 
 Dropout is off in every config, so train-mode outputs are deterministic. The inputs are the model's keyword
 inputs (input_ids, attention_mask with padding, labels, pixel_values, input_features, decoder_input_ids...), the
@@ -475,6 +478,7 @@ def check_cdni(
     with _quiet():
         program = compile_decoupled(model, spec)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    synthesized = _record_predictions(program)
 
     def moved() -> list[str]:
         return [
@@ -501,7 +505,31 @@ def check_cdni(
         "cosine": cosines,
         "changed": changed,
         "batches": [batches[i % len(batches)] for i in range(program.num_stages)],
+        "synthesized": synthesized,
     }
+
+
+def _record_predictions(program) -> dict[str, dict[str, list]]:
+    """Wrap each synthetic cut's `predict` to record, per tensor, what the synthesizer read and gave at each call:
+    {cut: {tensor: [{"tensor": shape, "gradient": shape, "labels": how they joined it}, ...]}} ("labels": token,
+    sample, batch or none: [Note: label context] in dnicompile/synthesizers.py)."""
+    seen: dict[str, dict[str, list]] = {}
+    for cut, iface in zip(program.cuts, program.runtime.interfaces):
+        if cut.exact or not hasattr(iface, "models"):
+            continue
+        record = seen.setdefault(cut.name, {})
+
+        def predict(h, context, iface=iface, record=record, original=iface.predict):
+            preds = original(h, context)
+            for name, pred in preds.items():
+                synth = iface.models.grad[name]
+                how = synth.context_kind(tuple(h[name].shape), None if context is None else tuple(context.shape))
+                entry = {"tensor": list(h[name].shape), "gradient": list(pred.shape), "labels": how}
+                record.setdefault(name, []).append(entry)
+            return preds
+
+        iface.predict = predict
+    return seen
 
 
 def boundary(program) -> dict[str, list[str]]:
@@ -641,6 +669,16 @@ def table(rows: list[dict]) -> str:
             cdni += (
                 f" (B = {'/'.join(map(str, d['batches']))}: loss " + " / ".join(f"{x:.3f}" for x in d["losses"]) + ")"
             )
+        if r["cdni"] == "pass":  # how the labels joined the tensors, where not all alike
+            how: dict[str, list[str]] = {}
+            for tensors in r["cdni_detail"].get("synthesized", {}).values():
+                for tensor, calls in tensors.items():
+                    how.setdefault(calls[0]["labels"], []).append(tensor)
+            if "batch" in how or ("token" in how and "sample" in how):
+                notes.append(
+                    "cDNI labels "
+                    + "; ".join(f"per {k}: {', '.join(how[k])}" for k in ("token", "sample", "batch") if k in how)
+                )
         for cut, tensors in r["boundary"].items():  # what crosses without the batch dimension
             odd = [t for t in tensors if t.split("[", 1)[1].rstrip("]").split(", ")[0] != str(B)]
             if odd:

@@ -162,8 +162,19 @@ class SyntheticInterface(Interface):
         self.config = config
         self.scale = config.scale
         self.models = SyntheticModels()
+        contexts = getattr(config, "label_context", None) or {}  # [Note: label context] in synthesizers.py
+        unknown = [t for t in contexts if t not in dict(tensors)]
+        if unknown:
+            from .errors import did_you_mean
+
+            raise SpecError(
+                f"{where}: label_context names {unknown[0]!r}, which is not a float tensor crossing cut `{name}`"
+                f"{did_you_mean(unknown[0], [t for t, _ in tensors])}; those are: {', '.join(t for t, _ in tensors)}."
+            )
         for tensor, shape in tensors:
-            self.models.grad[tensor] = build_synthetic_gradient(config, tuple(shape), num_classes, where)
+            self.models.grad[tensor] = build_synthetic_gradient(
+                config, tuple(shape), num_classes, where, contexts.get(tensor, "auto")
+            )
             if input_config is not None:
                 self.models.input[tensor] = build_synthetic_input(input_config, input_shape, tuple(shape), where)
         self.optimizer, self.scheduler = build_optimizer(self.models.grad.parameters(), config.optimizer, where)

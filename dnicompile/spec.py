@@ -37,6 +37,8 @@ MAX_EXAMPLE_ELEMENTS = 1 << 28  # per example input (1 GiB of float32): a small 
 TORCH_LOSS_MODULE = "torch.nn.functional"
 ALLOW_IMPORTS_ENV = "DNICOMPILE_ALLOW_IMPORTS"  # how --allow-imports reaches worker processes
 
+# how the labels' one-hot joins a boundary tensor under cDNI ([Note: label context] in synthesizers.py)
+LABEL_CONTEXTS = ("auto", "token", "sample", "batch", "none")
 DType = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"]
 
 
@@ -151,6 +153,14 @@ class SyntheticGradientConfig(_Strict):
     layers: int = Field(2, ge=0, description="Number of hidden layers (mlp, conv).")
     kernel_size: int = Field(5, ge=1, description="Convolution kernel size (conv), 'same' padding.")
     condition_on_labels: bool = Field(False, description="Feed the one-hot labels too (cDNI).")
+    label_context: dict[str, str] = Field(
+        default_factory=dict,
+        description="With condition_on_labels: how the labels join a boundary tensor, by the tensor's name (as "
+        "the stage table and `cut.boundary` show it): token (per token; the tensor's tokens are the labels'), "
+        "sample (the mean of the sample's one-hots), batch (the mean over the batch: a tensor without a batch "
+        "dimension), none (no labels); a tensor not named here gets `auto` ([Note: label context] in "
+        "dnicompile/synthesizers.py).",
+    )
     scale: float = Field(
         1.0,
         description="Multiplies the synthetic gradient before it is used. Across feed-forward cuts the scaled "
@@ -160,6 +170,26 @@ class SyntheticGradientConfig(_Strict):
     optimizer: OptimizerConfig = Field(
         default_factory=lambda: OptimizerConfig(name="Adam", lr=1e-4), description="The synthesizer's own optimizer."
     )
+
+    @field_validator("label_context")
+    @classmethod
+    def _known_label_context(cls, v: dict[str, str]) -> dict[str, str]:
+        for tensor, how in v.items():
+            if how not in LABEL_CONTEXTS:
+                raise ValueError(
+                    f"tensor {tensor!r}: unknown label context {how!r}{did_you_mean(how, LABEL_CONTEXTS)}; use "
+                    f"{', '.join(LABEL_CONTEXTS)}"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _label_context_needs_labels(self) -> SyntheticGradientConfig:
+        if self.label_context and not self.condition_on_labels:
+            raise ValueError(
+                "`label_context` says how the labels join the tensors, and `condition_on_labels` is false: set "
+                "`condition_on_labels: true` or drop `label_context`"
+            )
+        return self
 
 
 class SyntheticInputConfig(_Strict):
