@@ -405,10 +405,25 @@ class LocalLossInterface(Interface):
 #   - statistics: `staleness`, the age of the gradient applied (t - s); and where asked (`measure`), `cosine`:
 #     between the stale gradient applied to the group's parameters and the fresh one, the gradient of the newest
 #     batch whose delta is known, with today's weights (one more forward and backward).
+#   - `predict: linear` (stash only; [Note: weight prediction]): the forward runs on predicted weights, not on
+#     today's.
 #   - checkpoints: `state_dict` holds the queue of pending batches as tensors (inputs, random state, delta; the
 #     stashed weights and buffers, or the tensors the graph saved for `current`, found with saved-tensor hooks),
 #     and a graph is rebuilt from them when its backward comes, so a resumed run ends exactly as one that never
 #     stopped.
+
+
+# [Note: weight prediction] A gradient `delay` steps late is applied to weights `delay` updates newer than those
+# it was computed with. Under Adam (or any momentum) that costs stability, not only accuracy: for a quadratic of
+# preconditioned curvature a, Adam's momentum (b1 = 0.9, fixed preconditioner) is stable up to lr * a = 38 with
+# the true gradient, and only up to 1.00 with gradients one step late (2 steps: 0.51), for any b1
+# (benchmarks/delay_sharpness.py; BENCHMARKS.md "Sharpness across the switch"), while a depth-16 MLP trains with
+# lr * sharpness of 4-52. Linear weight prediction (Kosson et al. 2021, "Pipelined backpropagation at scale")
+# runs the forward of batch t on w_t + delay * (w_t - w_prev), w_prev the weights at the group's previous forward:
+# an estimate of the weights its gradient will update, made from their last change (the optimizer's own
+# direction, whatever the optimizer). The same recursion gives its limit: lr * a = 2.70 at delay 1 (1.21 at 2).
+# The cost is one more copy of the group's weights (`previous`, in the checkpoint). During a warm-up, and before
+# the weights have changed, the prediction is today's weights.
 
 
 class ForwardGroup:
@@ -495,6 +510,8 @@ class DelayedGradientInterface(Interface):
         self.delay = config.delay  # an int, or "auto": whatever has arrived
         self.weights = config.weights
         self.shrink = config.shrink
+        self.predict = getattr(config, "predict", "none")  # "linear": the forward runs on extrapolated weights
+        self.previous: dict[str, torch.Tensor] = {}  # predict: the parameters at the last forward
         self.warmup = getattr(config, "warmup", 0)  # steps 0..warmup-1 run with delay 0
         self.measure_every = getattr(config, "measure_every", 10)  # the stale-fresh cosine, every N-th step
         self.where = where
@@ -517,7 +534,7 @@ class DelayedGradientInterface(Interface):
             with torch.no_grad():
                 outputs = group.run(inputs, {})
         elif self.weights == "stash":
-            entry.weights = {n: p.detach().clone().requires_grad_(True) for n, p in group.params.items()}
+            entry.weights = self._stash_weights(step)
             entry.buffers = group.buffer_clones()
             entry.leaves = entry.weights
             outputs = group.run(inputs, {**entry.weights, **group.buffer_aliases()})
@@ -537,6 +554,21 @@ class DelayedGradientInterface(Interface):
             entry.outputs = tuple(outputs)
         self.queue.append(entry)
         return tuple(outputs)
+
+    def _stash_weights(self, step: int) -> dict[str, torch.Tensor]:
+        """The weights a stashed forward runs on: clones of today's, or with `predict: linear` today's moved on
+        along their last change by the steps until this batch's gradient is applied ([Note: weight prediction])."""
+        params = self.group.params
+        if self.predict == "none":
+            return {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+        horizon = 0 if step < self.warmup else self.delay if self.delay != "auto" else (self.staleness or 1)
+        out = {}
+        for n, p in params.items():
+            now, before = p.detach(), self.previous.get(n)
+            w = now.clone() if before is None or horizon == 0 else torch.add(now, now - before, alpha=horizon)
+            self.previous[n] = now.clone()
+            out[n] = w.requires_grad_(True)
+        return out
 
     def _build(self, entry: _Pending, tensors: dict) -> tuple:
         """The graph of a kept batch, run again with its random state (recompute; a graph lost to a checkpoint)."""
@@ -658,10 +690,14 @@ class DelayedGradientInterface(Interface):
                     "live": e.live,
                 }
             )
-        return {"queue": queue}
+        state = {"queue": queue}
+        if self.previous:
+            state["previous"] = {n: t.detach() for n, t in self.previous.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.queue = []
+        self.previous = {n: t.detach().clone() for n, t in state.get("previous", {}).items()}
         for q in state.get("queue", []):
             inputs = tuple(x.detach().requires_grad_(g) for x, g in zip(q["inputs"], q["needs_grad"]))
             e = _Pending(q["step"], inputs, q["rng"])

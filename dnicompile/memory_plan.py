@@ -946,6 +946,8 @@ def _add_delayed(program, runtime, stages: list[StagePlan], runs: list[_Run]) ->
             if i == cut.index:
                 per_batch += run.float_output_bytes  # delta
             s.delayed_kept_bytes += delay * per_batch
+            if getattr(dg, "predict", "none") != "none":  # the weights of the previous forward
+                s.delayed_kept_bytes += weights
             if getattr(dg, "measure_every", None):  # copies and fresh gradients, the probe's graph, float64 copies
                 largest = max((tensor_bytes(p) for p in program.stages[i].graph_module.parameters()), default=0)
                 s.delayed_measure_bytes += 2 * weights + run.activation_bytes + 4 * largest + run.input_bytes

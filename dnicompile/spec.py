@@ -237,6 +237,12 @@ class DelayedGradientConfig(_Strict):
         "today's weights, Features Replay; least memory).",
     )
     shrink: float = Field(1.0, gt=0, description="Multiplies the stale gradient (FDG's gradient shrinking).")
+    predict: Literal["none", "linear"] = Field(
+        "none",
+        description="`linear` (with `weights: stash`): the forward runs on the weights extrapolated `delay` steps "
+        "ahead along their last change, w + delay * (w - w_before), the weights the late gradient will update "
+        "(linear weight prediction, Kosson et al. 2021).",
+    )
     warmup: int = Field(
         0,
         ge=0,
@@ -258,6 +264,15 @@ class DelayedGradientConfig(_Strict):
         if isinstance(v, bool) or not (v == "auto" or (isinstance(v, int) and v >= 0)):
             raise ValueError(f"`delay` is a whole number of steps >= 0 or `auto`, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _predict_stash(self) -> DelayedGradientConfig:
+        if self.predict != "none" and self.weights != "stash":
+            raise ValueError(
+                f"`predict: {self.predict}` needs `weights: stash` (the forward runs on predicted weights, which the "
+                f"late backward must use); got `weights: {self.weights}`: set `weights: stash` or drop `predict`"
+            )
+        return self
 
 
 class CutKind(_Strict):

@@ -102,16 +102,24 @@ def _current_weights_backward(a: nn.Sequential, x, a1, h, delta):
     return [g1.T @ x, g1.sum(0), g2.T @ a1, g2.sum(0)]  # W1, b1, W2, b2
 
 
-def _reference(model: Net, batches, delay, weights, optimizer, shrink, warmup=0):
+def _reference(model: Net, batches, delay, weights, optimizer, shrink, warmup=0, predict=False):
     """The method in plain PyTorch: batch t's forward of `a` now, its backward with delta_t at step t + delay (at
-    step t during the first `warmup` steps)."""
+    step t during the first `warmup` steps). `predict`: the stashed forward runs on w + delay * (w - w_before), w_before
+    the weights of the previous forward (linear weight prediction)."""
     opt_a = _optimizer(model.a.parameters(), optimizer)
     rest = [*model.b.parameters(), *model.head.parameters()]
     opt_rest = _optimizer(rest, optimizer)
-    kept = []
+    kept, before = [], None
     for t, (x, y) in enumerate(batches):
         if weights == "stash":
             stash = copy.deepcopy(model.a)  # the weights of this forward; its graph is kept until the backward
+            if predict:
+                now = [p.detach().clone() for p in model.a.parameters()]
+                if before is not None:
+                    with torch.no_grad():
+                        for q, w, b in zip(stash.parameters(), now, before):
+                            q.copy_(w + delay * (w - b))
+                before = now
             h = stash(x)
             kept_graph = (stash, h)
         else:
@@ -158,6 +166,25 @@ def test_delayed_cut_equals_a_hand_written_loop(delay, weights, optimizer):
     _assert_same(model, reference)
     assert [r.ticked[0] for r in results] == [t >= delay for t in range(6)]  # no step before a gradient is due
     assert results[-1].staleness == {"a": delay}
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+@pytest.mark.parametrize("delay", [1, 2])
+def test_linear_weight_prediction_equals_a_hand_written_loop(delay, optimizer):
+    """`predict: linear`: the stashed forward of batch t runs on w_t + delay * (w_t - w_(t-1)), and the late
+    backward uses those weights ([Note: weight prediction])."""
+    torch.manual_seed(0)
+    model = Net()
+    reference, plain = copy.deepcopy(model), copy.deepcopy(model)
+    spec = _spec([_delayed(delay=delay, weights="stash", predict="linear")], optimizer)
+    program = compile_decoupled(model, spec)
+    batches = _batches(7)
+    for x, y in batches:
+        program.train_step(x, y)
+    _reference(reference, batches, delay, "stash", optimizer, 1.0, predict=True)
+    _assert_same(model, reference)
+    _reference(plain, batches, delay, "stash", optimizer, 1.0)  # the prediction changes what is trained
+    assert any(not torch.allclose(p, q) for p, q in zip(model.a.parameters(), plain.a.parameters()))
 
 
 @pytest.mark.parametrize("weights", WEIGHTS)
@@ -231,11 +258,12 @@ def test_chained_delays_add():
     _assert_same(model, reference)
 
 
-@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("weights", [*WEIGHTS, "stash+predict"])
 def test_a_resumed_run_ends_like_one_that_never_stopped(weights):
     """Stop after 4 steps with 3 + 1 batches waiting for their backward, save (weights-only loading), build a fresh
     program, load, go on: the parameters after 8 steps are those of 8 straight steps, to the bit."""
-    spec = _spec([_delayed("a", delay=2, weights=weights), _delayed("b", delay=1, weights=weights)])
+    config = {"weights": "stash", "predict": "linear"} if weights == "stash+predict" else {"weights": weights}
+    spec = _spec([_delayed("a", delay=2, **config), _delayed("b", delay=1, **config)])
     batches = _batches(8)
 
     def run(steps, program):
@@ -270,6 +298,10 @@ def test_spec_errors():
         compile_decoupled(Net(), both)
     with pytest.raises(SpecError, match=r"cuts\[0\]\.delayed_gradient\.weights.*'stash', 'current' or 'recompute'"):
         compile_decoupled(Net(), _spec([_delayed(delay=1, weights="stashed")]))
+    with pytest.raises(SpecError, match=r"`predict: linear` needs `weights: stash`.*got `weights: current`"):
+        compile_decoupled(Net(), _spec([_delayed(delay=1, weights="current", predict="linear")]))
+    with pytest.raises(SpecError, match=r"cuts\[0\]\.delayed_gradient\.predict.*'none' or 'linear'"):
+        compile_decoupled(Net(), _spec([_delayed(delay=1, predict="quadratic")]))
     with pytest.raises(SpecError, match=r"delay.*>= 0 or `auto`, got -1"):
         compile_decoupled(Net(), _spec([_delayed(delay=-1)]))
     with pytest.raises(SpecError, match=r"unknown key `cuts\[0\].delayed_gradient.dealy` \(did you mean 'delay'\?\)"):
@@ -287,6 +319,10 @@ def test_the_stage_table_shows_the_kind():
     program = compile_decoupled(Net(), _spec([_delayed(delay=2, weights="recompute", shrink=0.5)]))
     text = describe_synthesizer(program.cuts[0])
     assert text == "delayed true gradient, 2 steps late, weights: recompute, shrink 0.5"
+    predicted = compile_decoupled(Net(), _spec([_delayed(delay=1, predict="linear")]))
+    assert (
+        describe_synthesizer(predicted.cuts[0]) == "delayed true gradient, 1 step late, weights: stash, predict linear"
+    )
     assert "delayed" in program.summary() and "style=dotted" in stages_dot(program)
     assert program.cuts[0].kind == "delayed" and "delayed" in repr(program.cuts[0])
 

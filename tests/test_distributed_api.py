@@ -47,6 +47,7 @@ KINDS = {  # name -> (the last cut's kind, the middle cut's kind, placement, `di
     "delayed2-current": ("delayed_gradient: {delay: 2, weights: current, shrink: 0.5}", "", TWO, "", SGD),
     "delayed1-recompute": ("delayed_gradient: {delay: 1, weights: recompute}", "", TWO, "", SGD),
     "delayed2-warmup3": ("delayed_gradient: {delay: 2, warmup: 3}", "", TWO, "", SGD),
+    "delayed1-predict": ("delayed_gradient: {delay: 1, predict: linear}", "", TWO, "", ADAM),  # [Note: weight prediction]
     "delayed-chain": ("delayed_gradient: {delay: 1}", "delayed_gradient: {delay: 1}", THREE, "", SGD),
     # [Note: microbatch schedules]: the parameters of the whole batch's steps, to rounding
     "1f1b-m4-adam": ("", "", TWO, "microbatches: 4, schedule: 1f1b", ADAM),
