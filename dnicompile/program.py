@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .compile.emit import emit_stages, rebind_buffers
 from .compile.partition import BoundaryTensor, Partition, partition
 from .compile.trace import trace
-from .errors import PartitionError
+from .errors import PartitionError, SpecError
 from .spec import ClockConfig, OptimizerConfig, Spec, SyntheticGradientConfig, SyntheticInputConfig, load_spec
 
 
@@ -151,14 +151,16 @@ class Stage:
 
 
 class Cut:
-    """A cut between stage `index` and `index + 1`: its boundary tensors and synthesizer configs."""
+    """A cut between stage `index` and `index + 1` in program order: its boundary tensors, what stage `index`
+    sends across it (to stage `index + 1` in a chain, to the stages that read it in a DAG) and its configs."""
 
     def __init__(self, point, spec_cut):
         self.index: int = point.index
         self.name: str = point.name
         self.after: str = spec_cut.after
         self.node: str = point.node
-        self.boundary: tuple[BoundaryTensor, ...] = point.boundary
+        self.boundary: tuple[BoundaryTensor, ...] = point.boundary  # every value live across the cut point
+        self.sent: tuple[BoundaryTensor, ...] = point.sent  # what stage `index` sends ([Note: stage DAG])
         self.synthetic_gradient: SyntheticGradientConfig | None = spec_cut.synthetic_gradient
         self.synthetic_input: SyntheticInputConfig | None = spec_cut.synthetic_input
         self.local_loss = spec_cut.local_loss
@@ -347,19 +349,29 @@ class DecoupledProgram(ProgramBase):
         self.input_names = tuple(traced.input_names)  # forward()'s arguments the program takes, in order
         self.output_type = traced.output_type  # the model's output type, rebuilt from the last stage's output
         self.interface_classes: dict[str, type] = {}
-        # [Note: stage graph] partition's networkx graph of stages (edge i -> j: the boundary tensors of the cut
-        # between them) with the program's Stage and Cut objects on its nodes and edges. The runtimes take the
-        # order of stages and what crosses between them from it, and the renderer draws it.
+        # [Note: stage graph] partition's networkx graph of stages (edge i -> j: the tensors j receives from i,
+        # [Note: stage DAG] in partition.py) with the program's Stage objects on its nodes and, on each edge, the
+        # Cut after its producer (whose kind decides what goes back along it). A chain when each stage reads the
+        # one before, else a DAG. The runtimes take what crosses between stages from it (`stage_inputs`) and run
+        # the stages in program order, a topological order of it; the renderer draws it.
         self.stage_graph = part.stage_graph.copy()
         for stage in stages:
             self.stage_graph.nodes[stage.index]["stage"] = stage
-        for cut in cuts:
-            self.stage_graph.edges[cut.index, cut.index + 1]["cut"] = cut
-        if not nx.is_directed_acyclic_graph(self.stage_graph) or any(
-            self.stage_graph.out_degree(n) > 1 or self.stage_graph.in_degree(n) > 1 for n in self.stage_graph
-        ):
-            raise PartitionError("the stages do not form a chain; the runtimes run chains of stages only")
-        self.stage_order: tuple[int, ...] = tuple(nx.topological_sort(self.stage_graph))
+        for u, _, data in self.stage_graph.edges(data=True):
+            data["cut"] = cuts[u]
+        if not nx.is_directed_acyclic_graph(self.stage_graph) or any(u >= v for u, v in self.stage_graph.edges):
+            raise PartitionError("the stage graph has an edge against program order; this is a bug in partition")
+        self.stage_order: tuple[int, ...] = tuple(range(len(stages)))
+        self.chain: bool = part.chain
+        if not self.chain:
+            for cut in cuts:
+                if cut.kind == "delayed":
+                    raise SpecError(
+                        f"{spec.where('cuts', part.cuts[cut.index].spec_index, 'delayed_gradient')}: delayed cut "
+                        f"`{cut.name}` in a program whose stages do not form a chain ({self.describe_edges()}): a "
+                        "delayed cut needs each stage to read the one before. On parallel branches use exact, "
+                        "synthetic_gradient or local_loss cuts, or cut so that the stages form a chain."
+                    )
 
     # ---------------------------------------------------------------- running
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -368,9 +380,11 @@ class DecoupledProgram(ProgramBase):
         comes back as one (the last stage returns it as plain dicts and tuples)."""
         if kwargs:
             args = self._bind(args, kwargs)
+        sent: dict[int, dict[str, Any]] = {-1: dict(zip(self.partition.input_names, args))}
         out = self.stages[0](*args)
         for stage in self.stages[1:]:
-            out = stage(*out)
+            sent[stage.index - 1] = {b.name: v for b, v in zip(self.cuts[stage.index - 1].sent, out)}
+            out = stage(*self.gather(stage.index, sent))
         return self.output_type.restore(out)
 
     forward = __call__
@@ -410,15 +424,28 @@ class DecoupledProgram(ProgramBase):
     def num_stages(self) -> int:
         return len(self.stages)
 
+    def gather(self, stage: int, sent: dict[int, dict[str, Any]]) -> tuple:
+        """Stage `stage`'s inputs from what the stages before it sent (`sent[i]`: tensor name -> value; -1: the
+        program inputs), in the order the stage takes them ([Note: stage DAG])."""
+        return tuple(sent[src][b.name] for b, src in self.partition.stage_inputs[stage])
+
     def cut_after(self, stage: int) -> Cut | None:
-        """The cut on the stage graph's edge out of `stage` (None for the last stage)."""
-        edges = list(self.stage_graph.out_edges(stage, data="cut"))
-        return edges[0][2] if edges else None
+        """The cut after `stage`, which owns what it sends (None for the last stage)."""
+        return self.cuts[stage] if stage < len(self.cuts) else None
+
+    def cuts_before(self, stage: int) -> list[Cut]:
+        """The cuts after the stages that `stage` receives from, in program order (none for a first stage)."""
+        return [self.cuts[u] for u in sorted(self.stage_graph.predecessors(stage))]
 
     def cut_before(self, stage: int) -> Cut | None:
-        """The cut on the stage graph's edge into `stage` (None for the first stage)."""
-        edges = list(self.stage_graph.in_edges(stage, data="cut"))
-        return edges[0][2] if edges else None
+        """The cut on the stage graph's edge into `stage` (None where it receives only program inputs); where it
+        receives from several stages (a DAG), that of the last of them (`cuts_before` gives all)."""
+        before = self.cuts_before(stage)
+        return before[-1] if before else None
+
+    def describe_edges(self) -> str:
+        """The stage graph's edges, `stage0 -> stage2, stage1 -> stage2`."""
+        return ", ".join(f"stage{u} -> stage{v}" for u, v in sorted(self.stage_graph.edges)) or "no edges"
 
     def stage_parameters(self, index: int) -> list[nn.Parameter]:
         return self.stages[index].parameters()

@@ -19,8 +19,9 @@ from .trace import gc_paused, keep_non_persistent
 
 
 def emit_stages(part: Partition) -> list[fx.GraphModule]:
-    """Stage i takes the boundary tensors of cut i-1 (stage 0: the program inputs) and returns those of
-    cut i as a tuple; the last stage returns exactly what the model returns."""
+    """Stage i takes what it receives (`Partition.stage_inputs`; stage 0: the program inputs) and returns what
+    it sends (`CutPoint.sent`) as a tuple; the last stage returns exactly what the model returns. In a chain
+    these are the boundary tensors of cut i-1 and cut i ([Note: stage DAG] in partition.py)."""
     with gc_paused():
         return _emit_stages(part)
 
@@ -33,7 +34,7 @@ def _emit_stages(part: Partition) -> list[fx.GraphModule]:
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         if s > 0:
-            for b in part.cuts[s - 1].boundary:
+            for b, _ in part.stage_inputs[s]:
                 ph = graph.placeholder(b.name)
                 ph.meta = dict(by_name[b.name].meta)
                 env[by_name[b.name]] = ph
@@ -42,7 +43,7 @@ def _emit_stages(part: Partition) -> list[fx.GraphModule]:
             copied = graph.node_copy(node, env.__getitem__)
             env[node] = copied
         if s < part.num_stages - 1:
-            out = tuple(env[by_name[b.name]] for b in part.cuts[s].boundary)
+            out = tuple(env[by_name[b.name]] for b in part.cuts[s].sent)
             graph.output(out)
         stage_name = f"Stage{s}"
         gm = fx.GraphModule(root, graph, class_name=stage_name)

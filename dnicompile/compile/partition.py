@@ -5,7 +5,9 @@ before it, everything after is behind it. The boundary tensors of a cut are all 
 it and used behind it, so a residual stream that skips over several cuts is a boundary tensor of each;
 except sizes and tensors made from no input and no parameter (a rotary table, a causal mask made from
 sizes), which the stage behind the cut computes again.
-Stages form a chain (stage i feeds stage i+1), values that skip a stage are relayed through it.
+What each stage receives and sends, and so the graph of stages, follows the real data dependencies
+([Note: stage DAG]): a chain where each stage reads the one before (values that skip a stage relayed
+through it), a DAG where branches are independent (values sent straight from producer to readers).
 
 Everything here is linear in the size of the graph (plus a log factor in the number of cuts).
 """
@@ -13,6 +15,7 @@ Everything here is linear in the size of the graph (plus a log factor in the num
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,7 +56,8 @@ class CutPoint:
     spec_index: int  # position in the spec's `cuts:` list
     name: str
     node: str  # the fx node the cut comes after
-    boundary: tuple[BoundaryTensor, ...]
+    boundary: tuple[BoundaryTensor, ...]  # every value live across the cut point, in program order
+    sent: tuple[BoundaryTensor, ...] = ()  # what stage `index` sends on ([Note: stage DAG]); a chain: `boundary`
 
 
 @dataclass(frozen=True)
@@ -81,9 +85,18 @@ class Partition:
     stage_nodes: tuple[tuple[str, ...], ...]  # node names of each stage, in program order
     shared_attrs: Mapping[str, tuple[int, ...]]  # get_attr node -> stages that read it (copied into each)
     cuts: tuple[CutPoint, ...]
-    stage_graph: nx.DiGraph  # stage i -> stage i+1, edge attribute `tensors`
+    stage_graph: nx.DiGraph  # edge u -> v: the tensors v receives from u (`tensors`), the cut after u (`cut`)
     input_names: tuple[str, ...]
     tied: tuple[TiedTensor, ...] = ()  # tensors used by more than one stage
+    # stage -> (tensor, stage it comes from; -1: a program input) for each value it receives, in program order;
+    # stage 0 takes the program inputs themselves ([Note: stage DAG])
+    stage_inputs: tuple[tuple[tuple[BoundaryTensor, int], ...], ...] = ()
+
+    @property
+    def chain(self) -> bool:
+        """Whether the stages form a chain: stage i receives only from stage i - 1, and every stage from it."""
+        path = {(k, k + 1) for k in range(self.num_stages - 1)}
+        return set(self.stage_graph.edges) == path
 
     @cached_property
     def nx_graph(self) -> nx.DiGraph:
@@ -175,10 +188,18 @@ def _partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
     # 5. parameters and buffers used by more than one stage: tied, owned (updated) by the last of them
     tied = _tied_tensors(nodes, stage_of, shared, gm, model)
 
+    # 6. what each stage receives and sends: the stage graph ([Note: stage DAG])
+    tensors = {b.name: b for cut in cuts for b in cut.boundary}
+    stage_inputs, sent = _routes(nodes, stage_of, tensors, num_stages)
+    cuts = [dataclasses.replace(cut, sent=tuple(sent[cut.index])) for cut in cuts]
     stage_graph = nx.DiGraph()
     stage_graph.add_nodes_from(range(num_stages))
-    for cut in cuts:
-        stage_graph.add_edge(cut.index, cut.index + 1, tensors=cut.boundary, cut=cut.name)
+    for s, received in enumerate(stage_inputs):
+        for b, src in received:
+            if src >= 0:
+                if not stage_graph.has_edge(src, s):
+                    stage_graph.add_edge(src, s, tensors=(), cut=cuts[src].name)
+                stage_graph.edges[src, s]["tensors"] += (b,)
     return Partition(
         graph_module=gm,
         stage_of=stage_of,
@@ -188,7 +209,51 @@ def _partition(gm: fx.GraphModule, spec: Spec, model: nn.Module) -> Partition:
         stage_graph=stage_graph,
         input_names=tuple(n.name for n in nodes if n.op == "placeholder"),
         tied=tied,
+        stage_inputs=tuple(tuple(r) for r in stage_inputs),
     )
+
+
+# [Note: stage DAG] Cuts stay points in program order (a spec names them the same way), but which stage reads
+# which value is the graph's: stage j reads stage i when a value computed in i is used in j (the program inputs
+# are no stage's: every stage that reads one has it). A value whose producer and readers are joined by a run of
+# stages each reading the one before (p -> p+1 -> ... -> last reader) is relayed along that run, as in a chain:
+# every stage on it receives the value and sends it on, and each cut on it sees it. Otherwise (a stage on the
+# way does not depend on the one before: independent branches, two towers) it goes straight from its producer to
+# each stage that reads it, and a program input straight from the data. So the stage graph (edge i -> j: what j
+# receives from i) is the chain stage 0 -> 1 -> ... exactly when each stage reads the one before, and otherwise a
+# DAG whose parallel branches the distributed runtime runs at the same time. The cut after stage i owns what
+# stage i sends (`CutPoint.sent`: the gradients of those tensors are the cut's kind's business, whichever stages
+# read them); its `boundary` stays every value live across its point. Cut kinds on a graph that is not a chain:
+# exact, synthetic and local; delayed cuts need a chain (program.py refuses them).
+def _routes(nodes: list[fx.Node], stage_of, tensors: dict, num_stages: int):
+    """Each stage's (tensor, source stage) inputs and each stage's sent tensors, in program order."""
+    readers: list[tuple[fx.Node, int, list[int]]] = []
+    reads: set[tuple[int, int]] = set()
+    for node in nodes:
+        if node.op in ("get_attr", "output") or not node.users or node.name not in tensors:
+            continue
+        producer = -1 if node.op == "placeholder" else stage_of[node.name]
+        own = max(producer, 0)  # the program inputs are stage 0's placeholders
+        users = sorted({stage_of[u.name] for u in node.users} - {own})
+        if users:
+            readers.append((node, producer, users))
+            if producer >= 0:
+                reads.update((producer, u) for u in users)
+    inputs: list[list[tuple[BoundaryTensor, int]]] = [[] for _ in range(num_stages)]
+    sent: list[list[BoundaryTensor]] = [[] for _ in range(num_stages)]
+    for node, producer, users in readers:
+        b = tensors[node.name]
+        own, last = max(producer, 0), users[-1]
+        if all((k, k + 1) in reads for k in range(own, last)):  # relayed along the run own -> ... -> last
+            for k in range(own, last):
+                sent[k].append(b)
+                inputs[k + 1].append((b, k))
+        else:  # straight from its producer (or the data) to each stage that reads it
+            if producer >= 0:
+                sent[producer].append(b)
+            for u in users:
+                inputs[u].append((b, producer))
+    return inputs, sent
 
 
 def _assign(nodes: list[fx.Node], pos: dict, cut_pos: list[int]):
