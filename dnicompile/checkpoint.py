@@ -39,6 +39,7 @@ import re
 import shutil
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -465,18 +466,41 @@ def _meta(entries: dict, step: int, placement) -> None:
     entries["meta/placement"] = [[int(a), int(b)] for a, b in placement]
 
 
-def program_entries(program, task_state: dict, step: int) -> dict:
-    """A run in one process: the whole model, runtime, task and random state as checkpoint entries."""
-    entries = {f"model.{k}": v.detach().cpu() for k, v in program.model.state_dict().items()}
-    runtime = dict(program.runtime.state_dict())
-    for i, stage in enumerate(runtime.pop("stages")):
-        flatten(f"stage/{i}", stage, entries)
-    for name, iface in runtime.pop("interfaces").items():
+@dataclass
+class Share:
+    """One rank's share of a run whose ranks each build the whole program and train a part of it, with a runtime
+    whose state has the one-process layout (a hierarchical program on two workers, train/hierarchical.py): the
+    rank, the run's placement ([first, last] stage of each rank), the rank's runtime and the names of the model
+    tensors it trains. So their checkpoint resumes in one process too, and a one-process checkpoint on them."""
+
+    rank: int
+    placement: list[tuple[int, int]]
+    runtime: object
+    model_keys: list[str]
+
+
+def program_entries(program, task_state: dict | None, step: int, share: Share | None = None) -> dict:
+    """A run in one process: the whole model, runtime, task and random state as checkpoint entries. With `share`,
+    one rank's: its model tensors and stages, what its runtime state holds beyond them, its random state, and
+    the task and meta keys where `task_state` is given (one rank gives it)."""
+    state = program.model.state_dict()
+    entries = {f"model.{k}": state[k].detach().cpu() for k in (share.model_keys if share else state)}
+    runtime = dict((share.runtime if share else program.runtime).state_dict())
+    placement = share.placement if share else [(0, program.num_stages - 1)]
+    rank = share.rank if share else 0
+    first, last = placement[rank]
+    stages = runtime.pop("stages")
+    for i, stage in stages.items() if isinstance(stages, dict) else enumerate(stages):
+        if first <= i <= last:
+            flatten(f"stage/{i}", stage, entries)
+    for name, iface in runtime.pop("interfaces", {}).items():
         flatten(f"interface/{name}", iface, entries)
-    flatten("runtime", runtime, entries)
-    flatten("task", task_state, entries)
-    flatten("rng/0", _rng_state(), entries)
-    _meta(entries, step, [(0, program.num_stages - 1)])
+    if runtime:
+        flatten("runtime", runtime, entries)
+    flatten(f"rng/{rank}", _rng_state(), entries)
+    if task_state is not None:
+        flatten("task", task_state, entries)
+        _meta(entries, step, placement)
     return entries
 
 
@@ -547,13 +571,13 @@ def _load_model(ckpt: Checkpoint, model, keys: list[str]) -> None:
     model.load_state_dict({k: values[f"model.{k}"] for k in keys}, strict=False)
 
 
-def restore_program(program, task, ckpt: Checkpoint, device: torch.device) -> int:
+def restore_program(program, task, ckpt: Checkpoint, device: torch.device, share: Share | None = None) -> int:
     """Load a checkpoint, written by any number of workers, into a freshly built program, runtime and task in
-    one process; returns its step."""
+    one process (or into `share.runtime`, one rank's); returns its step."""
     n = program.num_stages
-    here = [(0, n - 1)]
+    here = share.placement if share else [(0, n - 1)]
     if ckpt.placement != here:
-        _regroup_refused(ckpt, program, 1, False)
+        _regroup_refused(ckpt, program, len(here), False)
     own = list(program.model.state_dict())
     extra = sorted({k[len("model.") :] for k in model_keys(ckpt)} - set(own))
     if extra:
@@ -575,11 +599,11 @@ def restore_program(program, task, ckpt: Checkpoint, device: torch.device) -> in
             "stages": [parts[s] for s in stages],
             "interfaces": {c: parts[f"interface/{c}"] for c in names},
         }
-        program.runtime.load_state_dict(state)  # each part moves its tensors where it lives
+        (share.runtime if share else program.runtime).load_state_dict(state)  # each part moves its tensors
         task.load_state_dict(parts.get("task") or {})
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
         raise _unfit(ckpt, e) from None
-    rank = 0 if ckpt.placement == here else _last_rank(ckpt)
+    rank = (share.rank if share else 0) if ckpt.placement == here else _last_rank(ckpt)
     _set_rng_state(ckpt.parts([f"rng/{rank}"], missing_ok=True).get(f"rng/{rank}"), device)
     return ckpt.step
 

@@ -28,6 +28,20 @@ interface, the lower backpropagates M_I(h_t) / B into h_t at once, and M_I learn
 upper computes later for the h_t it received; through an exact interface (no synthesizer) the upper's loss
 joins the lower segment's backward. The upper updates at the end of its own segments of `truncation` ticks,
 so its parameters change only on its ticks.
+
+[Note: open upper segment] Between two chunks the upper core's truncation segment may be open: ticks that
+have computed their losses but not yet backpropagated them (the segment ends after `upper.truncation`
+ticks). Their graph cannot be written to a checkpoint, but everything it was built from can: the upper's
+state at the segment's start, and each tick's message (the lower's output it read, a leaf) and targets. The
+upper's parameters have not changed since the segment began (it updates only at segment ends), so running
+those ticks again from that state on a resume (`UpperSegment.load_state_dict`) rebuilds the same graph, to
+the bit, and the resumed run ends with the parameters of one that never stopped. This was chosen over
+checkpointing only at the upper's segment boundaries, which would move the checkpoint's step (a SIGTERM, the
+end of a run and `checkpoint_every` all name theirs) and needs the ranks of a two-worker run to agree on
+one. It costs a checkpoint at most `truncation` messages of (B, H) and their targets. A two-worker run
+writes the same state: rank 1 sends rank 0 the segment's start state, and rank 0 holds the messages and
+targets of the ticks whose gradients have not come back (runtime/bptt_distributed.py), so a checkpoint of
+either resumes in one process or on two workers.
 """
 
 from __future__ import annotations
@@ -42,6 +56,82 @@ from ..errors import DNIError
 from ..interfaces import BoundaryInterface, SyntheticInterface
 from ..losses import get_step_loss
 from .state import FORMAT, StageState, upgrade_state
+
+
+class UpperSegment:
+    """The upper core's open truncation segment ([Note: open upper segment]): the state it started from (a
+    leaf), its ticks (weighted loss, message, time, targets) and the state after the last; the number of
+    segments it has closed (the upper's updates) and its loss since the caller last read it."""
+
+    def __init__(self, upper, loss_fn):
+        self.upper, self.loss_fn = upper, loss_fn
+        self.start = self.state = None
+        self.ticks: list = []
+        self.updates = 0
+        self.loss_sum, self.loss_n = 0.0, 0
+
+    def begin(self, batch: int, device=None) -> None:
+        """Before a tick: a zero state where the stream has none, and the segment's start as a leaf."""
+        if self.state is None:
+            self.state = self.upper.core.init_state(batch, device=device)
+        if self.start is None:
+            self.start = self.state = tuple(s.detach().requires_grad_(True) for s in self.state)
+
+    def tick(self, message: torch.Tensor, target: torch.Tensor, time: int, count: bool = True) -> torch.Tensor:
+        """One tick on the lower's output `message` (B, H), predicting `target` (B, n <= horizon, ...); it joins
+        the segment. Returns its weighted loss; `count` adds it to the loss statistics."""
+        u = self.upper
+        pred, self.state = u.step(message, self.state)
+        n = target.shape[1]
+        if n == 0:
+            per = pred.sum() * 0.0
+        else:
+            per = self.loss_fn(pred[:, :n], target).sum(1).mean() / u.horizon
+            if count:
+                self.loss_sum += float(per.detach()) * u.horizon / n
+                self.loss_n += 1
+        weighted = u.config.loss_weight * per
+        self.ticks.append((weighted, message, time, target))
+        return weighted
+
+    def backward(self) -> list[torch.Tensor]:
+        """Backpropagate the segment's loss; returns the gradient that reached each tick's message."""
+        torch.stack([loss for loss, _, _, _ in self.ticks]).sum().backward()
+        return [m.grad if m.grad is not None else torch.zeros_like(m) for _, m, _, _ in self.ticks]
+
+    def close(self) -> None:
+        """The segment has learned: the next one starts from its last state, detached."""
+        self.ticks = []
+        self.updates += 1
+        self.start = self.state = tuple(s.detach().requires_grad_(True) for s in self.state)
+
+    def reset(self) -> None:
+        """The stream starts over: no state, no segment."""
+        self.start = self.state = None
+        self.ticks = []
+
+    def state_dict(self) -> dict:
+        return {
+            "start": [s.detach() for s in self.start] if self.start is not None else None,
+            "ticks": [{"message": m.detach(), "target": y, "time": t} for _, m, t, y in self.ticks],
+            "updates": self.updates,
+            "loss": [self.loss_sum, self.loss_n],
+        }
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """Restore the segment, running its ticks again from its start ([Note: open upper segment])."""
+        self.reset()
+        self.updates = int(state.get("updates", 0))
+        self.loss_sum, self.loss_n = float(state.get("loss", [0.0])[0]), int(state.get("loss", [0.0, 0])[1])
+        if state.get("start") is None:
+            return
+
+        def here(t: torch.Tensor) -> torch.Tensor:
+            return (t if device is None else t.to(device)).detach()
+
+        self.start = self.state = tuple(here(s).requires_grad_(True) for s in state["start"])
+        for tick in state["ticks"]:
+            self.tick(here(tick["message"]).requires_grad_(True), here(tick["target"]), int(tick["time"]), count=False)
 
 
 @dataclass
@@ -100,13 +190,10 @@ class BPTTRuntime:
                 m.to(device=param.device, dtype=param.dtype)
         self.state = None  # the lower core's state between chunks of a stream
         self.pending = None  # (flat s_k, detached): the input of the prediction whose target comes next
-        self.upper_state = None
-        self.upper_segment: list = []  # this upper segment's ticks: (loss, message leaf, time)
-        self.upper_start = None  # the upper's state at its segment start (leaf)
+        self.upper_segment = UpperSegment(self.upper, self.loss_fn) if self.upper is not None else None
         self.time = 0  # stream time: steps since the stream started
         self.step = 0  # chunks trained
         self.segments = 0  # segments trained: the lower clock's steps
-        self._upper_sum, self._upper_n = 0.0, 0
 
     @property
     def interfaces(self) -> list:
@@ -131,8 +218,9 @@ class BPTTRuntime:
 
     def reset(self) -> None:
         """Forget the stream: the next chunk starts from a zero state."""
-        self.state = self.pending = self.upper_state = self.upper_start = None
-        self.upper_segment = []
+        self.state = self.pending = None
+        if self.upper_segment is not None:
+            self.upper_segment.reset()
 
     # ---------------------------------------------------------------- the step
     def train_step(
@@ -161,8 +249,9 @@ class BPTTRuntime:
         losses, outputs = [], []
         result = RecurrentStepResult(loss=float("nan"), step_losses=torch.empty(0), output=torch.empty(0))
         if start or self.state is None:
-            if self.upper_segment:  # a stream that starts over: the upper's open segment still learns
-                self._flush_upper(self.upper_segment[-1][1].shape[0], result)
+            if self.upper_segment is not None and self.upper_segment.ticks:
+                # a stream that starts over: the upper's open segment still learns
+                self._flush_upper(self.upper_segment.ticks[-1][1].shape[0], result)
             self.reset()
             self.time = 0
             self.state = core.init_state(b, device=x.device)
@@ -230,9 +319,11 @@ class BPTTRuntime:
                 result.cosine[iface.name] = iface.stats.cosine
         if self.boundary is not None and self.boundary.aux_stats.count:
             result.aux_loss = self.boundary.aux_stats.loss
-        if self._upper_n:
-            result.upper_loss = self._upper_sum / self._upper_n
-        self._upper_sum, self._upper_n = 0.0, 0
+        seg = self.upper_segment
+        if seg is not None and seg.loss_n:
+            result.upper_loss = seg.loss_sum / seg.loss_n
+        if seg is not None:
+            seg.loss_sum, seg.loss_n = 0.0, 0
         self.step += 1
         return result
 
@@ -250,14 +341,10 @@ class BPTTRuntime:
     # ---------------------------------------------------------------- the upper core
     def _upper_forward(self, out, target, a: int, b: int, roots: list, grads: list, result) -> list:
         """Run the upper core on its ticks in this lower segment; returns [(time, message leaf)] of the ticks."""
-        upper = self.upper
+        upper, seg = self.upper, self.upper_segment
         if upper is None:
             return []
-        if self.upper_state is None:
-            self.upper_state = upper.core.init_state(b, device=out.device)
-        if self.upper_start is None:
-            self.upper_start = tuple(s.detach().requires_grad_(True) for s in self.upper_state)
-            self.upper_state = self.upper_start
+        seg.begin(b, device=out.device)
         ticks = []
         exact = self.iface is None
         for j in range(out.shape[1]):
@@ -274,23 +361,13 @@ class BPTTRuntime:
                     g = self.iface.predict({"message": h}, None)["message"]
                 roots.append(h)
                 grads.append(g * (upper.config.synthetic_gradient.scale / b))
-            pred, self.upper_state = upper.step(message, self.upper_state)
             k = a + j  # targets t .. t + horizon - 1 of this chunk, as far as it has them
-            tgt = target[:, k : k + upper.horizon]
-            n = tgt.shape[1]
-            if n == 0:
-                per = pred.sum() * 0.0
-            else:
-                per = self.loss_fn(pred[:, :n], tgt).sum(1).mean() / upper.horizon
-                self._upper_sum += float(per.detach()) * upper.horizon / n
-                self._upper_n += 1
-            weighted = upper.config.loss_weight * per
+            weighted = seg.tick(message, target[:, k : k + upper.horizon], t)
             if exact:
                 roots.append(weighted)
                 grads.append(torch.ones_like(weighted))
-            self.upper_segment.append((weighted, message, t))
             ticks.append(t)
-            if not exact and len(self.upper_segment) >= upper.config.truncation:
+            if not exact and len(seg.ticks) >= upper.config.truncation:
                 # a synthetic interface decouples the upper: its segment ends on this tick
                 self._end_upper_segment(t, b, result, backward=True)
         return ticks
@@ -303,33 +380,29 @@ class BPTTRuntime:
         self._end_upper_segment(ticks[-1], b, result, backward=False)
 
     def _flush_upper(self, b: int, result) -> None:
-        if self.upper is not None and self.upper_segment:
-            self._end_upper_segment(self.upper_segment[-1][2], b, result, backward=self.iface is not None)
-        self.upper_state = self.upper_start = None
-        self.upper_segment = []
+        seg = self.upper_segment
+        if seg is not None and seg.ticks:
+            self._end_upper_segment(seg.ticks[-1][2], b, result, backward=self.iface is not None)
+        if seg is not None:
+            seg.reset()
 
     def _end_upper_segment(self, time: int, b: int, result, backward: bool) -> None:
+        seg = self.upper_segment
         if backward:
             self.stages[1].zero_grad()
-            total = torch.stack([loss for loss, _, _ in self.upper_segment]).sum()
-            total.backward()
-            for _, message, _ in self.upper_segment:
-                delta = message.grad if message.grad is not None else torch.zeros_like(message)
+            for (_, message, _, _), delta in zip(seg.ticks, seg.backward()):
                 self.iface.learn({"message": message.detach()}, None, {"message": delta}, b)
         # the upper's clock ticked on every step of its segment: it updates at the segment's last tick
         self._step_stage(1, result, time)
-        self.upper_segment = []
-        self.upper_state = tuple(s.detach().requires_grad_(True) for s in self.upper_state)
-        self.upper_start = self.upper_state
+        seg.close()
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         """Optimizers, clocks and interfaces, and the stream between chunks: the lower core's state, the boundary
         prediction's input waiting for its target, the segment count the lower clock ticks on, and the upper
-        core's state where its segment is closed (an open upper segment holds a graph and is not saved: the
-        upper core then starts its next segment from zero)."""
-        upper_closed = self.upper_state is not None and not self.upper_segment
-        return {
+        core's open segment (`upper`: its start state, and each tick's message and targets; [Note: open upper
+        segment])."""
+        state = {
             "format": FORMAT,
             "step": self.step,
             "time": self.time,
@@ -339,9 +412,11 @@ class BPTTRuntime:
                 "state": [t.detach() for t in self.state] if self.state is not None else None,
                 "pending": self.pending,
                 "segments": self.segments,
-                "upper_state": [t.detach() for t in self.upper_state] if upper_closed else None,
             },
         }
+        if self.upper_segment is not None:
+            state["upper"] = self.upper_segment.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         state = upgrade_state(state, [])
@@ -355,6 +430,18 @@ class BPTTRuntime:
             self.state = tuple(stream["state"]) if stream["state"] is not None else None
             self.pending = stream["pending"]
             self.segments = stream["segments"]
-            if stream["upper_state"] is not None:
-                self.upper_state = tuple(t.requires_grad_(True) for t in stream["upper_state"])
-                self.upper_start = self.upper_state
+        if self.upper_segment is not None:
+            self.upper_segment.load_state_dict(upper_part(state), device=self._device())
+
+    def _device(self):
+        param = next(iter(self.program.core.module.parameters()), None)
+        return param.device if param is not None else None
+
+
+def upper_part(state: dict) -> dict:
+    """A runtime state's upper segment; a checkpoint written before it was kept (the upper's state where its
+    segment was closed, else none) as one."""
+    if "upper" in state:
+        return state["upper"]
+    closed = (state.get("stream") or {}).get("upper_state")
+    return {"start": closed, "ticks": []}

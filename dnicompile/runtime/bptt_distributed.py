@@ -15,6 +15,17 @@ At evaluation steps and at the end rank 1 sends its parameters to rank 0, which 
 the held-out text and writes the metrics and the weights. Every wait has the spec's
 `distributed.timeout_s`. The interface must have a synthetic gradient: an exact interface would lock the two
 ranks step by step.
+
+[Note: hierarchical checkpoints] A checkpoint of the two ranks has the one-process layout (runtime/bptt.py,
+[Note: open upper segment]), so it resumes on two workers or in one process, and a one-process checkpoint on
+two workers. Both ranks write it after the same step (the loop's, [Note: agreed stop]). First both call
+`share_segment()`: rank 1 sends rank 0 the size, start state and statistics of the upper's open segment; rank 0
+learns from the gradients of every segment rank 1 has closed, so that the ticks still waiting for theirs are
+the open segment's, and writes them into the runtime part (each tick's message and targets, which it kept).
+Rank 0 writes the lower core's tensors, stage 0, the interfaces, the task and the meta keys; rank 1 the upper's
+tensors and stage 1 (checkpoint.Share). On a resume rank 1 runs the open segment again from its start, and
+rank 0 waits again for the gradients of its ticks. The end of a run leaves a segment open too: there rank 1
+answers its ticks with zeros that rank 0 does not learn from (`drain`), so that no receive is left waiting.
 """
 
 from __future__ import annotations
@@ -26,11 +37,12 @@ import torch
 import torch.distributed as dist
 
 from ..losses import get_step_loss
-from .bptt import BPTTRuntime
+from .bptt import BPTTRuntime, UpperSegment, upper_part
 from .state import StageState
 from .transport import P2P, emulated_link
 
-TAG_MESSAGE, TAG_DELTA, TAG_PARAMS, TAG_STATS = 11, 12, 13, 14
+TAG_MESSAGE, TAG_DELTA, TAG_PARAMS, TAG_STATS, TAG_SEGMENT = 11, 12, 13, 14, 15
+PLACEMENT = [(0, 0), (1, 1)]  # the lower core (stage 0) on rank 0, the upper (stage 1) on rank 1
 
 
 # --------------------------------------------------------------------------- rank 0: the lower core
@@ -41,8 +53,10 @@ class LowerRuntime(BPTTRuntime):
         super().__init__(program)
         self.timeout = timeout
         self.depth = max(program.spec.distributed.queue_depth, program.upper.config.truncation)
-        self.awaiting: deque = deque()  # (h_t detached, delta buffer, irecv work, time)
+        self.awaiting: deque = deque()  # (h_t detached, delta buffer, irecv work, time, the tick's targets)
         self.p2p = P2P(0, "lower core", timeout, emulated_link(program.spec.distributed))
+        self.upper_segment = None  # rank 1 holds the upper's segment
+        self.segment_state: dict | None = None  # as the last share_segment() brought it here, for state_dict
 
     def _reset_stats(self) -> None:
         """The upper interface's statistics run from one log line to the next (the loop reads and resets them)."""
@@ -64,9 +78,12 @@ class LowerRuntime(BPTTRuntime):
                 g = self.iface.predict({"message": message}, None)["message"]
             roots.append(h)
             grads.append(g * (scale / b))
-            buf = torch.empty_like(message)
-            self.awaiting.append((message, buf, self.p2p.irecv(buf, 1, tag=TAG_DELTA), t))
+            self._await(message, t, target[:, a + j : a + j + self.upper.horizon])
         return []
+
+    def _await(self, message: torch.Tensor, t: int, target: torch.Tensor) -> None:
+        buf = torch.empty_like(message)
+        self.awaiting.append((message, buf, self.p2p.irecv(buf, 1, tag=TAG_DELTA), t, target))
 
     def _upper_backward(self, ticks, b, result) -> None:
         self.use_deltas(block_beyond=self.depth)
@@ -78,7 +95,7 @@ class LowerRuntime(BPTTRuntime):
         """Train M_I on returned gradients: every one that has arrived, and by waiting while more than
         `block_beyond` ticks are outstanding."""
         while self.awaiting:
-            message, buf, work, t = self.awaiting[0]
+            message, buf, work, t, _ = self.awaiting[0]
             if len(self.awaiting) > block_beyond:
                 self.p2p.wait(work, f"the upper's gradient for the state sent at step {t}")
             elif not work.is_completed():
@@ -88,8 +105,47 @@ class LowerRuntime(BPTTRuntime):
         self.p2p.settle(4 * self.depth + 8, "a send to rank 1")
 
     def drain(self) -> None:
-        self.use_deltas(block_beyond=0)
+        """At the end (collective with UpperWorker.drain): learn from the gradients of every segment rank 1 has
+        closed; the ticks of its open segment get an answer that is not learned from."""
+        self._upper_segment()
+        for _, _, work, t, _ in self.awaiting:
+            self.p2p.wait(work, f"the upper's answer for the state sent at step {t}")
+        self.awaiting.clear()
         self.p2p.flush()
+
+    def _upper_segment(self) -> dict:
+        """Rank 1's open segment (UpperWorker.share_segment): learn from the gradients of the segments closed
+        before it, so that the ticks still waiting are its own; returns it in the one-process layout."""
+        header = torch.empty(6, dtype=torch.float64)
+        self.p2p.recv(header, 1, "the upper core's open segment", tag=TAG_SEGMENT)
+        started, open_ticks, updates, loss_sum, loss_n, b = header.tolist()
+        start = None
+        if started:
+            start = [torch.empty_like(s) for s in self.upper.core.init_state(int(b), device=self._device())]
+            for s in start:
+                self.p2p.recv(s, 1, "the upper core's state at its segment's start", tag=TAG_SEGMENT)
+        self.use_deltas(block_beyond=int(open_ticks))
+        ticks = [{"message": m, "target": y, "time": t} for m, _, _, t, y in self.awaiting]
+        return {"start": start, "ticks": ticks, "updates": int(updates), "loss": [loss_sum, int(loss_n)]}
+
+    # ---------------------------------------------------------------- checkpoints
+    def share_segment(self) -> None:
+        """Before a checkpoint, collective with UpperWorker.share_segment: the upper's open segment, for
+        state_dict ([Note: hierarchical checkpoints])."""
+        self.segment_state = self._upper_segment()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.segment_state is not None:
+            state["upper"] = self.segment_state
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint of two ranks or of one process: the ticks of the upper's open segment wait for their
+        gradients again."""
+        super().load_state_dict(state)
+        for tick in upper_part(state)["ticks"]:
+            self._await(tick["message"].to(self._device()), int(tick["time"]), tick["target"])
 
 
 # --------------------------------------------------------------------------- rank 1: the upper core
@@ -101,54 +157,36 @@ class UpperWorker:
         spec = program.spec
         opt_cfg, clock_cfg = program.stage_configs[1]
         self.stage = StageState(1, program.stage_parameters(1), opt_cfg, clock_cfg, spec.where("stages"))
-        self.loss_fn = get_step_loss(spec.loss, spec.where("loss"))
-        self.state = None
-        self.segment: list = []  # (weighted loss, message leaf)
-        self.time = 0
-        self.updates: list[int] = []
-        self.loss_sum, self.loss_n = 0.0, 0
+        self.segment = UpperSegment(program.upper, get_step_loss(spec.loss, spec.where("loss")))
+        self.time, self.batch = 0, 0
         self.p2p = P2P(1, "upper core", timeout, emulated_link(spec.distributed))
 
     def step(self, y: torch.Tensor, length: int, batch: int, start: bool) -> None:
         """Mirror one chunk of the stream: receive on the ticks, learn at the ends of the upper's segments."""
-        u = self.upper
+        u, seg = self.upper, self.segment
+        self.batch = batch
         if start:
-            if self.segment:
+            if seg.ticks:
                 self._end_segment()
-            self.state, self.time = None, 0
-        if self.state is None:
-            self.state = u.core.init_state(batch)
+            seg.reset()
+            self.time = 0
         for j in range(length):
             t = self.time + j
             if not self.stage.tick(t):
                 continue
+            seg.begin(batch)
             message = torch.empty(batch, self._width(), dtype=self._dtype())
             self.p2p.recv(message, 0, f"the lower core's state at step {t}", tag=TAG_MESSAGE)
-            message.requires_grad_(True)
-            pred, self.state = u.step(message, self.state)
-            tgt = y[:, j : j + u.horizon]
-            n = tgt.shape[1]
-            if n == 0:
-                per = pred.sum() * 0.0
-            else:
-                per = self.loss_fn(pred[:, :n], tgt).sum(1).mean() / u.horizon
-                self.loss_sum += float(per.detach()) * u.horizon / n
-                self.loss_n += 1
-            self.segment.append((u.config.loss_weight * per, message))
-            if len(self.segment) >= u.config.truncation:
-                self._end_segment(t)
+            seg.tick(message.requires_grad_(True), y[:, j : j + u.horizon], t)
+            if len(seg.ticks) >= u.config.truncation:
+                self._end_segment()
         self.time += length
 
-    def _end_segment(self, t: int | None = None) -> None:
+    def _end_segment(self) -> None:
         self.stage.zero_grad()
-        torch.stack([loss for loss, _ in self.segment]).sum().backward()
-        for _, message in self.segment:
-            delta = message.grad if message.grad is not None else torch.zeros_like(message)
-            self.p2p.send([delta], 0, tag=TAG_DELTA)
+        self.p2p.send(self.segment.backward(), 0, tag=TAG_DELTA)
         self.stage.step()
-        self.updates.append(t if t is not None else self.time)
-        self.segment = []
-        self.state = tuple(s.detach() for s in self.state)
+        self.segment.close()
         self.p2p.settle(64, "a send to rank 0")
 
     def _width(self) -> int:
@@ -161,7 +199,31 @@ class UpperWorker:
         return p.dtype
 
     def drain(self) -> None:
+        """At the end (collective with LowerRuntime.drain): the open segment's ticks are answered with zeros,
+        which rank 0 does not learn from."""
+        self.share_segment()
+        self.p2p.send([torch.zeros_like(m) for _, m, _, _ in self.segment.ticks], 0, tag=TAG_DELTA)
         self.p2p.flush()
+
+    def share_segment(self) -> None:
+        """The open segment's size, start state and statistics, to rank 0 (LowerRuntime._upper_segment)."""
+        seg = self.segment
+        started = seg.start is not None
+        header = [started, len(seg.ticks), seg.updates, seg.loss_sum, seg.loss_n, self.batch]
+        self.p2p.send([torch.tensor(header, dtype=torch.float64), *(seg.start if started else [])], 0, tag=TAG_SEGMENT)
+        self.p2p.flush()
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Stage 1's state; rank 0 writes the open segment ([Note: hierarchical checkpoints])."""
+        return {"stages": {1: self.stage.state_dict()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint of two ranks or of one process: stage 1, the stream's time and the upper's open segment,
+        run again from its start ([Note: open upper segment])."""
+        self.stage.load_state_dict(state["stages"][1])
+        self.time = state["time"]
+        self.segment.load_state_dict(upper_part(state))
 
 
 # --------------------------------------------------------------------------- parameters and statistics

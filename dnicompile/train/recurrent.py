@@ -47,11 +47,6 @@ def run_recurrent_cli(model, spec, args, console: Console | None = None) -> int:
             "this host with --workers 2."
         )
     if args.workers > 1:
-        if getattr(args, "resume", None):
-            raise DNIError(
-                "--resume continues a run in one process or a feed-forward run on several workers; a hierarchical "
-                "run on two workers cannot resume yet: start it again."
-            )
         return train_hierarchical_distributed(program, args, console)
     return train_recurrent_from_cli(program, args, console)
 
@@ -80,7 +75,12 @@ def train_hierarchical_distributed(program, args, console: Console) -> int:
         raise DNIError("--workers 2 runs a hierarchical program on CPU processes (gloo); drop --device.")
     text = load_text(args.data or spec.data.path, spec.data.split)  # here (and any download), not in the workers
     check_recurrent_sizes(program, None, text.vocab_size, "text")
+    resume = None
+    if getattr(args, "resume", None):  # chosen here, before --out (DIR by default) is made and the workers start
+        resume = str(load_run_checkpoint(Path(args.resume), say=lambda t: console.print(t, highlight=False)).path)
     out_dir, metrics_path = _outputs(args)
+    if spec.distributed.checkpoint_every and out_dir is None:
+        raise DNIError("distributed.checkpoint_every is set in the spec but no --out DIR was given to write to.")
     cfg = RunConfig(
         **run_fields(args, spec),
         data_dir=text.source,
@@ -89,6 +89,10 @@ def train_hierarchical_distributed(program, args, console: Console) -> int:
         out_dir=str(out_dir) if out_dir else None,
         metrics_path=str(metrics_path) if metrics_path else None,
         title=f"{type(program.model).__name__} ({args.spec}), 2 workers",
+        # distributed.checkpoint_every, the older spelling, still wins where a spec sets it (as on feed-forward)
+        checkpoint_every=spec.distributed.checkpoint_every or spec.train.checkpoint_every,
+        keep_checkpoints=spec.train.keep_checkpoints,
+        resume=resume,
     )
     console.print("starting 2 workers: the lower core on rank 0, the upper core on rank 1", highlight=False)
     code, summary = launch(cfg, 2)
