@@ -101,9 +101,18 @@ def summary_table(program: DecoupledProgram, plan: MemoryPlan | None = None) -> 
         right = col in ("nodes", "params", "param bytes", memory)
         table.add_column(col, overflow="fold", justify="right" if right else "left")
     over = {s.index: x for s, x in plan.over()} if plan is not None else {}
+    dag = not getattr(program, "chain", True)  # [Note: stage DAG]: say where each input comes from, where outputs go
     for stage in program.stages:
         cut = program.cut_after(stage.index)
         outgoing = f"{cut.name}: {describe_synthesizer(cut)}" if cut else "(loss)"
+        inputs = [f"{t.name} {fmt_shape(t.shape)}" for t in stage.inputs]
+        if dag:
+            if stage.index > 0:
+                sources = [src for _, src in program.partition.stage_inputs[stage.index]]
+                inputs = [f"{text} from {'input' if src < 0 else f'stage{src}'}" for text, src in zip(inputs, sources)]
+            if cut is not None:
+                readers = sorted(program.stage_graph.successors(stage.index))
+                outgoing += " -> " + (", ".join(f"stage{v}" for v in readers) or "nobody")
         cells = [stage.name, str(stage.num_nodes), f"{stage.num_parameters():,}"]
         if plan is not None:
             sp = plan.stages[stage.index]
@@ -113,7 +122,7 @@ def summary_table(program: DecoupledProgram, plan: MemoryPlan | None = None) -> 
                 text += f"\n{format_bytes(over[stage.index])} over"
             cells.append(text)
         cells += [
-            "\n".join(f"{t.name} {fmt_shape(t.shape)}" for t in stage.inputs),
+            "\n".join(inputs),
             "\n".join(f"{t.name} {fmt_shape(t.shape)}" for t in stage.outputs),
             outgoing,
             describe_optimizer(stage),

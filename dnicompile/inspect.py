@@ -85,10 +85,16 @@ def stages_dot(program: DecoupledProgram) -> str:
     lines.append('  "loss" [shape=plaintext, label="output"];')
     first = ", ".join(str(t) for t in program.stages[0].inputs)
     lines.append(f'  "input" -> {dot_string(program.stages[0].name)} [label={dot_string(first)}];')
-    for u, v, cut in program.stage_graph.edges(data="cut"):  # [Note: stage graph]
+    for s in program.stages[1:]:  # stages that read program inputs themselves ([Note: stage DAG])
+        direct = [t for t, (_, src) in zip(s.inputs, program.partition.stage_inputs[s.index]) if src < 0]
+        if direct:
+            label = dot_string(", ".join(str(t) for t in direct))
+            lines.append(f'  "input" -> {dot_string(s.name)} [label={label}];')
+    for u, v, data in program.stage_graph.edges(data=True):  # [Note: stage graph]
+        cut = data["cut"]
         color, style = CUT_STYLES[cut.kind][:2]
         label = _lines(
-            f"{cut.name} ({describe_synthesizer(cut)})", *(f"{b.name} {fmt_shape(b.shape)}" for b in cut.boundary)
+            f"{cut.name} ({describe_synthesizer(cut)})", *(f"{b.name} {fmt_shape(b.shape)}" for b in data["tensors"])
         )
         head, tail = program.stages[u].name, program.stages[v].name
         lines.append(f'  {dot_string(head)} -> {dot_string(tail)} [label={label}, style={style}, color="{color}"];')
@@ -134,6 +140,17 @@ def stages_svg(program: DecoupledProgram) -> str:
     first = ", ".join(f"{t.name} {fmt_shape(t.shape)}" for t in program.stages[0].inputs)
     parts.append(f'<text x="{left}" y="20" fill="#555">input: {html.escape(first)}</text>')
     y = 40
+    middle = {s.index: 40 + s.index * (box_h + gap) + box_h / 2 for s in program.stages}
+    skips = [(u, v) for u, v in sorted(program.stage_graph.edges) if v != u + 1]
+    for k, (u, v) in enumerate(skips):  # edges that pass stages by ([Note: stage DAG]): on the left, one lane each
+        lane = left - 8 - 6 * (k % 5)
+        cut = program.cuts[u]
+        color, _, dash, _ = CUT_STYLES[cut.kind]
+        dashes = f' stroke-dasharray="{dash}"' if dash else ""
+        parts.append(
+            f'<polyline points="{left},{middle[u]} {lane},{middle[u]} {lane},{middle[v]} {left - 2},{middle[v]}" '
+            f'fill="none" stroke="{color}" stroke-width="1.5"{dashes} marker-end="url(#arrow-{cut.kind})"/>'
+        )
     for stage in program.stages:
         esc = html.escape
         parts.append(
@@ -147,7 +164,7 @@ def stages_svg(program: DecoupledProgram) -> str:
             f'<text x="{left + 12}" y="{y + 54}">{esc(describe_optimizer(stage))}, {esc(describe_clock(stage))}</text>'
         )
         cut = program.cut_after(stage.index)
-        if cut is not None:
+        if cut is not None and program.stage_graph.has_edge(stage.index, stage.index + 1):
             x = left + box_w / 2
             color, _, dash, _ = CUT_STYLES[cut.kind]
             dashes = f' stroke-dasharray="{dash}"' if dash else ""
@@ -155,15 +172,19 @@ def stages_svg(program: DecoupledProgram) -> str:
                 f'<line x1="{x}" y1="{y + box_h}" x2="{x}" y2="{y + box_h + gap - 4}" stroke="{color}" '
                 f'stroke-width="1.5"{dashes} marker-end="url(#arrow-{cut.kind})"/>'
             )
+        if cut is not None:
+            color = CUT_STYLES[cut.kind][0]
             ty = y + box_h + 22
+            readers = sorted(program.stage_graph.successors(stage.index))
+            to = "" if readers == [stage.index + 1] else " -> " + ", ".join(f"stage{v}" for v in readers)
             parts.append(
                 f'<text x="{label_x}" y="{ty}" font-weight="bold"><tspan fill="{color}">cut {esc(cut.name)}</tspan>: '
-                f"{esc(describe_synthesizer(cut))}</text>"
+                f"{esc(describe_synthesizer(cut))}{esc(to)}</text>"
             )
-            for j, b in enumerate(cut.boundary[:5]):
+            for j, b in enumerate(cut.sent[:5]):
                 parts.append(f'<text x="{label_x}" y="{ty + 16 * (j + 1)}">{esc(b.name)} {fmt_shape(b.shape)}</text>')
-            if len(cut.boundary) > 5:
-                parts.append(f'<text x="{label_x}" y="{ty + 16 * 6}">... {len(cut.boundary) - 5} more</text>')
+            if len(cut.sent) > 5:
+                parts.append(f'<text x="{label_x}" y="{ty + 16 * 6}">... {len(cut.sent) - 5} more</text>')
         y += box_h + gap
     last = ", ".join(f"{t.name} {fmt_shape(t.shape)}" for t in program.stages[-1].outputs)
     parts.append(f'<text x="{left}" y="{y - gap + 20}" fill="#555">output: {html.escape(last)}</text>')

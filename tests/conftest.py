@@ -6,6 +6,8 @@ with plain PyTorch on the same model, never with stored numbers.
 
 from __future__ import annotations
 
+import signal
+import time
 from collections import Counter
 from types import SimpleNamespace
 
@@ -102,6 +104,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def signal_when(proc, ready, sig=signal.SIGTERM, what: str = "output", wait_s: float = 120) -> tuple[str, str]:
+    """Send `sig` to the subprocess `proc` (started with stdout and stderr piped, as text) once `ready()` holds,
+    failing the test if it ends before or `wait_s` pass; returns its (stdout, stderr). It is killed if it has not
+    ended 60 s after the signal."""
+    try:
+        deadline = time.monotonic() + wait_s
+        while not ready():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"no {what} within {wait_s:.0f} s"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 @pytest.fixture(scope="session", autouse=True)

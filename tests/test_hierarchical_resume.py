@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import signal_when
 from test_recurrent import HIER_SPEC, _text, run_cli, write
 
 from dnicompile.checkpoint import Checkpoint
@@ -107,25 +106,9 @@ def test_sigterm_stops_two_workers_at_a_checkpoint_that_resumes_exactly(runs, ca
     run, metrics = tmp / "stopped", tmp / "stopped" / "metrics.jsonl"
     cmd = [sys.executable, "-m", "dnicompile", *map(str, base), "--workers", "2", "--steps", "100000"]
     cmd += ["--eval-every", "1000000", "--log-every", "2", "--out", str(run)]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no training rows within 120 s"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    _, err = signal_when(proc, lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, what="training rows")
     assert proc.returncode == 143, err
     stopped = json.loads((run / "summary.json").read_text())["steps_done"]
     latest = (run / "LATEST").read_text().strip()

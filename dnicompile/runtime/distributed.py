@@ -252,6 +252,14 @@ class RankWorker:
             self.p2p.wait(work, f"activations of batch {step} (`{b.name}`) from rank {self.rank - 1}")
         return tuple(bufs)
 
+    def available(self, x: torch.Tensor, values: tuple) -> dict:
+        """What this rank's stages may read (LocalRuntime.run_stages): the program inputs and the tensors
+        received from the stage before."""
+        received = self.rt.program_inputs((x,))
+        if self.in_cut is not None:
+            received[self.first - 1] = {b.name: v for b, v in zip(self.in_cut.sent, values)}
+        return received
+
     def float_boundary(self, cut):
         return [b for b in cut.boundary if b.dtype.is_floating_point]
 
@@ -275,7 +283,7 @@ class RankWorker:
                 self.prefetched = (step + 1, *self.post_recv(self.in_cut, batch, self.rank - 1))
             back = self.rt.interfaces[self.in_cut.index].sends_back  # a local-loss cut sends nothing back
             values = tuple(v.requires_grad_(back) if v.is_floating_point() else v for v in received)
-        outputs, open_group = rt.run_stages(self.first, self.last, values, ctx)
+        outputs, open_group = rt.run_stages(self.first, self.last, self.available(x, values), ctx)
         due = None
         # the group's backward; its update waits until the gradient for the rank before is on its way
         if self.out_cut is None:
@@ -338,7 +346,7 @@ class RankWorker:
                     for b, work in zip(self.in_cut.boundary, works):
                         self.p2p.wait(work, f"activations of microbatch {i} (`{b.name}`) from rank {self.rank - 1}")
                     values = tuple(v.requires_grad_(True) if v.is_floating_point() else v for v in bufs)
-                out, _ = rt.run_stages(self.first, self.last, values, ctx)
+                out, _ = rt.run_stages(self.first, self.last, self.available(xs[i], values), ctx)
                 if self.out_cut is None:
                     weighted = rt.loss(out, ys[i]) * (sizes[i] / batch)
                     loss += float(weighted.detach())

@@ -9,6 +9,15 @@ For a synthetic cut between stages A and B (DESIGN.md, "The training step"):
 Stages joined by exact cuts form one locked group: autograd flows through them and they all step
 after the group's backward, which is plain backprop across those cuts.
 
+[Note: running a stage DAG] Stages run in program order, a topological order of the stage graph ([Note: stage
+DAG] in compile/partition.py). What stage i sends goes through the interface of the cut after it: across an exact
+cut its readers get the tensors themselves (autograd flows back into stage i), across any other the detached
+leaves (or synthetic inputs), one leaf per tensor whichever stages read it, so the leaf's .grad is the sum of
+their gradients: the true gradient the cut learns from. A locked group (stages joined by exact edges of the
+graph) may then have several ends whose gradients it waits for (two branches each ending at a synthetic cut): it
+runs one backward from all of them once the last has run, then steps. In a chain each group has one end, and
+this is the order of the text above.
+
 Across a delayed cut ([Note: delayed gradients] in interfaces.py) the group before it runs forward through its
 interface, which keeps the batch; the stage after it runs as behind a synthetic cut; and at the end of the step
 (`learn_synthesizers`), from the last delayed cut to the first, the interface is handed the true gradient of
@@ -17,6 +26,7 @@ this step's batch and runs the backward that is due (the batch of `delay` steps 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +78,7 @@ class StepContext:
     result: StepResult
     pending: list[PendingCut] = field(default_factory=list)
     delayed: list[tuple] = field(default_factory=list)  # (cut, what the stage after it ran on), in stage order
+    roots: list[tuple] = field(default_factory=list)  # (tensor, gradient) the last group's backward starts from too
 
 
 class LocalRuntime:
@@ -101,9 +112,11 @@ class LocalRuntime:
                     )
                 if first_input is None or not is_float(first_input.dtype):
                     raise SpecError(f"{where}: synthetic_input needs a floating-point program input to predict from.")
+            sending = copy.copy(cut)  # the interface serves what the stage before it sends ([Note: stage DAG])
+            sending.boundary = cut.sent
             self.interfaces.append(
                 interface_for_cut(
-                    cut, self.num_classes, in_shape, where, interfaces, self.local_loss_fn, self.per_token
+                    sending, self.num_classes, in_shape, where, interfaces, self.local_loss_fn, self.per_token
                 )
             )
         self.stages = [
@@ -139,7 +152,7 @@ class LocalRuntime:
         if not self._delays_checked:
             self._check_delays()
         ctx = self.begin_step(inputs, target)
-        outputs, open_group = self.run_stages(0, len(self.program.stages) - 1, tuple(inputs), ctx)
+        outputs, open_group = self.run_stages(0, len(self.program.stages) - 1, self.program_inputs(inputs), ctx)
         self.apply_loss(outputs, ctx, open_group)
         self.learn_synthesizers(ctx)
         self.step += 1
@@ -186,43 +199,81 @@ class LocalRuntime:
         out[:, : max(labels.shape[1] - s, 0)] = labels[:, s:]
         return out
 
-    def run_stages(self, first: int, last: int, values: tuple, ctx: StepContext) -> tuple[tuple, list[int]]:
-        """Run stages first..last on `values`, crossing the synthetic and delayed cuts between them (steps 1-3 of
-        the training step). Returns the last stage's outputs and the stages whose backward is still to come
-        (those joined to it by exact cuts)."""
+    def program_inputs(self, inputs: tuple) -> dict[int, dict[str, torch.Tensor]]:
+        """The program inputs as `run_stages` takes what is available: {-1: placeholder name -> value}."""
+        return {-1: dict(zip(self.program.partition.input_names, inputs))}
+
+    def stage_inputs(self, i: int, received: dict) -> tuple:
+        """Stage i's inputs from `received` (stage -> tensor name -> value; -1: the program inputs)."""
+        if i == 0:
+            return tuple(received[-1].values())
+        return self.program.gather(i, received)
+
+    def locked_groups(self, first: int, last: int) -> dict[int, tuple[int, ...]]:
+        """Stage -> the stages of first..last joined to it by exact edges of the stage graph ([Note: running a
+        stage DAG]); in a chain, the runs of stages between the other cuts."""
+        group = {i: (i,) for i in range(first, last + 1)}
+        for u, v in self.program.stage_graph.edges:
+            if first <= u and v <= last and self.interfaces[u].exact and group[u] is not group[v]:
+                merged = tuple(sorted(group[u] + group[v]))
+                for s in merged:
+                    group[s] = merged
+        return group
+
+    def run_stages(self, first: int, last: int, received: dict, ctx: StepContext) -> tuple[tuple, list[int]]:
+        """Run stages first..last on what is available (`received`: stage -> tensor name -> value, -1: the program
+        inputs; filled in with what the stages send), crossing the synthetic and delayed cuts between them (steps
+        1-3 of the training step). Returns the last stage's outputs and the stages whose backward is still to come
+        (those joined to it by exact cuts; any other gradient that backward starts from is in `ctx.roots`)."""
         open_group: list[int] = []
-        order = self.program.stage_order
-        span = order[order.index(first) : order.index(last) + 1]
-        k = 0
-        while k < len(span):
-            i = span[k]
+        groups = self.locked_groups(first, last)
+        waiting: dict[tuple, list] = {}  # a group -> (tensor, gradient) of its ends that have run
+        k = first
+        while k <= last:
+            i = k
             delayed = self.delayed_groups.get(i) if not open_group else None
             if delayed is not None:  # a group that ends at a delayed cut: its interface runs it and keeps the batch
                 cut, stages = delayed
-                if not set(stages) <= set(span):
+                if not set(stages) <= set(range(first, last + 1)):
                     raise SpecError(
                         f"the stages before delayed cut `{cut.name}` ({', '.join(f'stage{j}' for j in stages)}) are "
                         "not all in this runtime's part of the program: a delayed cut needs them in one process."
                     )
-                outputs = self.interfaces[cut.index].forward(ctx.step, tuple(values))
+                outputs = self.interfaces[cut.index].forward(ctx.step, self.stage_inputs(i, received))
                 k += len(stages)
                 if stages[-1] == last:
                     return outputs, []
-                values = self.receive(cut, outputs, {}, ctx)
+                received[cut.index] = self.receive(cut, outputs, {}, ctx)
                 continue
-            outputs = self.program.stages[i](*values)
+            outputs = self.program.stages[i](*self.stage_inputs(i, received))
             open_group.append(i)
             if i == last:
                 return outputs, open_group
             cut = self.program.cut_after(i)
             k += 1
             if self.interfaces[cut.index].exact:
-                values = outputs
+                received[i] = {b.name: h for b, h in zip(cut.sent, outputs)}
                 continue
-            preds = self.apply_synthetic_gradient(cut, outputs, ctx, open_group)
-            open_group = []
-            values = self.receive(cut, outputs, preds, ctx)
+            group = groups[i]
+            if last in group:  # the group's backward starts at the last stage: these ends join it
+                preds = self.apply_synthetic_gradient(cut, outputs, ctx, [], roots=ctx.roots)
+            elif i != group[-1]:  # another end of the group is still to run: one backward from all, later
+                preds = self.apply_synthetic_gradient(cut, outputs, ctx, [], roots=waiting.setdefault(group, []))
+            else:
+                stepping = [s for s in open_group if s in group]
+                preds = self.apply_synthetic_gradient(cut, outputs, ctx, stepping, waiting.pop(group, []))
+                open_group = [s for s in open_group if s not in group]
+            received[i] = self.receive(cut, outputs, preds, ctx)
         raise AssertionError("unreachable")
+
+    def backward(self, ctx: StepContext, tensors: list, grads: list) -> None:
+        """Backward from `tensors` with `grads` and from the other ends of the group kept in `ctx.roots`."""
+        if ctx.roots:
+            tensors = [t for t, _ in ctx.roots] + list(tensors)
+            grads = [g for _, g in ctx.roots] + list(grads)
+            ctx.roots = []
+        if tensors:
+            torch.autograd.backward(tensors, grads)
 
     def loss(self, outputs, target) -> torch.Tensor:
         """The spec's loss of the program's outputs (checked against the labels once, at the first step)."""
@@ -234,24 +285,33 @@ class LocalRuntime:
     def apply_loss(self, outputs, ctx: StepContext, open_group: list[int]) -> None:
         """The last stage: the true loss, backward through the open group, and its update."""
         loss = self.loss(outputs, ctx.target)
-        loss.backward()
+        if ctx.roots:  # [Note: running a stage DAG]
+            self.backward(ctx, [loss], [None])
+        else:
+            loss.backward()
         ctx.result.loss = float(loss.detach())
         ctx.result.output = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, outputs)
         self.step_stages(open_group, ctx.ticks)
 
-    def apply_synthetic_gradient(self, cut, outputs: tuple, ctx: StepContext, open_group: list[int]) -> dict:
-        """Backward from the cut's boundary tensors with the interface's gradient, then update the open group.
-        Returns the interface's predictions (with graph), which learn once the true gradient is known."""
+    def apply_synthetic_gradient(
+        self, cut, outputs: tuple, ctx: StepContext, open_group: list[int], ends: list | None = None, roots=None
+    ) -> dict:
+        """Backward from the tensors the cut's stage sends with the interface's gradient (and from `ends`, the
+        group's other ends: (tensor, gradient) pairs), then update the open group; with `roots` (a list) the
+        backward is left for later: the pairs go there. Returns the interface's predictions (with graph), which
+        learn once the true gradient is known."""
         iface = self.interfaces[cut.index]
         if iface.kind == "delayed":  # its group runs through the interface (run_stages, RankWorker.train_step)
             raise RuntimeError(f"delayed cut `{cut.name}` reached as a synthetic one")
-        h = {b.name: t for b, t in zip(cut.boundary, outputs)}
+        h = {b.name: t for b, t in zip(cut.sent, outputs)}
         context = ctx.target if iface.wants_target else ctx.context
         preds = iface.predict(h, context)
         grads = iface.gradient(h, context, preds, ctx.batch)
-        roots = [h[name] for name in grads if h[name].requires_grad]
-        if roots:
-            torch.autograd.backward(roots, [grads[name] for name in grads if h[name].requires_grad])
+        pairs = [*(ends or []), *((h[name], grads[name]) for name in grads if h[name].requires_grad)]
+        if roots is not None:
+            roots.extend(pairs)
+        elif pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         self.step_stages(open_group, ctx.ticks)
         if not iface.sends_back:  # its statistics are known now (a local head's loss and accuracy)
             ctx.result.synth_loss[cut.name] = iface.stats.loss
@@ -260,26 +320,25 @@ class LocalRuntime:
             iface.stats.reset()
         return preds
 
-    def receive(self, cut, outputs: tuple, preds: dict, ctx: StepContext) -> tuple:
-        """What the stage behind a synthetic cut runs on: the detached boundary tensors (leaves whose
-        .grad becomes delta), or the synthetic inputs I(x) where the cut has them."""
+    def receive(self, cut, outputs: tuple, preds: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """What the stages behind a synthetic cut run on, by tensor name: the detached tensors the stage before
+        sends (leaves whose .grad becomes delta), or the synthetic inputs I(x) where the cut has them."""
         iface = self.interfaces[cut.index]
+        names = [b.name for b in cut.sent]
         if not iface.sends_back:  # nothing goes back: the stage after needs no gradient for its input
-            return tuple(h.detach() for h in outputs)
+            return {n: h.detach() for n, h in zip(names, outputs)}
         received = tuple(h.detach().requires_grad_(True) if is_float(h.dtype) else h.detach() for h in outputs)
         if iface.kind == "delayed":  # its gradient is handed over at the end of the step (apply_delayed_gradients)
             ctx.delayed.append((cut, received))
-            return received
+            return dict(zip(names, received))
         used, synthetic = received, None
         if iface.has_input:
             synthetic = iface.predict_input(ctx.inputs[0])  # I(x), (B, ...)
             used = tuple(
-                synthetic[b.name].detach().requires_grad_(True) if b.name in synthetic else h
-                for b, h in zip(cut.boundary, received)
+                synthetic[n].detach().requires_grad_(True) if n in synthetic else h for n, h in zip(names, received)
             )
-        h = {b.name: t for b, t in zip(cut.boundary, received)}
-        ctx.pending.append(PendingCut(cut, h, preds, used, synthetic))
-        return used
+        ctx.pending.append(PendingCut(cut, dict(zip(names, received)), preds, used, synthetic))
+        return dict(zip(names, used))
 
     def step_stages(self, stages: list[int], ticks: list[bool]) -> None:
         for s in stages:
@@ -292,7 +351,7 @@ class LocalRuntime:
         self.apply_delayed_gradients(ctx)
         for p in ctx.pending:
             iface = self.interfaces[p.cut.index]
-            deltas = {b.name: leaf.grad for b, leaf in zip(p.cut.boundary, p.used) if b.name in p.preds}
+            deltas = {b.name: leaf.grad for b, leaf in zip(p.cut.sent, p.used) if b.name in p.preds}
             iface.stats.reset()
             loss = iface.learn(p.h, ctx.context, deltas, ctx.batch, preds=p.preds)
             if loss is not None:
@@ -362,9 +421,9 @@ class LocalRuntime:
             iface = self.interfaces[cut.index]
             if cut.index in fed:
                 batch, grads = fed.pop(cut.index)
-                iface.arrive(batch, {b.name: g for b, g in zip(cut.boundary, grads)}, now)
+                iface.arrive(batch, {b.name: g for b, g in zip(cut.sent, grads)}, now)
             elif not self._feeds_delayed(cut):
-                iface.arrive(now, {b.name: getattr(h, "grad", None) for b, h in zip(cut.boundary, received)}, now)
+                iface.arrive(now, {b.name: getattr(h, "grad", None) for b, h in zip(cut.sent, received)}, now)
             stages = next(st for c, st in self.delayed_groups.values() if c is cut)
             measure = self.measures(iface, now)
             done = iface.backward_due(now, measure=measure)

@@ -1,4 +1,7 @@
-"""Placement: which contiguous run of stages each rank holds, balanced by parameters or measured time."""
+"""Placement: which contiguous run of stages each rank holds, balanced by parameters or measured time.
+
+Runs in program order also place parallel branches: with stages top tower, bottom tower, head, `[[0], [1, 2]]`
+puts the towers on two ranks, which then run at the same time ([Note: a stage DAG across ranks])."""
 
 from __future__ import annotations
 
@@ -53,16 +56,18 @@ def measure_stage_costs(program, repeats: int = 3, device=None) -> list[float]:
     rt = program.runtime
     saved = {k: v.detach().clone() for k, v in program.model.state_dict().items()}
     synth_saved = [copy.deepcopy(m.state_dict()) for m in rt.modules()]
-    values = tuple(v.to(device) if device is not None else v for v in program.example_inputs)
+    received = rt.program_inputs(tuple(v.to(device) if device is not None else v for v in program.example_inputs))
     batch = program.example_batch or 1
     context = None
     if rt.num_classes:
-        context = one_hot_context(torch.zeros(batch, dtype=torch.long, device=values[0].device), rt.num_classes)
+        device = next(iter(received[-1].values())).device
+        context = one_hot_context(torch.zeros(batch, dtype=torch.long, device=device), rt.num_classes)
     costs = []
     try:
         for i, stage in enumerate(program.stages):
             cut = program.cut_after(i)
             times, out = [], None
+            values = rt.stage_inputs(i, received)  # what the stages before it sent ([Note: stage DAG])
             for r in range(repeats + 1):
                 ins = tuple(v.detach().requires_grad_(i > 0) if v.is_floating_point() else v for v in values)
                 start = time.perf_counter()
@@ -78,7 +83,8 @@ def measure_stage_costs(program, repeats: int = 3, device=None) -> list[float]:
                 if r:
                     times.append(time.perf_counter() - start)
             costs.append(sorted(times)[len(times) // 2])
-            values = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outs)
+            if cut is not None:
+                received[i] = {b.name: o.detach() if isinstance(o, torch.Tensor) else o for b, o in zip(cut.sent, outs)}
     finally:
         program.model.load_state_dict(saved)
         for m, state in zip(rt.modules(), synth_saved):
@@ -93,7 +99,7 @@ def measure_stage_costs(program, repeats: int = 3, device=None) -> list[float]:
 
 def _time_synthesizer(iface, cut, outs: tuple, context) -> None:
     """One forward and backward of the cut's interface models (the work they add to a stage)."""
-    h = {b.name: t for b, t in zip(cut.boundary, outs)}
+    h = {b.name: t for b, t in zip(cut.sent, outs)}
     try:
         for pred in iface.predict(h, context).values():
             pred.square().sum().backward()
