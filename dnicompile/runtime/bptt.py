@@ -38,7 +38,7 @@ those ticks again from that state on a resume (`UpperSegment.load_state_dict`) r
 the bit, and the resumed run ends with the parameters of one that never stopped. This was chosen over
 checkpointing only at the upper's segment boundaries, which would move the checkpoint's step (a SIGTERM, the
 end of a run and `checkpoint_every` all name theirs) and needs the ranks of a two-worker run to agree on
-one. It costs a checkpoint at most `truncation` messages of (B, H) and their targets. A two-worker run
+one. It adds to a checkpoint at most `truncation - 1` messages of (B, H) and their targets. A two-worker run
 writes the same state: rank 1 sends rank 0 the segment's start state, and rank 0 holds the messages and
 targets of the ticks whose gradients have not come back (runtime/bptt_distributed.py), so a checkpoint of
 either resumes in one process or on two workers.
@@ -122,7 +122,8 @@ class UpperSegment:
         """Restore the segment, running its ticks again from its start ([Note: open upper segment])."""
         self.reset()
         self.updates = int(state.get("updates", 0))
-        self.loss_sum, self.loss_n = float(state.get("loss", [0.0])[0]), int(state.get("loss", [0.0, 0])[1])
+        loss_sum, loss_n = state.get("loss", (0.0, 0))
+        self.loss_sum, self.loss_n = float(loss_sum), int(loss_n)
         if state.get("start") is None:
             return
 
