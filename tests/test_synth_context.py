@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dnicompile import SpecError, compile_decoupled
+from dnicompile.spec import SyntheticGradientConfig
+from dnicompile.synthesizers import build_synthetic_gradient, one_hot_context
 
 V, W, H = 7, 8, 2  # classes (the vocabulary), width, heads of the bias
 T = 4  # target tokens (the labels')
@@ -187,3 +189,18 @@ def test_token_on_a_tensor_of_other_length_is_refused_at_the_step(one_thread):
     program = compile_decoupled(TinySeq2Seq(5), _spec(5, label_context={"enc": "token"}))
     with pytest.raises(ValueError, match=r"needs as many tokens as the labels: the tensor is \[4, 5, 8\]"):
         program.train_step(*_batch(4, 5, torch.Generator().manual_seed(3)))
+
+
+def test_batch_for_a_shared_tensor_whose_leading_size_happens_to_be_the_batch():
+    """The case shapes get wrong: a (2, 3, W) tensor shared by a batch of 2 reads as the batch's, token by token;
+    `label_context: batch` gives it the whole batch's mean one-hot over the counted positions."""
+    cfg = SyntheticGradientConfig(model="linear", condition_on_labels=True)
+    labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    ctx = one_hot_context(labels, V)
+    h = torch.randn(2, 3, W)
+    assert build_synthetic_gradient(cfg, (3, W), V, "here").context_kind(h.shape, ctx.shape) == "token"
+    synth = build_synthetic_gradient(cfg, (3, W), V, "here", "batch")
+    assert synth.context_kind(h.shape, ctx.shape) == "batch"
+    want = (_one_hot(1) + _one_hot(2) + _one_hot(3)) / 3
+    torch.testing.assert_close(synth.label_features(h, ctx), want.expand(2, V))
+    assert synth(h, ctx).shape == h.shape
