@@ -1,15 +1,19 @@
 """Parallel branches ([Note: stage DAG] in compile/partition.py): two towers cut after each one give stages that
 form a DAG (tower A -> head, tower B -> head), not a chain. Against references: the program is the model; exact
-cuts train like plain PyTorch; synthetic cuts like a loop written by hand."""
+cuts train like plain PyTorch; synthetic cuts like a loop written by hand; on 2 workers the towers run at the
+same time, each tensor goes straight from its producer to its reader, and the parameters end as the local
+runtime's."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -109,6 +113,22 @@ def test_a_value_is_relayed_along_a_chain_and_sent_straight_across_branches():
         torch.testing.assert_close(program(x), model(x))
 
 
+def test_a_balanced_placement_lets_each_rank_send_only_from_its_last_stage():
+    """[Note: a stage DAG across ranks]: on Stem's graph only [[0], [1, 2, 3]] has every rank send from its last
+    stage; equal costs would split a chain in the middle, which a DAG refuses (naming the stage and the fix)."""
+    import torch.distributed  # noqa: F401  (RankWorker's module imports it)
+
+    from dnicompile.runtime.distributed import RankWorker
+    from dnicompile.runtime.placement import _balanced
+
+    cuts = [{"after": "stem"}, {"after": "left"}, {"after": "right"}]
+    stem = compile_decoupled(Stem(), {"inputs": {"x": {"shape": [4, 6]}}, "cuts": cuts})
+    assert _balanced([1, 1, 1, 1], 2) == [(0, 1), (2, 3)]  # a chain's split
+    assert _balanced([1, 1, 1, 1], 2, stem) == [(0, 0), (1, 3)]
+    with pytest.raises(SpecError, match=r"stage2 on rank 1 reads `stem` from stage0, which is not the last stage"):
+        RankWorker(stem, 0, 2, [(0, 1), (2, 3)], torch.device("cpu"), 5.0)
+
+
 def test_exact_cuts_on_two_towers_train_like_plain_pytorch():
     torch.manual_seed(0)
     model = _example().TwoTower(hidden=24, depth=2)
@@ -191,3 +211,124 @@ cuts:
         SpecError, match=r"<yaml>:6:\d+: delayed cut `top` .*do not form a chain \(stage0 -> stage2, stage1 -> stage2\)"
     ):
         compile_decoupled(model, spec)
+
+
+# --------------------------------------------------------------------------- two workers
+STEPS, BATCH, HIDDEN = 6, 256, 1024  # towers heavy enough that each forward takes tens of milliseconds
+
+
+CDNI = {
+    "synthetic_gradient": {"model": "linear", "condition_on_labels": True, "optimizer": {"name": "Adam", "lr": 1e-3}}
+}
+
+
+def _program(synthetic: bool = False):
+    """Exact cuts with heavy towers; or, small, cDNI after the top tower with `queue_depth: 0` (rank 0 waits for
+    each batch's true gradient before the next batch: the local runtime's updates)."""
+    torch.manual_seed(0)
+    if not synthetic:
+        return compile_decoupled(_example().TwoTower(hidden=HIDDEN, depth=2), _spec(BATCH, lr=1e-3))
+    spec = {**_spec(BATCH, top=CDNI, lr=1e-3), "distributed": {"queue_depth": 0}}
+    return compile_decoupled(_example().TwoTower(hidden=64, depth=2), spec)
+
+
+def _rank(rank: int, world: int, store: str, out: str) -> None:
+    """The two towers on two ranks ([[0], [1, 2]]): each stage's forward intervals, and each stage's backward as
+    the times its parameters' gradients were computed (time.perf_counter: one clock for every process)."""
+    import torch.distributed as dist
+
+    from dnicompile.runtime.distributed import distributed_runtime
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        program = _program()
+        torch.manual_seed(0)
+        program.build_runtime()
+        worker = distributed_runtime(program, placement=[[0], [1, 2]])
+        forward: dict[int, list] = {}
+        backward: dict[int, list] = {}
+        for s in range(worker.first, worker.last + 1):
+            stage, run = program.stages[s], program.stages[s].run
+
+            def timed(values, tensors=None, run=run, s=s):
+                start = time.perf_counter()
+                out = run(values, tensors)
+                forward.setdefault(s, []).append((start, time.perf_counter()))
+                return out
+
+            stage.run = timed
+            for p in stage.parameters():
+                p.register_hook(lambda g, s=s: (backward.setdefault(s, []).append(time.perf_counter()), g)[1])
+        for step in range(STEPS):
+            worker.train_step(step, *_batch(BATCH, step))
+        worker.drain()
+        record = {"state": worker.owned_state(), "forward": forward, "backward": backward}
+        record.update(messages=dict(worker.p2p.messages), bytes=dict(worker.p2p.bytes))
+        torch.save(record, Path(out) / f"rank{rank}.pt")
+        dist.barrier()
+        program = _program(synthetic=True)
+        torch.manual_seed(0)
+        program.build_runtime()
+        worker = distributed_runtime(program, placement=[[0], [1, 2]])
+        for step in range(STEPS):
+            worker.train_step(step, *_batch(BATCH, step))
+        worker.drain()
+        torch.save(worker.owned_state(), Path(out) / f"synthetic{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two_towers")
+    mp.start_processes(_rank, args=(2, str(folder / "store"), str(folder)), nprocs=2, start_method="spawn")
+    records = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r in range(2):
+        records[r]["synthetic"] = torch.load(folder / f"synthetic{r}.pt", weights_only=True)
+    return records
+
+
+@pytest.mark.parametrize("synthetic", [False, True], ids=["exact", "cdni-queue0"])
+def test_two_workers_end_with_the_local_runtimes_parameters(two_workers, synthetic):
+    program = _program(synthetic)
+    torch.manual_seed(0)
+    program.build_runtime()
+    for step in range(STEPS):
+        program.train_step(*_batch(BATCH, step))
+    key = "synthetic" if synthetic else "state"
+    got = {**two_workers[0][key], **two_workers[1][key]}
+    want = program.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
+    untrained = _program(synthetic).state_dict()["top.layers.0.weight"]
+    assert not torch.equal(want["top.layers.0.weight"], untrained)  # it trained
+
+
+def test_the_towers_run_at_the_same_time_on_two_workers(two_workers):
+    """Rank 0 holds tower A, rank 1 tower B and the head. Across the exact cut rank 0 waits for the head's
+    gradient; the moment rank 1 has sent it, rank 1 runs tower B's forward on the next batch while rank 0 runs
+    tower A's backward and then its forward: B's forward of step t falls inside rank 0's work on tower A from
+    its backward of step t - 1 to its forward of step t. Were B to wait for A's output (a relay through B, or a
+    chain), B's forward of step t could only start after A's forward of step t ended."""
+    a_forward, b_forward = two_workers[0]["forward"][0], two_workers[1]["forward"][1]
+    a_backward = two_workers[0]["backward"][0]
+    per_step = len(a_backward) // STEPS  # one time per parameter of tower A per backward
+    assert len(a_forward) == len(b_forward) == STEPS and per_step * STEPS == len(a_backward)
+    overlapping = 0
+    for t in range(1, STEPS):
+        a_busy = (min(a_backward[(t - 1) * per_step : t * per_step]), a_forward[t][1])
+        b_start, b_end = b_forward[t]
+        overlapping += max(a_busy[0], b_start) < min(a_busy[1], b_end)
+    assert overlapping >= STEPS - 2, (overlapping, a_forward, b_forward)
+
+
+def test_each_tensor_goes_straight_from_its_producer_to_its_reader(two_workers):
+    """Rank 0 sends rank 1 tower A's output and nothing else (the program input, which tower B reads, comes from
+    the data on rank 1: in a chain it would be relayed through tower A's rank), and rank 1 sends back its
+    gradient: one message each way per step."""
+    a_bytes = BATCH * HIDDEN * 4
+    assert two_workers[0]["messages"] == {1: STEPS} and two_workers[0]["bytes"] == {1: STEPS * a_bytes}
+    assert two_workers[1]["messages"] == {0: STEPS} and two_workers[1]["bytes"] == {0: STEPS * a_bytes}

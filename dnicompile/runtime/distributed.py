@@ -1,5 +1,9 @@
 """The distributed runtime: a contiguous group of stages per rank, over torch.distributed.
 
+The messages follow the stage graph ([Note: stage DAG] in compile/partition.py; [Note: a stage DAG across
+ranks] below): in a chain a rank receives from the rank before and sends to the next; where branches are
+independent each tensor goes straight from the rank of its producer to the ranks of the stages that read it.
+
 Each rank builds the same program (same seed, same initial weights) and owns the stages that the
 placement gives it. Every rank draws the same batches from the same seed, so only boundary tensors and
 gradients travel:
@@ -30,6 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -65,6 +70,19 @@ STATS_TAG = 7  # p2p tag of the per-rank statistics sent to the driver (activati
 # gradients would have to cross the same step's backward between ranks); put them between ranks.
 
 
+# [Note: a stage DAG across ranks] What a rank receives is what its stages read from stages on other ranks
+# (`inbound`: per producer stage, its rank and the tensors, in the order the stage graph gives them), and what it
+# sends is what stages on other ranks read from its last stage (`outbound`: per rank, the tensors that rank reads).
+# In a chain that is the cut before its first stage, from the rank before, and the cut after its last stage, to
+# the next rank: the same messages as ever. In a DAG a tensor goes straight from its producer's rank to each rank
+# that reads it, and a rank whose stages read only the program inputs (a tower) starts its step without waiting
+# for anyone: the two towers of examples/two_tower.py on two ranks run at the same time. Gradients go back along
+# the same edges: the kind of the cut after the producer (exact: the producer waits for the sum of its readers'
+# gradients; synthetic: that sum comes later and trains the synthesizer; local: nothing). Delayed cuts and
+# microbatch schedules need a chain; on a DAG a rank sends only from its last stage (what a contiguous placement
+# of branches gives: a tower, then the next, then the head).
+
+
 # [Note: microbatch schedules] With `distributed: {microbatches: M, schedule: 1f1b | gpipe}` and only exact cuts,
 # a step splits the batch into M microbatches (torch.tensor_split along dim 0) and each rank runs its stages' forwards
 # (F i) and backwards (B i) in the schedule's order (`schedule_order`): GPipe runs every forward, then every backward;
@@ -84,6 +102,11 @@ def check_microbatches(program) -> int:
     spec = program.spec
     m = spec.distributed.microbatches
     decoupled = [c for c in program.cuts if not program.runtime.interfaces[c.index].exact]
+    if m > 1 and not program.chain:
+        raise SpecError(
+            f"{spec.where('distributed', 'microbatches')}: microbatch schedules run a chain of stages, and this "
+            f"program's stage graph is not one ({program.describe_edges()}); remove `microbatches`."
+        )
     if m > 1 and decoupled:
         cut = decoupled[0]
         raise SpecError(
@@ -118,7 +141,31 @@ class _Awaiting:
     h: dict  # tensor name -> h_t (detached)
     context: torch.Tensor | None
     works: list
-    deltas: dict  # tensor name -> buffer the irecv fills
+    deltas: dict  # tensor name -> buffers the irecvs fill (one per rank that reads it: their sum is delta)
+
+
+class _Arriving(Mapping):
+    """The tensors of one inbound edge by name, waited for when a stage first reads one ([Note: a stage DAG across
+    ranks]); floating-point ones require grad where the producer's cut sends a gradient back."""
+
+    def __init__(self, names: list[str], bufs: list, wait, back: bool) -> None:
+        self.names, self._bufs, self._wait, self._back = names, bufs, wait, back
+        self._values: tuple | None = None
+
+    def tensors(self) -> tuple:
+        if self._values is None:
+            self._wait()
+            self._values = tuple(v.requires_grad_(self._back) if v.is_floating_point() else v for v in self._bufs)
+        return self._values
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors()[self.names.index(name)]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 @dataclass
@@ -147,9 +194,10 @@ class RankWorker:
         self.depth = program.spec.distributed.queue_depth
         self.awaiting: deque[_Awaiting] = deque()
         self.stats = RankStats()
-        self.prefetched: tuple[int, list, list] | None = None  # (step, buffers, works) of posted activation irecvs
-        self.in_cut = program.cut_before(self.first)  # [Note: stage graph]
+        self.prefetched: tuple[int, list] | None = None  # (step, [(buffers, works)] per inbound edge) posted early
+        self.in_cut = program.cut_before(self.first)  # [Note: stage graph]; in a chain, what all comes in
         self.out_cut = program.cut_after(self.last)
+        self.inbound, self.outbound = self._edges()  # [Note: a stage DAG across ranks]
         self.is_driver = rank == world - 1
         self.p2p = P2P(rank, self.stage_names, self.timeout, emulated_link(program.spec.distributed))
         self.delayed_out = self._delayed_out()  # the outgoing cut's DelayedGradientInterface, if it is one
@@ -166,6 +214,34 @@ class RankWorker:
     @property
     def stage_names(self) -> str:
         return ", ".join(s.name for s in self.program.stages[self.first : self.last + 1])
+
+    def _edges(self) -> tuple[list, list]:
+        """[Note: a stage DAG across ranks] inbound: (producer stage, its rank, tensors) for each stage on another
+        rank that this rank's stages read; outbound: (rank, tensors) for each rank that reads this rank's last
+        stage. Refuses a stage that is not this rank's last and is read on another rank."""
+        program, mine = self.program, range(self.first, self.last + 1)
+        rank_of = {s: r for r, (a, b) in enumerate(self.placement) for s in range(a, b + 1)}
+        inbound: dict[int, list] = {}
+        outbound: dict[int, list] = {}
+        for v in range(program.num_stages):
+            for b, src in program.partition.stage_inputs[v]:
+                if v in mine and src >= 0 and src not in mine:
+                    if b not in inbound.setdefault(src, []):
+                        inbound[src].append(b)
+                elif src in mine and v not in mine:
+                    if src != self.last:
+                        raise SpecError(
+                            f"{program.spec.where('distributed', 'placement')}: stage{v} on rank {rank_of[v]} reads "
+                            f"`{b.name}` from stage{src}, which is not the last stage of rank {self.rank} "
+                            f"(stages {self.first}..{self.last}); a rank sends only from its last stage: place the "
+                            "stages so that each rank's last stage is the one the others read."
+                        )
+                    if b not in outbound.setdefault(rank_of[v], []):
+                        outbound[rank_of[v]].append(b)
+        return (
+            [(u, rank_of[u], tuple(ts)) for u, ts in sorted(inbound.items())],
+            [(r, tuple(ts)) for r, ts in sorted(outbound.items())],
+        )
 
     def _delayed_out(self):
         """The outgoing cut's interface if it is delayed; refuses what the runtime cannot run across ranks."""
@@ -228,37 +304,59 @@ class RankWorker:
         """Send without waiting; at most 4 * queue_depth batches' sends in flight (see P2P.send)."""
         self.p2p.send(tensors, dst, tag, keep=4 * max(1, len(tensors)) * self.depth)
 
-    def post_recv(self, cut, batch: int, src: int) -> tuple[list, list]:
-        bufs = [torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device) for b in cut.boundary]
+    def post_recv(self, tensors, batch: int, src: int) -> tuple[list, list]:
+        bufs = [torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device) for b in tensors]
         return bufs, [self.p2p.irecv(buf, src) for buf in bufs]
 
-    def recv(self, cut, batch: int, src: int, what: str) -> tuple[torch.Tensor, ...]:
-        bufs, works = self.post_recv(cut, batch, src)
-        for b, work in zip(cut.boundary, works):
+    def recv(self, tensors, batch: int, src: int, what: str) -> tuple[torch.Tensor, ...]:
+        bufs, works = self.post_recv(tensors, batch, src)
+        for b, work in zip(tensors, works):
             self.p2p.wait(work, f"{what} of `{b.name}` from rank {src}")
         return tuple(bufs)
 
-    def recv_activations(self, step: int, batch: int) -> tuple[torch.Tensor, ...]:
-        """The boundary tensors of batch `step` from the rank before: from the receive posted during the
-        previous step, if any."""
+    def post_activations(self, batch: int) -> list[tuple[list, list]]:
+        """Post the receives of one batch's tensors on every inbound edge."""
+        return [self.post_recv(tensors, batch, src) for _, src, tensors in self.inbound]
+
+    def recv_activations(self, step: int, batch: int, prefetch: bool = False) -> list[_Arriving]:
+        """The tensors of batch `step` on each inbound edge (from the receives posted during the previous step, if
+        any), each edge waited for when a stage first reads it; with `prefetch`, the next step's receives are
+        posted too."""
         if self.prefetched is not None:
-            pre_step, bufs, works = self.prefetched
+            pre_step, posted = self.prefetched
             self.prefetched = None
-            if pre_step != step or bufs[0].shape[0] != batch:
+            if pre_step != step or any(p is None or p[0][0].shape[0] != batch for p in posted):
                 raise RuntimeError(f"rank {self.rank}: posted a receive for batch {pre_step} but batch {step} came")
         else:
-            bufs, works = self.post_recv(self.in_cut, batch, self.rank - 1)
-        for b, work in zip(self.in_cut.boundary, works):
-            self.p2p.wait(work, f"activations of batch {step} (`{b.name}`) from rank {self.rank - 1}")
-        return tuple(bufs)
+            posted = self.post_activations(batch)
+        following: list = [None] * len(self.inbound)  # the next step's receives, each posted once this one's came
+        if prefetch:
+            self.prefetched = (step + 1, following)
+        arriving = []
+        for k, ((u, src, tensors), (bufs, works)) in enumerate(zip(self.inbound, posted)):
 
-    def available(self, x: torch.Tensor, values: tuple) -> dict:
+            def wait(k=k, tensors=tensors, works=works, src=src) -> None:
+                for b, work in zip(tensors, works):
+                    self.p2p.wait(work, f"activations of batch {step} (`{b.name}`) from rank {src}")
+                if prefetch:  # one receive at a time per edge: the next is posted when this one has come
+                    following[k] = self.post_recv(tensors, batch, src)
+
+            arriving.append(_Arriving([b.name for b in tensors], bufs, wait, self.rt.interfaces[u].sends_back))
+        return arriving
+
+    def available(self, x: torch.Tensor, inbound: list) -> dict:
         """What this rank's stages may read (LocalRuntime.run_stages): the program inputs and the tensors
-        received from the stage before."""
+        received on each inbound edge (tuples, or _Arriving edges waited for when first read)."""
         received = self.rt.program_inputs((x,))
-        if self.in_cut is not None:
-            received[self.first - 1] = {b.name: v for b, v in zip(self.in_cut.sent, values)}
+        for (u, _, tensors), values in zip(self.inbound, inbound):
+            received[u] = values if isinstance(values, _Arriving) else {b.name: v for b, v in zip(tensors, values)}
         return received
+
+    def send_outputs(self, outputs: tuple) -> None:
+        """Send the last stage's outputs to each rank that reads them (the tensors it reads)."""
+        by_name = {b.name: h for b, h in zip(self.out_cut.sent, outputs)}
+        for dst, tensors in self.outbound:
+            self.send([by_name[b.name] for b in tensors], dst)
 
     def float_boundary(self, cut):
         return [b for b in cut.boundary if b.dtype.is_floating_point]
@@ -275,15 +373,10 @@ class RankWorker:
         batch = x.shape[0]
         if self.microbatches > 1:
             return self.train_microbatches(ctx, x)
-        if self.in_cut is None:
-            values = (x,)
-        else:
-            received = self.recv_activations(step, batch)
-            if prefetch:
-                self.prefetched = (step + 1, *self.post_recv(self.in_cut, batch, self.rank - 1))
-            back = self.rt.interfaces[self.in_cut.index].sends_back  # a local-loss cut sends nothing back
-            values = tuple(v.requires_grad_(back) if v.is_floating_point() else v for v in received)
-        outputs, open_group = rt.run_stages(self.first, self.last, self.available(x, values), ctx)
+        # a stage that reads only the program inputs (a tower) runs before anything has come from other ranks
+        arriving = self.recv_activations(step, batch, prefetch) if self.inbound else []
+        outputs, open_group = rt.run_stages(self.first, self.last, self.available(x, arriving), ctx)
+        inbound = [edge.tensors() for edge in arriving]
         due = None
         # the group's backward; its update waits until the gradient for the rank before is on its way
         if self.out_cut is None:
@@ -293,18 +386,19 @@ class RankWorker:
             self.owe(step, batch)
             due = self.delayed_backward(step, ctx)
         else:
-            self.send(outputs, self.rank + 1)
+            self.send_outputs(outputs)
             if self.out_cut.exact:
-                floats = [(b, h) for b, h in zip(self.out_cut.boundary, outputs) if h.requires_grad]
-                grads = self.recv_grads(self.out_cut, batch, f"the true gradient of batch {step}")
-                if floats:
-                    torch.autograd.backward([h for _, h in floats], [grads[b.name] for b, _ in floats])
+                floats = [(b, h) for b, h in zip(self.out_cut.sent, outputs) if h.requires_grad]
+                grads = self.recv_grads(batch, f"the true gradient of batch {step}")
+                rt.backward(ctx, [h for _, h in floats], [grads[b.name] for b, _ in floats])
             else:
-                preds = rt.apply_synthetic_gradient(self.out_cut, outputs, ctx, [])
+                preds = rt.apply_synthetic_gradient(self.out_cut, outputs, ctx, [], ends=self.ends(ctx))
                 if rt.interfaces[self.out_cut.index].sends_back:
                     self.await_delta(step, outputs, preds, ctx.context, batch)
-        if self.in_cut is not None and self.rt.interfaces[self.in_cut.index].sends_back:
-            # the gradient this rank sends back: delta for the cut before it
+        for (u, src, _), values in zip(self.inbound, inbound):
+            if not self.rt.interfaces[u].sends_back:
+                continue
+            # the gradient this rank sends back: delta for the cut after stage u
             if not self.sends_due:
                 grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in values]
             elif due is not None:  # that of the batch whose backward ran ([Note: delayed gradients across ranks])
@@ -312,7 +406,7 @@ class RankWorker:
             else:
                 grads = None
             if grads is not None:
-                self.send([g for g, v in zip(grads, values) if v.is_floating_point()], self.rank - 1)
+                self.send([g for g, v in zip(grads, values) if v.is_floating_point()], src)
         rt.step_stages(open_group, ctx.ticks)
         self.tied.step(ctx.ticks)  # sum the gradients of tied tensors with the other ranks holding them; update
         rt.learn_synthesizers(ctx)  # cuts inside this rank
@@ -333,7 +427,7 @@ class RankWorker:
         xs = x.tensor_split(m)
         ys = ctx.target.tensor_split(m) if ctx.target is not None else [None] * m
         sizes = [len(t) for t in xs]
-        acts = [self.post_recv(self.in_cut, n, self.rank - 1) for n in sizes] if self.in_cut is not None else None
+        acts = [self.post_recv(self.in_cut.sent, n, self.rank - 1) for n in sizes] if self.in_cut is not None else None
         grads = [self.post_grads(n) for n in sizes] if self.out_cut is not None else None
         kept: dict[int, tuple] = {}  # microbatch -> (what the stages ran on, their outputs or the weighted loss)
         loss, outputs = 0.0, [None] * m
@@ -343,10 +437,10 @@ class RankWorker:
                     values = (xs[i],)
                 else:
                     bufs, works = acts[i]
-                    for b, work in zip(self.in_cut.boundary, works):
+                    for b, work in zip(self.in_cut.sent, works):
                         self.p2p.wait(work, f"activations of microbatch {i} (`{b.name}`) from rank {self.rank - 1}")
                     values = tuple(v.requires_grad_(True) if v.is_floating_point() else v for v in bufs)
-                out, _ = rt.run_stages(self.first, self.last, self.available(xs[i], values), ctx)
+                out, _ = rt.run_stages(self.first, self.last, self.available(xs[i], [values] if acts else []), ctx)
                 if self.out_cut is None:
                     weighted = rt.loss(out, ys[i]) * (sizes[i] / batch)
                     loss += float(weighted.detach())
@@ -391,13 +485,21 @@ class RankWorker:
         ]
         return bufs, [self.p2p.irecv(buf, self.rank + 1) for buf in bufs]
 
-    def recv_grads(self, cut, batch: int, what: str) -> dict:
-        grads = {}
-        for b in self.float_boundary(cut):
-            buf = torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
-            self.p2p.recv(buf, self.rank + 1, f"{what} (`{b.name}`) from rank {self.rank + 1}")
-            grads[b.name] = buf
+    def recv_grads(self, batch: int, what: str) -> dict:
+        """The gradients of the last stage's outputs from each rank that reads them, summed by tensor."""
+        grads: dict[str, torch.Tensor] = {}
+        for dst, tensors in self.outbound:
+            for b in tensors:
+                if b.dtype.is_floating_point:
+                    buf = torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
+                    self.p2p.recv(buf, dst, f"{what} (`{b.name}`) from rank {dst}")
+                    grads[b.name] = grads[b.name] + buf if b.name in grads else buf
         return grads
+
+    def ends(self, ctx) -> list:
+        """The other ends of the last group's backward, kept by run_stages ([Note: running a stage DAG])."""
+        ends, ctx.roots = ctx.roots, []
+        return ends
 
     # ---------------------------------------------------------------- a delayed outgoing cut
     def owe(self, step: int, batch: int) -> None:
@@ -461,11 +563,13 @@ class RankWorker:
 
     def await_delta(self, step: int, outputs, preds: dict, context, batch: int) -> None:
         deltas, works = {}, []
-        for b in self.float_boundary(self.out_cut):
-            buf = torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
-            works.append(self.p2p.irecv(buf, self.rank + 1))
-            deltas[b.name] = buf
-        h = {b.name: t.detach() for b, t in zip(self.out_cut.boundary, outputs) if b.name in preds}
+        for dst, tensors in self.outbound:
+            for b in tensors:
+                if b.dtype.is_floating_point:
+                    buf = torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
+                    works.append(self.p2p.irecv(buf, dst))
+                    deltas.setdefault(b.name, []).append(buf)
+        h = {b.name: t.detach() for b, t in zip(self.out_cut.sent, outputs) if b.name in preds}
         self.awaiting.append(_Awaiting(step, batch, h, context, works, deltas))
 
     def use_deltas(self, block: bool, stats: bool = True) -> None:
@@ -477,7 +581,7 @@ class RankWorker:
             if not must_wait and not all(w.is_completed() for w in head.works):
                 return
             for w in head.works:
-                self.p2p.wait(w, f"the true gradient of batch {head.step} from rank {self.rank + 1}")
+                self.p2p.wait(w, f"the true gradient of batch {head.step} from the ranks after this one")
             self.awaiting.popleft()
             self.stats.staleness.append(self.rt.step - head.step)
             self.learn_from_delta(head, stats)
@@ -489,7 +593,8 @@ class RankWorker:
         iface = self.rt.interfaces[self.out_cut.index]
         if stats:
             iface.stats.reset()
-        loss = iface.learn(head.h, head.context, head.deltas, head.batch, stats=stats)
+        deltas = {name: bufs[0] if len(bufs) == 1 else torch.stack(bufs).sum(0) for name, bufs in head.deltas.items()}
+        loss = iface.learn(head.h, head.context, deltas, head.batch, stats=stats)
         if stats and loss is not None:
             self.stats.cosine[iface.name] = iface.stats.cosine
             self.stats.synth_loss[iface.name] = loss
@@ -572,13 +677,15 @@ class RankWorker:
         correct, loss_sum = 0, 0.0
         for i in range(0, len(x), batch_size):
             xb, yb = x[i : i + batch_size].to(self.device), y[i : i + batch_size].to(self.device)
-            values = (
-                (xb,) if self.in_cut is None else self.recv(self.in_cut, len(xb), self.rank - 1, "eval activations")
-            )
+            received = self.rt.program_inputs((xb,))
+            for u, src, tensors in self.inbound:
+                received[u] = dict(zip((b.name for b in tensors), self.recv(tensors, len(xb), src, "eval activations")))
             for s in range(self.first, self.last + 1):
-                values = self.program.stages[s](*values)
+                values = self.program.stages[s](*self.rt.stage_inputs(s, received))
+                if s < self.last:
+                    received[s] = {b.name: v for b, v in zip(self.program.cuts[s].sent, values)}
             if self.out_cut is not None:
-                self.send(values, self.rank + 1)
+                self.send_outputs(values)
             else:
                 correct += int((values.argmax(-1) == yb).sum())
                 loss_sum += float(torch.nn.functional.cross_entropy(values, yb, reduction="sum"))

@@ -6,6 +6,8 @@ puts the towers on two ranks, which then run at the same time ([Note: a stage DA
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 import time
 
 import torch
@@ -39,8 +41,8 @@ def plan_placement(program, world: int, config, costs: list[float] | None = None
             )
         return [(g[0], g[-1]) for g in placement]
     if placement == "time" and costs is not None:
-        return _balanced(costs, world)
-    return _balanced([max(1, s.num_parameters()) for s in program.stages], world)
+        return _balanced(costs, world, program)
+    return _balanced([max(1, s.num_parameters()) for s in program.stages], world, program)
 
 
 def _even_split(n: int, world: int) -> list[list[int]]:
@@ -107,8 +109,23 @@ def _time_synthesizer(iface, cut, outs: tuple, context) -> None:
         pass
 
 
-def _balanced(costs: list[float], world: int) -> list[tuple[int, int]]:
+def _balanced(costs: list[float], world: int, program=None) -> list[tuple[int, int]]:
     """Split the chain of stage costs into `world` contiguous runs minimising the largest run (the DP that
-    automatic cuts use: compile.auto.balance_chain)."""
-    bounds = [-1, *balance_chain(costs, world), len(costs) - 1]
+    automatic cuts use: compile.auto.balance_chain). On a stage graph that is not a chain, among the splits in
+    which each rank sends only from its last stage ([Note: a stage DAG across ranks]), when there are few enough
+    to try them all."""
+    n = len(costs)
+    if program is not None and not program.chain and math.comb(n - 1, world - 1) <= 100_000:
+        edges = list(program.stage_graph.edges)
+        best = None
+        for ends in itertools.combinations(range(n - 1), world - 1):  # the last stage of each rank but the last
+            if any(u not in ends and any(u <= b < v for b in ends) for u, v in edges):
+                continue  # a stage read on a later rank is not its rank's last
+            bounds = [-1, *ends, n - 1]
+            worst = max(sum(costs[bounds[k] + 1 : bounds[k + 1] + 1]) for k in range(world))
+            if best is None or worst < best[0]:
+                best = (worst, bounds)
+        if best is not None:
+            return [(best[1][k] + 1, best[1][k + 1]) for k in range(world)]
+    bounds = [-1, *balance_chain(costs, world), n - 1]
     return [(bounds[k] + 1, bounds[k + 1]) for k in range(world)]

@@ -22,7 +22,7 @@ import heapq
 import itertools
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from datetime import timedelta
 
 import torch
@@ -117,6 +117,8 @@ class P2P:
         self.rank, self.who, self.timeout = rank, who, timeout
         self.link = link
         self.sends: deque = deque()  # (work, tensor kept alive until the send completes)
+        self.messages: Counter = Counter()  # destination rank -> tensors sent to it (each an isend)
+        self.bytes: Counter = Counter()  # destination rank -> bytes sent to it
 
     def wait(self, work, what: str) -> None:
         try:
@@ -131,6 +133,8 @@ class P2P:
         """isend each tensor to `dst`; then wait for the oldest sends while more than `keep` are in flight."""
         for t in tensors:
             t = t.detach().contiguous()
+            self.messages[dst] += 1
+            self.bytes[dst] += t.numel() * t.element_size()
             if self.link is not None:
                 t = t.clone()  # the caller may reuse its memory before the late send is posted
             self.sends.append((self.link.send(t, dst, tag) if self.link else dist.isend(t, dst, tag=tag), t))
