@@ -461,8 +461,8 @@ class TrainConfig(_Strict):
         1000,
         ge=1,
         le=10**9,
-        description="With --out, write a checkpoint (ckpt-<step>.pt) every N steps, at the end, and on Ctrl-C or "
-        "SIGTERM, for --resume; null: none. Training in one process.",
+        description="With --out, write a checkpoint (ckpt-<step>/) every N steps, at the end, and on Ctrl-C or "
+        "SIGTERM, for --resume; null: none. On several workers `distributed.checkpoint_every` wins where set.",
     )
     keep_checkpoints: int = Field(
         2,
