@@ -565,8 +565,12 @@ class DelayedGradientInterface(Interface):
         out = {}
         for n, p in params.items():
             now, before = p.detach(), self.previous.get(n)
-            w = now.clone() if before is None or horizon == 0 else torch.add(now, now - before, alpha=horizon)
-            self.previous[n] = now.clone()
+            # lerp past its end: before + (1 + h)(now - before) = now + h (now - before), with no temporary
+            w = now.clone() if before is None or horizon == 0 else torch.lerp(before, now, 1.0 + horizon)
+            if before is None:
+                self.previous[n] = now.clone()
+            else:
+                before.copy_(now)
             out[n] = w.requires_grad_(True)
         return out
 
@@ -692,7 +696,7 @@ class DelayedGradientInterface(Interface):
             )
         state = {"queue": queue}
         if self.previous:
-            state["previous"] = {n: t.detach() for n, t in self.previous.items()}
+            state["previous"] = {n: t.detach().clone() for n, t in self.previous.items()}  # updated in place
         return state
 
     def load_state_dict(self, state: dict) -> None:
