@@ -237,6 +237,7 @@ EXAMPLE_OF = {
     "hf": "hf_gpt2",
     "resnet": "resnet",
     "transformer": "transformer",
+    "two": "two_tower",
     "wide": "wide_mlp",
 }
 
