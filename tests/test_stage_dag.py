@@ -325,10 +325,49 @@ def test_the_towers_run_at_the_same_time_on_two_workers(two_workers):
     assert overlapping >= STEPS - 2, (overlapping, a_forward, b_forward)
 
 
-def test_each_tensor_goes_straight_from_its_producer_to_its_reader(two_workers):
+def test_on_two_ranks_the_input_is_not_relayed_through_tower_a(two_workers):
     """Rank 0 sends rank 1 tower A's output and nothing else (the program input, which tower B reads, comes from
     the data on rank 1: in a chain it would be relayed through tower A's rank), and rank 1 sends back its
     gradient: one message each way per step."""
     a_bytes = BATCH * HIDDEN * 4
     assert two_workers[0]["messages"] == {1: STEPS} and two_workers[0]["bytes"] == {1: STEPS * a_bytes}
     assert two_workers[1]["messages"] == {0: STEPS} and two_workers[1]["bytes"] == {0: STEPS * a_bytes}
+
+
+def _three_ranks(rank: int, world: int, store: str, out: str) -> None:
+    """Small towers on three ranks, one stage each: what each rank sent to each other rank."""
+    import torch.distributed as dist
+
+    from dnicompile.runtime.distributed import distributed_runtime
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        program = _program(synthetic=True)
+        torch.manual_seed(0)
+        program.build_runtime()
+        worker = distributed_runtime(program, placement=[[0], [1], [2]])
+        for step in range(2):
+            worker.train_step(step, *_batch(BATCH, step))
+        worker.drain()
+        record = {"state": worker.owned_state(), "messages": dict(worker.p2p.messages)}
+        torch.save(record, Path(out) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_on_three_ranks_a_tower_sends_to_the_head_past_the_other_tower(tmp_path):
+    """Rank 0 (tower A) and rank 1 (tower B) each send only to rank 2 (the head), which sends each its gradient:
+    nothing travels between the towers' ranks (a relay would send A's output through rank 1)."""
+    mp.start_processes(_three_ranks, args=(3, str(tmp_path / "store"), str(tmp_path)), nprocs=3, start_method="spawn")
+    records = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
+    assert [r["messages"] for r in records] == [{2: 2}, {2: 2}, {0: 2, 1: 2}]
+    program = _program(synthetic=True)
+    torch.manual_seed(0)
+    program.build_runtime()
+    for step in range(2):
+        program.train_step(*_batch(BATCH, step))
+    got = {k: v for r in records for k, v in r["state"].items()}
+    for name, want in program.state_dict().items():
+        torch.testing.assert_close(got[name], want, rtol=1e-6, atol=1e-7, msg=name)
