@@ -170,12 +170,12 @@ def build_spec(
 
 
 def experiments() -> list[dict]:
-    """Every run of the table but the seed: mlp{3..6} x 4 methods, cnn x 3 methods."""
+    """Every run of the table but the seed: mlp{3..6} x every method, cnn x backprop, DNI, cDNI, local, delayed."""
     exps = []
     for depth in DEPTHS:
         for method in METHODS:
             exps.append({"row": f"mlp{depth}", "arch": "mlp", "depth": depth, "method": method})
-    for method in ("backprop", "dni", "cdni"):
+    for method in ("backprop", "dni", "cdni", "local", *DELAYED):  # local and delayed: one cut after the first block
         exps.append({"row": "cnn", "arch": "cnn", "depth": 3, "method": method})
     return exps
 
