@@ -664,6 +664,10 @@ def test_recurrent_train_data_errors(tmp_path, capsys):
         [model, "--spec", spec, "--train", "--steps", "1", "--data", tmp_path / "nope.txt"], capsys
     )
     assert code == 2 and "nope.txt: no such file" in err
+    spec.write_text(textwrap.dedent(GOOD) + "data: {name: text, path: gone/input.txt}\n")  # no --data: the spec's
+    code, out, err = run_cli([model, "--spec", spec, "--train", "--steps", "1"], capsys)
+    assert code == 2 and "gone/input.txt: no such file (from --data, or else the spec's data.path" in err
+    assert "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- hierarchical, two processes

@@ -162,9 +162,13 @@ def load_text(path: str | None, split: float = 0.9) -> TextData:
     if p.is_dir():
         candidates = sorted(q.name for q in p.glob("*.txt"))
         hint = f" It holds: {', '.join(candidates[:5])}." if candidates else ""
-        raise DataError(f"--data {path}: is a directory; pass the text file itself.{hint}")
+        raise DataError(f"text data {path}: is a directory; pass the text file itself (--data FILE).{hint}")
     if not p.is_file():
-        raise DataError(f"--data {path}: no such file; pass a UTF-8 text file (e.g. tinyshakespeare's input.txt).")
+        raise DataError(
+            f"text data {path}: no such file (from --data, or else the spec's data.path, a relative one read from "
+            "the working directory); pass a UTF-8 text file (e.g. tiny Shakespeare's input.txt), or give neither to "
+            "use tiny Shakespeare from the cache folder (downloaded on first use)."
+        )
     return _load_text(str(p.resolve()), split)
 
 
