@@ -72,49 +72,61 @@ def spec_path(name: str, depth: int, folder: Path) -> Path:
     return throughput.spec_for("delayed", 2, 10, folder, source=source)
 
 
-def _rank(rank: int, store: str, args, out: str) -> None:
-    """One rank of a 2-worker run: its own resident sizes, written to out/rank<rank>.json."""
+def _setup(args):
+    """The model (seed 0), 4 random batches of 256, and for a dnicompile contender its program (None for plain)."""
     import torch
-    import torch.distributed as dist
-
-    from dnicompile import compile_decoupled
-    from dnicompile.runtime.distributed import distributed_runtime
-    from dnicompile.spec import load_spec
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT / "examples"))
     from wide_mlp import build_model
 
+    torch.manual_seed(0)
+    model = build_model(depth=args.depth)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(256, 784, generator=gen), torch.randint(0, 10, (256,), generator=gen)) for _ in range(4)]
+    if args.child == "plain":
+        return model, batches, None
+    from dnicompile import compile_decoupled
+    from dnicompile.spec import load_spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = load_spec(spec_path(args.child, args.depth, Path(tmp)))
+    program = compile_decoupled(model, spec)
+    program.train()
+    if args.no_measure:  # no cosine(stale, fresh) every 10th step: its extra forward, backward and clones
+        for iface in program.runtime.interfaces:
+            iface.measure_every = None
+    return model, batches, program
+
+
+def _measure(step, batches, steps: int) -> dict:
+    """Run `steps` steps and report the resident sizes before and at the peak."""
+    before = rss_mib()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i, *batches[i % len(batches)])
+    seconds = time.perf_counter() - t0
+    peak = peak_mib()
+    return {"peak_mib": peak, "before_mib": before, "training_mib": peak - before, "s_per_step": seconds / steps}
+
+
+def _rank(rank: int, store: str, args, out: str) -> None:
+    """One rank of a 2-worker run: its own resident sizes, written to out/rank<rank>.json."""
+    import torch.distributed as dist
+
+    from dnicompile.runtime.distributed import distributed_runtime
+
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        model = build_model(depth=args.depth)
-        gen = torch.Generator().manual_seed(0)
-        batches = [
-            (torch.randn(256, 784, generator=gen), torch.randint(0, 10, (256,), generator=gen)) for _ in range(4)
-        ]
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = load_spec(spec_path(args.child, args.depth, Path(tmp)))
-        program = compile_decoupled(model, spec)
-        program.train()
-        program.build_runtime()
+        _, batches, program = _setup(args)
         worker = distributed_runtime(program, placement=[[0], [1]])
-        if args.no_measure:
-            for iface in program.runtime.interfaces:
-                iface.measure_every = None
-        before = rss_mib()
-        t0 = time.perf_counter()
-        for i in range(args.steps):
-            worker.train_step(i, *batches[i % len(batches)])
-        worker.drain()
-        seconds = time.perf_counter() - t0
-        peak = peak_mib()
-        result = {
-            "peak_mib": peak,
-            "before_mib": before,
-            "training_mib": peak - before,
-            "s_per_step": seconds / args.steps,
-        }
+
+        def step(i, x, y):
+            worker.train_step(i, x, y)
+            if i == args.steps - 1:
+                worker.drain()
+
+        result = _measure(step, batches, args.steps)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()
     finally:
@@ -136,43 +148,20 @@ def child(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(ROOT / "examples"))
-    from wide_mlp import build_model
-
-    torch.manual_seed(0)
-    model = build_model(depth=args.depth)
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(256, 784, generator=gen), torch.randint(0, 10, (256,), generator=gen)) for _ in range(4)]
-    if args.child == "plain":
+    model, batches, program = _setup(args)
+    if program is None:  # plain PyTorch
         opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=True)
 
-        def step(x, y):
+        def step(i, x, y):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             opt.step()
     else:
-        from dnicompile import compile_decoupled
-        from dnicompile.spec import load_spec
 
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = load_spec(spec_path(args.child, args.depth, Path(tmp)))
-        program = compile_decoupled(model, spec)
-        program.train()
-        if args.no_measure:  # no cosine(stale, fresh) every 10th step: its extra forward, backward and clones
-            for iface in program.runtime.interfaces:
-                iface.measure_every = None
-
-        def step(x, y):
+        def step(i, x, y):
             program.train_step(x, y)
 
-    before = rss_mib()
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        step(*batches[i % len(batches)])
-    seconds = time.perf_counter() - t0
-    peak = peak_mib()
-    return {"peak_mib": peak, "before_mib": before, "training_mib": peak - before, "s_per_step": seconds / args.steps}
+    return _measure(step, batches, args.steps)
 
 
 def main() -> int:

@@ -38,7 +38,7 @@ def describe_synthesizer(cut: Cut) -> str:
         steps = "step" if dg.delay == 1 else "steps"
         text = "delayed true gradient, " + ("as it arrives" if dg.delay == "auto" else f"{dg.delay} {steps} late")
         text += f", weights: {dg.weights}" + (f", shrink {dg.shrink:g}" if dg.shrink != 1 else "")
-        text += f", predict {dg.predict}" if getattr(dg, "predict", "none") != "none" else ""
+        text += f", predict {dg.predict}" if dg.predict != "none" else ""
     elif cut.kind == "local":
         ll = cut.local_loss
         text = f"local loss: {ll.head} head"

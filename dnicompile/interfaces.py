@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import SpecError
+from .errors import SpecError, did_you_mean
 from .optim import build_optimizer
 from .synthesizers import BUILTIN, Synthesizer, build_local_head, build_synthetic_gradient, build_synthetic_input
 
@@ -165,8 +165,6 @@ class SyntheticInterface(Interface):
         contexts = getattr(config, "label_context", None) or {}  # [Note: label context] in synthesizers.py
         unknown = [t for t in contexts if t not in dict(tensors)]
         if unknown:
-            from .errors import did_you_mean
-
             raise SpecError(
                 f"{where}: label_context names {unknown[0]!r}, which is not a float tensor crossing cut `{name}`"
                 f"{did_you_mean(unknown[0], [t for t, _ in tensors])}; those are: {', '.join(t for t, _ in tensors)}."

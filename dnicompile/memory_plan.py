@@ -946,7 +946,7 @@ def _add_delayed(program, runtime, stages: list[StagePlan], runs: list[_Run]) ->
             if i == cut.index:
                 per_batch += run.float_output_bytes  # delta
             s.delayed_kept_bytes += delay * per_batch
-            if getattr(dg, "predict", "none") != "none":  # the weights of the previous forward
+            if dg.predict != "none":  # the weights of the previous forward
                 s.delayed_kept_bytes += weights
             if getattr(dg, "measure_every", None):  # copies and fresh gradients, the probe's graph, float64 copies
                 largest = max((tensor_bytes(p) for p in program.stages[i].graph_module.parameters()), default=0)
