@@ -105,3 +105,19 @@ def test_transformer_cuts_carry_only_the_residual_stream_and_allow_shorter_seque
         assert len(cut.boundary) == 1 and cut.boundary[0].dtype == torch.float32
     short = idx[:, :16]  # T = 16 < block_size: the mask and positions are cut to T inside each stage
     checks.forward_matches(program, model, (short,))
+
+
+def test_channels_last_cnn_keeps_its_layout_and_trains_like_backprop(checks):
+    """A model stored channels-last before compiling (examples/cnn.py's `channels_last: true`) keeps that layout in
+    its stages, and its exact program still computes the model's outputs and backprop's gradients."""
+    model, spec, inputs = build("cnn")
+    spec = spec.model_copy(update={"model_args": {"channels_last": True}})
+    torch.manual_seed(0)
+    model = build_model(EXAMPLES / "cnn.py", spec.model, spec.model_args)
+    reference = copy.deepcopy(model)
+    program = compile_decoupled(model, spec)
+    convs = [p for p in program.parameters() if p.dim() == 4]
+    assert len(convs) == 3 and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)  # the layout really differs from the default one
+    checks.forward_matches(program, model, inputs)
+    checks.grads_match(reference, program, model, inputs, cross_entropy)
