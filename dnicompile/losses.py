@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import is_dataclass
 
@@ -10,6 +9,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .compile.model_file import import_named
 from .errors import DNIError, SpecError, did_you_mean
 
 
@@ -52,24 +52,7 @@ def load_loss_function(name: str, where: str) -> Callable:
     """A user's loss function named 'package.module:function'.
 
     load_spec has refused this name unless it is a torch loss or the user allowed imports (--allow-imports)."""
-    module_name, _, attr = name.partition(":")
-    if not module_name or not attr:
-        raise SpecError(f"{where}: loss {name!r} is not of the form 'package.module:function'.")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise SpecError(f"{where}: cannot load loss function {name!r}: {e}") from None
-    except Exception as e:  # the module's own code raised while importing
-        raise SpecError(
-            f"{where}: importing module {module_name!r} for loss {name!r} raised {type(e).__name__}: {e}"
-        ) from None
-    fn = getattr(module, attr, None)
-    if fn is None:
-        public = [n for n in vars(module) if not n.startswith("_")]
-        raise SpecError(f"{where}: module {module_name!r} has no loss function {attr!r}{did_you_mean(attr, public)}.")
-    if not callable(fn):
-        raise SpecError(f"{where}: loss {name!r} is a {type(fn).__name__}, not a function.")
-    return fn
+    return import_named(name, "loss function", where, SpecError)
 
 
 def output_value(output, key: int | str):

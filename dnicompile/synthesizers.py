@@ -35,13 +35,13 @@ synthesizer of your own ('package.module:ClassName') is given the one-hot as it 
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .compile.model_file import import_named
 from .errors import SpecError, did_you_mean
 from .spec import LABEL_CONTEXTS, SyntheticGradientConfig, SyntheticInputConfig
 
@@ -173,30 +173,6 @@ def mean_context(ctx: torch.Tensor) -> torch.Tensor:
     return ctx.sum(dim=1) / counted.clamp(min=1).to(ctx.dtype)
 
 
-def _import_class(path: str, where: str):
-    """The user's class named 'package.module:ClassName' (load_spec has refused it unless imports are allowed)."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise SpecError(f"{where}: synthesizer {path!r} is not of the form 'package.module:ClassName'.")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise SpecError(f"{where}: cannot import synthesizer module {module_name!r}: {e}") from None
-    except Exception as e:  # the module's own code raised while importing
-        raise SpecError(
-            f"{where}: importing synthesizer module {module_name!r} raised {type(e).__name__}: {e}"
-        ) from None
-    if not hasattr(module, attr):
-        raise SpecError(
-            f"{where}: module {module_name!r} has no class {attr!r}"
-            f"{did_you_mean(attr, [n for n in vars(module) if not n.startswith('_')])}."
-        )
-    cls = getattr(module, attr)
-    if not callable(cls):
-        raise SpecError(f"{where}: synthesizer {path!r} is a {type(cls).__name__}, not a class.")
-    return cls
-
-
 def _built(module, path: str, shape, where: str) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise SpecError(
@@ -212,7 +188,7 @@ def build_synthetic_gradient(
     the labels join it ([Note: label context]; `none`: not at all)."""
     ctx = num_classes if cfg.condition_on_labels and label_context != "none" else 0
     if ":" in cfg.model:
-        cls = _import_class(cfg.model, where)
+        cls = import_named(cfg.model, "synthesizer class", where, SpecError)
         try:
             built = cls(tuple(shape), ctx, cfg)
         except Exception as e:
@@ -242,7 +218,7 @@ def build_synthetic_gradient(
 def build_synthetic_input(cfg: SyntheticInputConfig, in_shape: tuple[int, ...], out_shape: tuple[int, ...], where):
     """A synthetic-input model I(x) from the program input's per-sample shape to the boundary tensor's."""
     if ":" in cfg.model:
-        cls = _import_class(cfg.model, where)
+        cls = import_named(cfg.model, "synthesizer class", where, SpecError)
         try:
             built = cls(tuple(in_shape), tuple(out_shape), cfg)
         except Exception as e:
@@ -302,7 +278,7 @@ class LocalHead(nn.Module):
 def build_local_head(cfg, shapes: list[tuple[int, ...]], num_classes: int, per_token: bool, where: str) -> nn.Module:
     """The head of a local-loss cut over the tensors of per-sample `shapes`, giving `num_classes` scores."""
     if ":" in cfg.head:
-        cls = _import_class(cfg.head, where)
+        cls = import_named(cfg.head, "local-loss head class", where, SpecError)
         try:
             return cls([tuple(s) for s in shapes], num_classes, cfg)
         except Exception as e:

@@ -421,7 +421,7 @@ SECURITY_ROWS = [
         "synthesizer-module-raises-on-import",
         MLP,
         sg_spec("{model: 'badsynth_19:Synth'}"),
-        ["spec.yaml:5:5", "importing synthesizer module 'badsynth_19'", "ZeroDivisionError"],
+        ["spec.yaml:5:5", "importing module 'badsynth_19' for synthesizer class", "ZeroDivisionError"],
         args=["{model}", "--spec", "{spec}", "--allow-imports"],
         setup=files({"badsynth_19.py": "x = 1 / 0\n"}),
     ),
@@ -441,10 +441,18 @@ SECURITY_ROWS = [
         ),
     ),
     Row(
+        "local-head-class-missing",
+        MLP,
+        spec_with("  - after: layers.1\n    local_loss: {head: 'myheads_19:Hed'}\n"),
+        ["spec.yaml:5:5", "module 'myheads_19' has no local-loss head class 'Hed'", "did you mean 'Head'"],
+        args=["{model}", "--spec", "{spec}", "--allow-imports"],
+        setup=files({"myheads_19.py": "class Head:\n    pass\n"}),
+    ),
+    Row(
         "loss-module-missing-with-allow",
         MLP,
         SPEC + "loss: nosuchmodule_19:loss\n",
-        ["spec.yaml:6:1", "cannot load loss function 'nosuchmodule_19:loss'"],
+        ["spec.yaml:6:1", "cannot import module 'nosuchmodule_19' for loss function 'nosuchmodule_19:loss'"],
         args=["{model}", "--spec", "{spec}", "--allow-imports"],
     ),
     # --- checking a spec without --train checks all that --train would use
