@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 COMPUTE_OPS = ("call_module", "call_function", "call_method")
 
@@ -86,6 +87,24 @@ def assert_grads_match(reference: nn.Module, program, model: nn.Module, inputs: 
         torch.testing.assert_close(got, ref.grad, msg=lambda m, n=name: f"grad of {n}: {m}")
 
 
+def assert_trains_like_plain(program, model: nn.Module, reference: nn.Module, opt, batches, loss_fn=None, rel=1e-6):
+    """program.train_step on each (x, y) of `batches` gives plain PyTorch's loss, zero_grad / backward / `opt.step()`
+    on `reference` (a deep copy of `model` taken before either ran; `loss_fn(reference, x, y)`, by default
+    cross-entropy of its output), and `model` ends with `reference`'s state_dict (batch-norm statistics too)."""
+    loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y))
+    for x, y in batches:
+        result = program.train_step(x, y)
+        opt.zero_grad()
+        loss = loss_fn(reference, x, y)
+        loss.backward()
+        opt.step()
+        assert result.loss == pytest.approx(loss.item(), rel=rel)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], msg=key)
+
+
 @pytest.fixture(scope="session")
 def checks() -> SimpleNamespace:
     return SimpleNamespace(
@@ -93,6 +112,7 @@ def checks() -> SimpleNamespace:
         params_shared=assert_params_shared,
         forward_matches=assert_forward_matches,
         grads_match=assert_grads_match,
+        trains_like_plain=assert_trains_like_plain,
     )
 
 

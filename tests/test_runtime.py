@@ -46,7 +46,7 @@ def _batch(n=8, d_in=12, classes=5, seed=0):
 
 
 @pytest.mark.parametrize("optimizer", [{"name": "SGD", "lr": 0.1}, {"name": "Adam", "lr": 0.01}])
-def test_exact_cuts_train_like_plain_pytorch(optimizer):
+def test_exact_cuts_train_like_plain_pytorch(optimizer, checks):
     """Several train_steps with exact cuts equal the same steps of plain training, batch norm included."""
     torch.manual_seed(0)
     model = MLP()
@@ -54,18 +54,7 @@ def test_exact_cuts_train_like_plain_pytorch(optimizer):
     program = compile_decoupled(model, _spec(3, optimizer=optimizer))
     cls = getattr(torch.optim, optimizer["name"])
     opt = cls(reference.parameters(), lr=optimizer["lr"])
-    for step in range(3):
-        x, y = _batch(seed=step)
-        result = program.train_step(x, y)
-        opt.zero_grad()
-        loss = F.cross_entropy(reference(x), y)
-        loss.backward()
-        opt.step()
-        assert result.loss == pytest.approx(loss.item(), rel=1e-6)
-    ours, theirs = model.state_dict(), reference.state_dict()
-    assert ours.keys() == theirs.keys()
-    for key in ours:  # parameters and batch-norm running statistics
-        torch.testing.assert_close(ours[key], theirs[key], msg=key)
+    checks.trains_like_plain(program, model, reference, opt, [_batch(seed=step) for step in range(3)])
 
 
 def test_clip_grad_norm_per_stage_equals_clipping_by_hand():
@@ -174,7 +163,7 @@ def test_accumulation_per_stage_and_resumed_inside_a_window():
         torch.testing.assert_close(value, model.state_dict()[key], msg=key)
 
 
-def test_compiled_stages_train_like_plain_pytorch():
+def test_compiled_stages_train_like_plain_pytorch(checks):
     """[Note: compiled stages] `compile: {backend: aot_eager}` on every stage (AOTAutograd traces each stage's
     forward and backward; the tests use it rather than inductor, whose C++ build takes minutes on 2 cores;
     benchmarks/stage_options.py measures inductor): the same steps as plain eager PyTorch, batch norm included."""
@@ -186,17 +175,8 @@ def test_compiled_stages_train_like_plain_pytorch():
     spec["stages"]["default"]["compile"] = {"backend": "aot_eager"}
     program = compile_decoupled(model, spec)
     opt = torch.optim.Adam(reference.parameters(), lr=0.01)
-    for step in range(3):
-        x, y = _batch(seed=step)
-        result = program.train_step(x, y)
-        opt.zero_grad()
-        loss = F.cross_entropy(reference(x), y)
-        loss.backward()
-        opt.step()
-        assert result.loss == pytest.approx(loss.item(), rel=1e-5)
+    checks.trains_like_plain(program, model, reference, opt, [_batch(seed=step) for step in range(3)], rel=1e-5)
     assert all(isinstance(s._compiled, torch._dynamo.eval_frame.OptimizedModule) for s in program.stages)
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(value, reference.state_dict()[key], msg=key)
     assert set(program.state_dict()) == set(reference.state_dict())  # no `_orig_mod.` keys
 
 

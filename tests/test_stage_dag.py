@@ -129,22 +129,13 @@ def test_a_balanced_placement_lets_each_rank_send_only_from_its_last_stage():
         RankWorker(stem, 0, 2, [(0, 1), (2, 3)], torch.device("cpu"), 5.0)
 
 
-def test_exact_cuts_on_two_towers_train_like_plain_pytorch():
+def test_exact_cuts_on_two_towers_train_like_plain_pytorch(checks):
     torch.manual_seed(0)
     model = _example().TwoTower(hidden=24, depth=2)
     reference = copy.deepcopy(model)
     program = compile_decoupled(model, _spec(16))
     opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
-    for step in range(4):
-        x, y = _batch(16, step)
-        result = program.train_step(x, y)
-        opt.zero_grad()
-        loss = F.cross_entropy(reference(x), y)
-        loss.backward()
-        opt.step()
-        assert result.loss == pytest.approx(loss.item(), rel=1e-6)
-    for (key, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
-        torch.testing.assert_close(ours, theirs, msg=key)
+    checks.trains_like_plain(program, model, reference, opt, [_batch(16, step) for step in range(4)])
     assert not torch.equal(model.top.layers[0].weight, _example().TwoTower(hidden=24, depth=2).top.layers[0].weight)
 
 

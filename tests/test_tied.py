@@ -58,22 +58,17 @@ def test_tied_tensor_is_owned_by_its_last_stage_and_shown_in_the_table():
     assert program.stages[2].graph_module.get_submodule("head").weight is w
 
 
-def test_exact_cuts_with_tied_weights_train_like_plain_backprop():
+def test_exact_cuts_with_tied_weights_train_like_plain_backprop(checks):
     torch.manual_seed(0)
     model = LM()
     reference = copy.deepcopy(model)
     program = compile_decoupled(model, _spec())
     opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
-    for step in range(4):
-        x, y = _batch(step)
-        result = program.train_step(x, y)
-        opt.zero_grad()
-        loss = F.cross_entropy(reference(x).reshape(-1, 50), y.reshape(-1))
-        loss.backward()
-        opt.step()
-        assert result.loss == pytest.approx(loss.item(), rel=1e-6)
-    for key, value in reference.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+
+    def loss(m, x, y):
+        return F.cross_entropy(m(x).reshape(-1, 50), y.reshape(-1))
+
+    checks.trains_like_plain(program, model, reference, opt, [_batch(step) for step in range(4)], loss)
 
 
 def test_synthetic_cut_owner_updates_once_with_both_gradients():
