@@ -13,6 +13,7 @@ random fifth of the steps, independently of the others).
 
     python benchmarks/feedforward_table.py --out results/feedforward.json
     python benchmarks/feedforward_table.py --only mlp3 mlp4 --steps 2000 --seeds 0
+    python benchmarks/feedforward_table.py --only 'cnn/*' --batch-size 128 --seeds 0 1 2   # the conv net's rows
 
 Runs execute in parallel worker processes (--jobs, default 2), one torch thread each. Results are written to
 --out after every finished run, so an interrupted benchmark keeps what it measured; a markdown table of test
