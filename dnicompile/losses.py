@@ -9,8 +9,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .compile.model_file import import_named
 from .errors import DNIError, SpecError, did_you_mean
+from .spec import import_named
 
 
 def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

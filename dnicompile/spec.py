@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import os
@@ -902,6 +903,31 @@ def _check_size(size: int, origin: str) -> None:
             f"{origin}: the spec is more than {MAX_SPEC_BYTES:,} bytes; a spec is a short YAML file (the examples in "
             "specs/ are under 2 KB). Pass the spec's path with --spec, not a data or model file."
         )
+
+
+def import_named(name: str, what: str, where: str, error: type[Exception]) -> Any:
+    """What 'package.module:attr' names, for the spec's user classes and functions (`what`: "synthesizer class",
+    "local-loss head class", "loss function"): an error naming `where` when the form is wrong, the module does not
+    import or raises while importing, or it has no such attribute (with did-you-mean). load_spec has refused the
+    name unless the user allowed imports."""
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise error(f"{where}: {what} {name!r} is not of the form 'package.module:name'.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise error(f"{where}: cannot import module {module_name!r} for {what} {name!r}: {e}") from None
+    except Exception as e:  # the module's own code raised while importing
+        raise error(
+            f"{where}: importing module {module_name!r} for {what} {name!r} raised {type(e).__name__}: {e}"
+        ) from None
+    found = getattr(module, attr, None)
+    if found is None:
+        public = [n for n in vars(module) if not n.startswith("_")]
+        raise error(f"{where}: module {module_name!r} has no {what} {attr!r}{did_you_mean(attr, public)}.")
+    if not callable(found):
+        raise error(f"{where}: {what} {name!r} is a {type(found).__name__}, not callable.")
+    return found
 
 
 def _check_imports(spec: Spec, allow: bool | None) -> Spec:

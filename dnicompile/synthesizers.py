@@ -41,9 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .compile.model_file import import_named
 from .errors import SpecError, did_you_mean
-from .spec import LABEL_CONTEXTS, SyntheticGradientConfig, SyntheticInputConfig
+from .spec import LABEL_CONTEXTS, SyntheticGradientConfig, SyntheticInputConfig, import_named
 
 BUILTIN = ("linear", "mlp", "conv")
 
