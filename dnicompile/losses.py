@@ -41,18 +41,11 @@ def get_loss(name, where: str) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     if name in LOSSES:
         return LOSSES[name]
     if ":" in name:
-        return load_loss_function(name, where)
+        return import_named(name, "loss function", where, SpecError)
     raise SpecError(
         f"{where}: unknown loss {name!r}{did_you_mean(name, LOSSES)}; use {', '.join(LOSSES)} "
         "or your own function as 'package.module:function'."
     )
-
-
-def load_loss_function(name: str, where: str) -> Callable:
-    """A user's loss function named 'package.module:function'.
-
-    load_spec has refused this name unless it is a torch loss or the user allowed imports (--allow-imports)."""
-    return import_named(name, "loss function", where, SpecError)
 
 
 def output_value(output, key: int | str):
@@ -159,7 +152,7 @@ def get_step_loss(name: str, where: str) -> Callable[[torch.Tensor, torch.Tensor
     if name in STEP_LOSSES:
         return STEP_LOSSES[name]
     if ":" in name:
-        return load_loss_function(name, where)
+        return import_named(name, "loss function", where, SpecError)
     raise SpecError(
         f"{where}: unknown loss {name!r} for a recurrent program{did_you_mean(name, STEP_LOSSES)}; use "
         f"{', '.join(STEP_LOSSES)} or your own per-step function as 'package.module:function' "

@@ -25,9 +25,12 @@ SPEC_OF = {"mlp": "mlp_backprop.yaml", "cnn": "cnn.yaml", "resnet": "resnet.yaml
 BATCH = 4  # smaller than the specs' batch: the stages must not depend on the traced batch size
 
 
-def build(name: str, seed: int = 0):
-    """(model, spec, inputs): the example built as the CLI builds it, and a small batch of example inputs."""
+def build(name: str, seed: int = 0, **model_args):
+    """(model, spec, inputs): the example built as the CLI builds it (`model_args` added to the spec's), and a small
+    batch of example inputs."""
     spec = load_spec(SPECS / SPEC_OF[name])
+    if model_args:
+        spec = spec.model_copy(update={"model_args": {**spec.model_args, **model_args}})
     torch.manual_seed(seed)
     model = build_model(EXAMPLES / f"{name}.py", spec.model, spec.model_args)
     inputs = tuple(make_example(t, batch_size=BATCH) for t in spec.inputs.values())
@@ -110,10 +113,7 @@ def test_transformer_cuts_carry_only_the_residual_stream_and_allow_shorter_seque
 def test_channels_last_cnn_keeps_its_layout_and_trains_like_backprop(checks):
     """A model stored channels-last before compiling (examples/cnn.py's `channels_last: true`) keeps that layout in
     its stages, and its exact program still computes the model's outputs and backprop's gradients."""
-    model, spec, inputs = build("cnn")
-    spec = spec.model_copy(update={"model_args": {"channels_last": True}})
-    torch.manual_seed(0)
-    model = build_model(EXAMPLES / "cnn.py", spec.model, spec.model_args)
+    model, spec, inputs = build("cnn", channels_last=True)
     reference = copy.deepcopy(model)
     program = compile_decoupled(model, spec)
     convs = [p for p in program.parameters() if p.dim() == 4]

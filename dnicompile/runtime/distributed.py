@@ -485,15 +485,22 @@ class RankWorker:
         ]
         return bufs, [self.p2p.irecv(buf, self.rank + 1) for buf in bufs]
 
+    def outbound_grad_buffers(self, batch: int) -> list[tuple[int, object, torch.Tensor]]:
+        """(rank, tensor, buffer) for the gradient of each floating-point tensor the last stage sends, from each
+        rank that reads it ([Note: a stage DAG across ranks])."""
+        return [
+            (dst, b, torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device))
+            for dst, tensors in self.outbound
+            for b in tensors
+            if b.dtype.is_floating_point
+        ]
+
     def recv_grads(self, batch: int, what: str) -> dict:
         """The gradients of the last stage's outputs from each rank that reads them, summed by tensor."""
         grads: dict[str, torch.Tensor] = {}
-        for dst, tensors in self.outbound:
-            for b in tensors:
-                if b.dtype.is_floating_point:
-                    buf = torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
-                    self.p2p.recv(buf, dst, f"{what} (`{b.name}`) from rank {dst}")
-                    grads[b.name] = grads[b.name] + buf if b.name in grads else buf
+        for dst, b, buf in self.outbound_grad_buffers(batch):
+            self.p2p.recv(buf, dst, f"{what} (`{b.name}`) from rank {dst}")
+            grads[b.name] = grads[b.name] + buf if b.name in grads else buf
         return grads
 
     def ends(self, ctx) -> list:
@@ -563,12 +570,9 @@ class RankWorker:
 
     def await_delta(self, step: int, outputs, preds: dict, context, batch: int) -> None:
         deltas, works = {}, []
-        for dst, tensors in self.outbound:
-            for b in tensors:
-                if b.dtype.is_floating_point:
-                    buf = torch.empty(self._shape(b, batch), dtype=b.dtype, device=self.device)
-                    works.append(self.p2p.irecv(buf, dst))
-                    deltas.setdefault(b.name, []).append(buf)
+        for dst, b, buf in self.outbound_grad_buffers(batch):
+            works.append(self.p2p.irecv(buf, dst))
+            deltas.setdefault(b.name, []).append(buf)
         h = {b.name: t.detach() for b, t in zip(self.out_cut.sent, outputs) if b.name in preds}
         self.awaiting.append(_Awaiting(step, batch, h, context, works, deltas))
 
